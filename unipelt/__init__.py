@@ -1,0 +1,36 @@
+"""unipelt: parameter-efficient fine-tuning as points in He et al.'s four-axis design space.
+
+Layers, low to high: spec (method specs and validation) → forms / compose / sites (functional forms,
+composition functions, where sites live) → attention / attach (putting modules into a model) → merge / io /
+accounting (operations on an attached model) → cli.
+"""
+
+from .accounting import count_parameters
+from .attach import attach, detach, disabled, fold_prefixes, is_attached
+from .errors import AdapterFileError, AttachError, MethodConfigError, UnipeltError
+from .io import load_adapter, save_adapter
+from .merge import merge, unmerge
+from .spec import MethodSpec, ModuleSpec, list_presets, load_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "AttachError",
+    "MethodConfigError",
+    "MethodSpec",
+    "ModuleSpec",
+    "UnipeltError",
+    "attach",
+    "count_parameters",
+    "detach",
+    "disabled",
+    "fold_prefixes",
+    "is_attached",
+    "list_presets",
+    "load_adapter",
+    "load_method",
+    "merge",
+    "save_adapter",
+    "unmerge",
+]

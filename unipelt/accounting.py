@@ -1,0 +1,81 @@
+"""Parameter accounting as in He et al. (2022), Appendix B.
+
+added: what the method adds, in the form that is saved and served (a prefix counts 2·l·d per attention module;
+its reparameterisation MLP is a training aid, reported separately as `reparam`). trainable: what the
+optimizer updates (adapters, the MLP, the task head, and base weights the method trains). percent: added
+(plus base weights the method trains, for full / BitFit) over the base model's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import attach, is_attached, state_of
+from .attention import PrefixSlot
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _model_counts(model: nn.Module) -> dict[str, Any]:
+    state = state_of(model)
+    added = 0
+    for slot in state.slots.values():
+        if isinstance(slot, PrefixSlot):
+            prefix = slot.prefix
+            added += 2 * prefix.length * prefix.kv_heads * prefix.head_dim
+            added += 0 if slot.learned_scale is None else 1
+        else:
+            added += _count(slot)
+    reparam = sum(_count(r) for r in state.reparams.values())
+    adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
+    adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
+    all_params = dict(model.named_parameters())
+    base = sum(p.numel() for p in all_params.values() if id(p) not in adapter_ids)
+    trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
+    trained_base = sum(all_params[n].numel() for n in state.trained_base)
+    return {
+        "method": state.method.name,
+        "added": added,
+        "reparam": reparam,
+        "trained_base": trained_base,
+        "trainable": trainable,
+        "base": base,
+        "total": base + added,
+        "percent": 100.0 * (added + trained_base) / base if base else 0.0,
+    }
+
+
+def build_meta_model(config: Any) -> nn.Module:
+    """The bare architecture (no head) of a config, with no memory: parameters live on the meta device."""
+    from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(str(config))
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]:
+    """Counts for an attached model, or for a config (object, hub id or local dir) plus a method, built on meta."""
+    if isinstance(model_or_config, nn.Module):
+        if method is None:
+            return _model_counts(model_or_config)
+        if is_attached(model_or_config):
+            raise ValueError("count_parameters: the model already has a method attached; pass method=None")
+        from .attach import detach
+
+        attach(model_or_config, method)
+        try:
+            return _model_counts(model_or_config)
+        finally:
+            detach(model_or_config)
+    if method is None:
+        raise ValueError("count_parameters: a config needs a method (preset name, YAML path, dict or spec)")
+    model = build_meta_model(model_or_config)
+    attach(model, method)
+    return _model_counts(model)

@@ -1,0 +1,258 @@
+"""attach / detach / disabled: put a method's modules into any supported transformers model, in place.
+
+Order of work: load and validate the spec, resolve every placement and build every new module (nothing on the
+model changes yet), then register slots as child modules of the modules they modify, add forward hooks, route
+prefixed attention modules, and freeze the base. All of it is recorded on `model._unipelt` so detach() can
+undo it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .attention import PrefixSlot, check_prefix_support, install_prefix_config, model_eager_attention
+from .compose import Composer, Slot
+from .errors import AttachError
+from .forms import Bottleneck, HeadBottleneck, Prefix, PrefixReparam
+from .sites import Placement, resolve
+from .spec import MethodSpec, load_method
+
+STATE_ATTR = "_unipelt"
+
+
+@dataclass
+class AttachedState:
+    method: MethodSpec
+    placements: list[Placement]
+    slots: dict[str, nn.Module] = field(default_factory=dict)  # full slot name -> Slot / PrefixSlot
+    reparams: dict[str, PrefixReparam] = field(default_factory=dict)  # child name on the model -> shared MLP
+    handles: list[Any] = field(default_factory=list)
+    attention_configs: list[tuple[nn.Module, Any]] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
+    merged: list[str] = field(default_factory=list)
+
+
+def state_of(model: nn.Module) -> AttachedState:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise AttachError(f"no unipelt method is attached to this {type(model).__name__}; call unipelt.attach first")
+    return state
+
+
+def is_attached(model: nn.Module) -> bool:
+    return STATE_ATTR in model.__dict__
+
+
+def attach(model: nn.Module, method: Any) -> nn.Module:
+    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place."""
+    spec = load_method(method)
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise AttachError(f"attach: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_attached(model):
+        raise AttachError(
+            f"attach: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
+        )
+    placements = resolve(model, spec) if spec.modules else []
+    if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
+        raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
+    if any(p.spec.form == "prefix" for p in placements):
+        check_prefix_support(model)
+    modules = dict(model.named_modules())
+    built, reparams = _build(placements, modules, model)
+    _install(model, spec, placements, built, reparams, modules)
+    return model
+
+
+def _like(module: nn.Module) -> dict[str, Any]:
+    weight = next((p for p in module.parameters(recurse=False)), None)
+    if weight is None:
+        weight = next(module.parameters(), None)
+    if weight is None:
+        return {}
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return {"device": weight.device, "dtype": dtype}
+
+
+def _build(placements: list[Placement], modules: dict, model: nn.Module):
+    """Create every new module without touching the model."""
+    reparams: dict[str, PrefixReparam] = {}
+    built: list[nn.Module] = []
+    prefix_sites: dict[str, list[Placement]] = {}
+    for p in placements:
+        if p.spec.form == "prefix":
+            prefix_sites.setdefault(p.spec.name, []).append(p)
+    for name, group in prefix_sites.items():
+        spec = group[0].spec
+        if spec.mlp_dim is not None:
+            d_model = group[0].d_x
+            reparam = PrefixReparam(spec.length, d_model, spec.mlp_dim, [p.kv_heads * p.head_dim for p in group])
+            reparams[f"unipelt_{name}_reparam"] = reparam.to(**_like(modules[group[0].x_name]))
+    site_index: dict[str, int] = {}
+    for p in placements:
+        like = _like(modules[p.h_name])
+        if p.spec.form == "prefix":
+            index = site_index.get(p.spec.name, 0)
+            site_index[p.spec.name] = index + 1
+            reparam = reparams.get(f"unipelt_{p.spec.name}_reparam")
+            prefix = Prefix(p.spec.length, p.kv_heads, p.head_dim, reparam, index)
+            attention = modules[p.x_name]
+            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention))
+        else:
+            if p.kind == "heads":
+                form = HeadBottleneck(p.spec, p.d_in, p.n_heads, p.head_dim)
+            else:
+                form = Bottleneck(p.spec, p.d_in, p.d_out)
+            slot = Slot(p.spec, form, Composer(p.spec, p.d_x), p.site, p.chunk)
+        built.append(slot.to(**like))
+    return built, reparams
+
+
+def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", kwargs.get("input"))
+
+
+def _capture_hook(slot: Slot):
+    def hook(module, args, kwargs):
+        slot.captured_x = _input_of(args, kwargs) if slot.enabled else None
+    return hook
+
+
+def _output_hook(slot: Slot, same_module: bool):
+    def hook(module, args, kwargs, output):
+        if not slot.enabled:
+            return None
+        if same_module:
+            x = _input_of(args, kwargs)
+        else:
+            x, slot.captured_x = slot.captured_x, None
+        if isinstance(output, tuple):
+            return (slot(output[0], x),) + output[1:]
+        return slot(output, x)
+    return hook
+
+
+def _heads_hook(slot: Slot):
+    def hook(module, args, kwargs):
+        if not slot.enabled:
+            return None
+        x, slot.captured_x = slot.captured_x, None
+        return (slot(args[0], x),) + tuple(args[1:]), kwargs
+    return hook
+
+
+def _install(model, spec, placements, built, reparams, modules) -> None:
+    state = AttachedState(method=spec, placements=placements)
+    for name, reparam in reparams.items():
+        model.add_module(name, reparam)
+        state.reparams[name] = reparam
+    routed: set[int] = set()
+    for p, slot in zip(placements, built):
+        host = modules[p.host_name]
+        host.add_module(p.slot_name, slot)
+        state.slots[f"{p.host_name}.{p.slot_name}" if p.host_name else p.slot_name] = slot
+        if isinstance(slot, PrefixSlot):
+            if id(host) not in routed:
+                routed.add(id(host))
+                state.attention_configs.append((host, install_prefix_config(host)))
+            continue
+        h_module = modules[p.h_name]
+        same = p.x_name == p.h_name
+        if not same:
+            state.handles.append(modules[p.x_name].register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
+        if p.kind == "heads":
+            state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
+        else:
+            state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
+    _freeze(model, spec, state)
+    model.__dict__[STATE_ATTR] = state
+
+
+def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
+    base = getattr(model, "base_model", model)
+    base_ids = {id(p) for p in base.parameters()}
+    for name, param in model.named_parameters():
+        if ".unipelt_" in f".{name}":
+            param.requires_grad_(True)
+            continue
+        state.requires_grad[name] = param.requires_grad
+        if spec.train_base == "all":
+            train = True
+        elif id(param) in base_ids:
+            train = spec.train_base == "bias" and name.endswith("bias")
+        else:
+            train = spec.train_head
+        param.requires_grad_(train)
+        if train:
+            state.trained_base.append(name)
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every unipelt module, hook and routing; restores the original parameters' trainability."""
+    state = state_of(model)
+    if state.merged:
+        from .merge import unmerge  # merge sits above attach; imported lazily to keep the layering one-way
+
+        unmerge(model)
+    for handle in state.handles:
+        handle.remove()
+    for attention, config in state.attention_configs:
+        attention.config = config
+    modules = dict(model.named_modules())
+    for full_name in state.slots:
+        parent, _, child = full_name.rpartition(".")
+        delattr(modules[parent] if parent else model, child)
+    for name in state.reparams:
+        delattr(model, name)
+    params = dict(model.named_parameters())
+    for name, flag in state.requires_grad.items():
+        params[name].requires_grad_(flag)
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+def fold_prefixes(model: nn.Module) -> None:
+    """Fold every prefix reparameterisation MLP into plain vectors and drop the MLPs (outputs unchanged)."""
+    state = state_of(model)
+    for slot in state.slots.values():
+        if isinstance(slot, PrefixSlot):
+            slot.prefix.fold()
+    for name in state.reparams:
+        delattr(model, name)
+    state.reparams.clear()
+    state.method = state.method.folded()
+
+
+def _all_slots(model: nn.Module) -> list[nn.Module]:
+    return list(state_of(model).slots.values())
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first)."""
+    state = state_of(model)
+    if state.merged:
+        raise AttachError("disabled: modules are merged into the weights; call unipelt.unmerge(model) first")
+    slots = _all_slots(model)
+    previous = [slot.active for slot in slots]
+    for slot in slots:
+        slot.active = False
+    try:
+        yield model
+    finally:
+        for slot, flag in zip(slots, previous):
+            slot.active = flag
+
+
+def adapter_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
+
+
+__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes"]

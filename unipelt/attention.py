@@ -1,0 +1,161 @@
+"""Prefix tuning inside attention, without past_key_values.
+
+transformers routes every attention call through ALL_ATTENTION_FUNCTIONS. An attention module that carries a
+prefix gets a shadow config naming `unipelt_prefix`, registered below; that function prepends the learned keys
+and values (and widens the mask) and then calls the model's own eager or SDPA attention. No cache object is
+touched, so encoders, decoders (with a KV cache in generate()) and encoder-decoders work alike.
+
+compose `gate`: attention over [P_k; K], [P_v; V] — exactly He et al.'s (1−λ)·Attn(x) + λ·softmax(q P_kᵀ) P_v.
+compose `add` / `scale`: the ungated ablation Attn(x) + s·softmax(q P_kᵀ) P_v.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .errors import AttachError
+from .forms.prefix import Prefix
+from .spec import ModuleSpec
+
+PREFIX_ATTENTION = "unipelt_prefix"
+SUPPORTED_INNER = ("eager", "sdpa")
+
+
+class PrefixSlot(nn.Module):
+    """A prefix placed on one attention module, with its composition (gate, add or scale)."""
+
+    def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
+                 eager_fn: Callable) -> None:
+        super().__init__()
+        self.spec = spec
+        self.site = site
+        self.prefix = prefix
+        self.active = True
+        self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
+        # Plain references (not submodules): the model's real config decides the inner implementation at each
+        # call, so set_attn_implementation() after attach keeps working.
+        self._base_config = [base_config]
+        self._eager_fn = eager_fn
+
+    @property
+    def enabled(self) -> bool:
+        return self.active
+
+    def scale(self) -> torch.Tensor | float:
+        if self.learned_scale is not None:
+            return self.learned_scale
+        return float(self.spec.scale)
+
+    def inner_attention(self) -> Callable:
+        name = self._base_config[0]._attn_implementation or "eager"
+        return ALL_ATTENTION_FUNCTIONS.get_interface(name, self._eager_fn)
+
+
+def model_eager_attention(attention: nn.Module) -> Callable:
+    """The modeling file's own eager attention function (model-specific details such as T5's position bias)."""
+    fn = getattr(sys.modules.get(type(attention).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise AttachError(
+            f"prefix: {type(attention).__name__} has no eager_attention_forward in its modeling file; "
+            "this attention class does not use transformers' AttentionInterface"
+        )
+    return fn
+
+
+def check_prefix_support(model: nn.Module) -> None:
+    impl = model.config._attn_implementation or "eager"
+    if impl not in SUPPORTED_INNER:
+        raise AttachError(
+            f"prefix: attention implementation '{impl}' is not supported (allowed: eager, sdpa); "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+
+
+def install_prefix_config(attention: nn.Module) -> Any:
+    """Give `attention` a shadow config that routes its calls to the prefix function; returns the original."""
+    original = getattr(attention, "config", None)
+    if original is None:
+        raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
+    shadow = copy.copy(original)
+    shadow._attn_implementation_internal = PREFIX_ATTENTION  # set directly: no recursion into sub-configs
+    attention.config = shadow
+    return original
+
+
+def _prefix_slots(module: nn.Module) -> list[PrefixSlot]:
+    return [child for child in module.children() if isinstance(child, PrefixSlot) and child.active]
+
+
+def _batched(t: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    return t.to(dtype=like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def _extend_last(t: torch.Tensor, length: int, fill: Any) -> torch.Tensor:
+    pad = torch.full((*t.shape[:-1], length), fill, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], dim=-1)
+
+
+def _causal_mask(q_len: int, k_len: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive bottom-right-aligned causal mask [1, 1, q, k] (queries are the last q of the k positions)."""
+    q_pos = torch.arange(q_len, device=like.device).unsqueeze(1) + (k_len - q_len)
+    k_pos = torch.arange(k_len, device=like.device).unsqueeze(0)
+    blocked = torch.finfo(like.dtype).min
+    return torch.where(k_pos <= q_pos, 0.0, blocked).to(like.dtype)[None, None]
+
+
+def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            scaling: float | None) -> torch.Tensor:
+    """softmax(q P_kᵀ) P_v over the prefix alone, shaped like an attention output [batch, q, heads, head_dim]."""
+    groups = query.shape[1] // keys.shape[1]
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.softmax((query @ keys.transpose(-1, -2)).float() * scaling, dim=-1).to(query.dtype)
+    return (weights @ values).transpose(1, 2)
+
+
+def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any):
+    slots = _prefix_slots(module)
+    every = [child for child in module.children() if isinstance(child, PrefixSlot)]
+    inner = every[0].inner_attention()
+    if not slots:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    gated = [s for s in slots if s.spec.compose == "gate"]
+    if gated:
+        pairs = [s.prefix.key_values() for s in gated]
+        p_keys = torch.cat([k for k, _ in pairs], dim=1)
+        p_values = torch.cat([v for _, v in pairs], dim=1)
+        length = p_keys.shape[1]
+        key = torch.cat([_batched(p_keys, batch, key), key], dim=2)
+        value = torch.cat([_batched(p_values, batch, value), value], dim=2)
+        is_causal = kwargs.pop("is_causal", getattr(module, "is_causal", False))
+        if attention_mask is None and is_causal and q_len > 1:
+            attention_mask = _causal_mask(q_len, k_len, query)
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :k_len]
+            fill = True if attention_mask.dtype == torch.bool else 0.0
+            attention_mask = _extend_last(attention_mask, length, fill)
+        if kwargs.get("position_bias") is not None:  # T5: a prefix has no relative position, so no bias
+            kwargs["position_bias"] = _extend_last(kwargs["position_bias"][..., :k_len], length, 0.0)
+        kwargs["is_causal"] = False  # causality, if any, is now in the explicit mask
+    output, weights = inner(module, query, key, value, attention_mask, **kwargs)
+    for slot in slots:
+        if slot.spec.compose == "gate":
+            continue
+        p_keys, p_values = slot.prefix.key_values()
+        extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
+                                        _batched(p_values, batch, query), kwargs.get("scaling"))
+        output = output + (slot.scale() * extra).to(output.dtype)
+    return output, weights
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)

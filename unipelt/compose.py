@@ -1,0 +1,75 @@
+"""Composition functions (how Δh meets h) and the slot that pairs a functional form with one of them.
+
+`gate` (the prefix softmax gate) is not here: it falls out of attending over [P; K] and lives in attention.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spec import ModuleSpec
+
+
+class Composer(nn.Module):
+    """h' = h + Δh (add), h + s·Δh (scale, s fixed or learned), or h + σ(W_g·mean(x))·Δh (sigmoid_gate)."""
+
+    def __init__(self, spec: ModuleSpec, d_gate_in: int) -> None:
+        super().__init__()
+        self.kind = spec.compose
+        self.fixed_scale = 1.0
+        self.learned_scale = None
+        self.gate = None
+        if spec.compose == "scale":
+            if spec.scale == "learned":
+                self.learned_scale = nn.Parameter(torch.ones(()))
+            else:
+                self.fixed_scale = float(spec.scale)
+        elif spec.compose == "sigmoid_gate":
+            self.gate = nn.Linear(d_gate_in, 1)
+
+    def factor(self, x: torch.Tensor | None) -> torch.Tensor | float:
+        """The multiplier of Δh: a float, a learned scalar, or a gate of shape [batch, 1, 1]."""
+        if self.gate is not None:
+            if x is None:
+                raise RuntimeError("sigmoid_gate needs the sub-layer input, which was not captured")
+            pooled = x.to(self.gate.weight.dtype).mean(dim=-2, keepdim=True) if x.dim() > 2 else x
+            return torch.sigmoid(self.gate(pooled))
+        if self.learned_scale is not None:
+            return self.learned_scale
+        return self.fixed_scale
+
+    def forward(self, h: torch.Tensor, delta: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        factor = self.factor(x)
+        if isinstance(factor, float) and factor == 1.0:
+            return h + delta.to(h.dtype)
+        return h + (factor * delta).to(h.dtype)
+
+
+class Slot(nn.Module):
+    """One placed module: Δh = form(x or h), composed into h. `active` / `merged` switch it off in forward."""
+
+    def __init__(self, spec: ModuleSpec, form: nn.Module, composer: Composer, site: str,
+                 chunk: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.site = site
+        self.form = form
+        self.composer = composer
+        self.chunk = chunk  # (index, count): h is one slice of a fused projection output (GPT-2's c_attn)
+        self.active = True
+        self.merged = False
+        self.captured_x: torch.Tensor | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.active and not self.merged
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        parallel = self.spec.insertion == "parallel"
+        if self.chunk is None:
+            return self.composer(h, self.form(x if parallel else h), x)
+        index, count = self.chunk
+        pieces = list(h.chunk(count, dim=-1))
+        pieces[index] = self.composer(pieces[index], self.form(x if parallel else pieces[index]), x)
+        return torch.cat(pieces, dim=-1)

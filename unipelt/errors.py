@@ -1,0 +1,29 @@
+"""Error types. Every message is one line that names the culprit (key, site, module) and, where it helps,
+the allowed values, so a researcher sees what to fix without a traceback dive."""
+
+from __future__ import annotations
+
+
+class UnipeltError(Exception):
+    """Base class of every error unipelt raises on purpose."""
+
+
+class MethodConfigError(UnipeltError, ValueError):
+    """A method spec (preset, YAML, dict) is malformed: unknown key, wrong type, bad value or combination."""
+
+
+class AttachError(UnipeltError, ValueError):
+    """The method cannot be attached to this model (site missing, family unsupported, already attached...)."""
+
+
+class AdapterFileError(UnipeltError, ValueError):
+    """An adapter directory cannot be loaded onto this model (missing / extra / corrupt tensors, wrong base)."""
+
+
+def one_line(message: str) -> str:
+    """Collapse whitespace so that a message stays on one line even when built from multi-line pieces."""
+    return " ".join(message.split())
+
+
+def allowed(values) -> str:
+    return ", ".join(str(v) for v in values)

@@ -1,0 +1,6 @@
+"""Functional forms: how Δh is computed. A new form is one small module here plus its spec options."""
+
+from .bottleneck import Bottleneck, HeadBottleneck
+from .prefix import Prefix, PrefixReparam
+
+__all__ = ["Bottleneck", "HeadBottleneck", "Prefix", "PrefixReparam"]

@@ -1,0 +1,104 @@
+"""The bottleneck functional form: Δh = up(act(down(x))), with the adapter and LoRA inits.
+
+With activation `none` and the `lora` init this is LoRA's B·A·x; at a head site (`attn.heads`) each head gets its
+own bottleneck (He et al.'s multi-head parallel adapter), written as one block-structured map so it stays two
+matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..spec import ModuleSpec
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "none": nn.Identity}
+
+
+def init_down_up(down_weight: torch.Tensor, up_weight: torch.Tensor, init: str, rank: int) -> None:
+    """Initialise the two matrices of a bottleneck in place; biases are zeroed by the caller."""
+    with torch.no_grad():
+        if init == "bert":  # AdapterHub / BERT: small Gaussians on both sides
+            nn.init.normal_(down_weight, std=0.02)
+            nn.init.normal_(up_weight, std=0.02)
+        elif init == "near_identity":  # Houlsby et al.: tiny weights so the adapter starts as (almost) identity
+            nn.init.trunc_normal_(down_weight, std=1e-3, a=-2e-3, b=2e-3)
+            nn.init.trunc_normal_(up_weight, std=1e-3, a=-2e-3, b=2e-3)
+        elif init == "lora":  # Hu et al. as implemented widely: Kaiming-uniform A, zero B
+            nn.init.kaiming_uniform_(down_weight, a=math.sqrt(5))
+            nn.init.zeros_(up_weight)
+        elif init == "lora_gaussian":  # the LoRA paper's wording: Gaussian A, zero B
+            nn.init.normal_(down_weight, std=1.0 / rank)
+            nn.init.zeros_(up_weight)
+        else:  # spec validation makes this unreachable
+            raise ValueError(f"unknown init {init!r}")
+
+
+class Bottleneck(nn.Module):
+    """down (d_in→r) → activation → up (r→d_out), with optional LayerNorm on the input or output and dropout."""
+
+    def __init__(self, spec: ModuleSpec, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.norm_in = nn.LayerNorm(d_in) if spec.layernorm == "in" else None
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+        self.down = nn.Linear(d_in, spec.dim, bias=spec.has_bias)
+        self.act = ACTIVATIONS[spec.activation]()
+        self.up = nn.Linear(spec.dim, d_out, bias=spec.has_bias)
+        self.norm_out = nn.LayerNorm(d_out) if spec.layernorm == "out" else None
+        init_down_up(self.down.weight, self.up.weight, spec.init, spec.dim)
+        for linear in (self.down, self.up):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.weight.dtype)
+        if self.norm_in is not None:
+            x = self.norm_in(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        delta = self.up(self.act(self.down(x)))
+        if self.norm_out is not None:
+            delta = self.norm_out(delta)
+        return delta
+
+    def linear_delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW, Δb) with Δh = ΔW x + Δb; only valid for a linear bottleneck (no activation, no LayerNorm)."""
+        weight = self.up.weight @ self.down.weight
+        bias = None
+        if self.down.bias is not None:
+            bias = self.up.weight @ self.down.bias + self.up.bias
+        return weight, bias
+
+
+class HeadBottleneck(nn.Module):
+    """One bottleneck per attention head: head i maps x (d_in) → r → head_dim, outputs concatenated over heads."""
+
+    def __init__(self, spec: ModuleSpec, d_in: int, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.rank, self.head_dim = n_heads, spec.dim, head_dim
+        self.norm_in = nn.LayerNorm(d_in) if spec.layernorm == "in" else None
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
+        self.down = nn.Linear(d_in, n_heads * spec.dim, bias=spec.has_bias)
+        self.act = ACTIVATIONS[spec.activation]()
+        self.up_weight = nn.Parameter(torch.empty(n_heads, spec.dim, head_dim))
+        self.up_bias = nn.Parameter(torch.zeros(n_heads * head_dim)) if spec.has_bias else None
+        self.norm_out = nn.LayerNorm(n_heads * head_dim) if spec.layernorm == "out" else None
+        init_down_up(self.down.weight, self.up_weight, spec.init, spec.dim)
+        if self.down.bias is not None:
+            nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.weight.dtype)
+        if self.norm_in is not None:
+            x = self.norm_in(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        z = self.act(self.down(x)).unflatten(-1, (self.n_heads, self.rank))
+        delta = torch.einsum("...hr,hrd->...hd", z, self.up_weight).flatten(-2)
+        if self.up_bias is not None:
+            delta = delta + self.up_bias
+        if self.norm_out is not None:
+            delta = self.norm_out(delta)
+        return delta

@@ -1,0 +1,68 @@
+"""The prefix functional form: l learned key and value vectors per attention layer (per key/value head).
+
+Li & Liang train the prefix through a reparameterisation MLP shared by all layers; the MLP is a training aid,
+so `fold()` replaces it by the plain vectors it produces (what gets saved and served, and what the paper's
+parameter count covers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PrefixReparam(nn.Module):
+    """Shared MLP P = W2·tanh(W1·E) producing the key/value prefixes of every site of one module spec."""
+
+    def __init__(self, length: int, d_model: int, mlp_dim: int, site_kv_dims: list[int]) -> None:
+        super().__init__()
+        self.site_kv_dims = list(site_kv_dims)
+        self.offsets = [0]
+        for kv_dim in self.site_kv_dims:
+            self.offsets.append(self.offsets[-1] + 2 * kv_dim)
+        self.embedding = nn.Parameter(torch.empty(length, d_model).normal_(std=0.02))
+        self.hidden = nn.Linear(d_model, mlp_dim)
+        self.out = nn.Linear(mlp_dim, self.offsets[-1])
+
+    def site_prefix(self, index: int) -> torch.Tensor:
+        """Flat [length, 2·kv_dim] keys-then-values of one site; only that site's rows of W2 are used."""
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        hidden = torch.tanh(self.hidden(self.embedding))
+        return nn.functional.linear(hidden, self.out.weight[start:stop], self.out.bias[start:stop])
+
+
+class Prefix(nn.Module):
+    """The prefix of one attention module: keys and values shaped [kv_heads, length, head_dim]."""
+
+    def __init__(self, length: int, kv_heads: int, head_dim: int, reparam: PrefixReparam | None = None,
+                 site_index: int = 0) -> None:
+        super().__init__()
+        self.length, self.kv_heads, self.head_dim = length, kv_heads, head_dim
+        # A plain list keeps the shared MLP out of this module's parameters (it is registered once, on the model).
+        self._reparam = [reparam] if reparam is not None else []
+        self.site_index = site_index
+        if reparam is None:
+            self.keys = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
+            self.values = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
+
+    @property
+    def reparameterised(self) -> bool:
+        return bool(self._reparam)
+
+    def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._reparam:
+            return self.keys, self.values
+        flat = self._reparam[0].site_prefix(self.site_index)
+        keys, values = flat.chunk(2, dim=-1)
+        shape = (self.length, self.kv_heads, self.head_dim)
+        return keys.reshape(shape).transpose(0, 1), values.reshape(shape).transpose(0, 1)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the reparameterisation by the vectors it currently produces (outputs unchanged)."""
+        if not self._reparam:
+            return
+        keys, values = self.key_values()
+        self._reparam.clear()
+        self.keys = nn.Parameter(keys.detach().clone().contiguous())
+        self.values = nn.Parameter(values.detach().clone().contiguous())

@@ -1,0 +1,160 @@
+"""save_adapter / load_adapter: adapter-only safetensors plus a JSON with the method and the base's identity.
+
+A reparameterised prefix is saved folded (plain key/value vectors, method written with mlp_dim: null), the form
+the paper counts and inference uses. Files are written to a temporary name and renamed, so a crash never leaves
+a half-written file that a later load would accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attach import attach, detach, fold_prefixes, is_attached, state_of
+from .attention import PrefixSlot
+from .errors import AdapterFileError
+from .spec import load_method
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "unipelt_adapter.json"
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size", "d_model", "encoder_layers", "decoder_layers", "num_layers")
+
+
+def base_identity(config: Any) -> dict[str, Any]:
+    identity = {key: getattr(config, key) for key in IDENTITY_KEYS if hasattr(config, key)}
+    identity["name_or_path"] = getattr(config, "_name_or_path", "")
+    return identity
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything the method trained, by parameter name, with reparameterised prefixes folded."""
+    state = state_of(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for slot_name, slot in state.slots.items():
+        if isinstance(slot, PrefixSlot) and slot.prefix.reparameterised:
+            keys, values = slot.prefix.key_values()
+            tensors[f"{slot_name}.prefix.keys"] = keys
+            tensors[f"{slot_name}.prefix.values"] = values
+            if slot.learned_scale is not None:
+                tensors[f"{slot_name}.learned_scale"] = slot.learned_scale
+            continue
+        for name, param in slot.named_parameters():
+            tensors[f"{slot_name}.{name}"] = param
+    params = dict(model.named_parameters())
+    for name in state.trained_base:
+        tensors[name] = params[name]
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    state = state_of(model)
+    if state.merged:
+        raise AdapterFileError("save_adapter: modules are merged into the weights; call unipelt.unmerge first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": state.method.folded().to_dict(),
+        "base_model": base_identity(model.config),
+        "tensors": len(tensors),
+    }
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    src = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise AdapterFileError(f"load_adapter: {src / name} not found")
+    try:
+        meta = json.loads((src / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"load_adapter: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"load_adapter: format_version {meta.get('format_version')!r} in {src / CONFIG_FILE} "
+            f"(this unipelt reads {FORMAT_VERSION})"
+        )
+    try:
+        tensors = load_file(str(src / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterFileError(f"load_adapter: {src / WEIGHTS_FILE} is corrupt or unreadable ({first})") from None
+    return meta, tensors
+
+
+def _check_identity(saved: dict[str, Any], config: Any) -> None:
+    current = base_identity(config)
+    for key, value in saved.items():
+        if key == "name_or_path":
+            continue
+        if current.get(key) != value:
+            raise AdapterFileError(
+                f"load_adapter: adapter was saved for a different base model: {key} {value!r} there, "
+                f"{current.get(key)!r} here"
+            )
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach the saved method (if not attached yet) and load its tensors; on any error the model is unchanged."""
+    meta, tensors = read_adapter(directory)
+    _check_identity(meta.get("base_model", {}), model.config)
+    method = load_method(meta["method"])
+    attached_here = not is_attached(model)
+    if attached_here:
+        attach(model, method)
+    elif state_of(model).method.folded() != method:
+        raise AdapterFileError(
+            f"load_adapter: the attached method '{state_of(model).method.name}' differs from the saved one "
+            f"'{method.name}'; detach first"
+        )
+    try:
+        _copy_tensors(model, tensors, directory)
+    except Exception:
+        if attached_here:
+            detach(model)
+        raise
+    return model
+
+
+def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+    fold_prefixes(model)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise AdapterFileError(f"load_adapter: {len(missing)} tensors missing in {directory}, e.g. '{missing[0]}'")
+    if extra:
+        raise AdapterFileError(f"load_adapter: {len(extra)} unexpected tensors in {directory}, e.g. '{extra[0]}'")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise AdapterFileError(
+                f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "
+                f"{tuple(expected[name].shape)} in the model"
+            )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].dtype))

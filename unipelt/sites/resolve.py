@@ -1,0 +1,158 @@
+"""Resolve a method's sites against a concrete model: which modules, which layers, what shapes.
+
+Nothing here mutates the model; attach() acts on the placements this returns, so every error surfaces first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import AttachError, allowed
+from ..spec import MethodSpec, ModuleSpec
+from .table import FAMILIES, Family, Heads, Projection, SubLayer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One module spec placed at one site of one layer."""
+
+    spec: ModuleSpec
+    site: str
+    stack: str
+    layer: int
+    kind: str  # "projection", "sublayer" or "heads"
+    h_name: str  # module whose output (projection, sub-layer) or input (heads) is h
+    x_name: str  # module whose input is x (the same as h_name for projections)
+    chunk: tuple[int, int] | None
+    d_in: int  # input width of the functional form (x for parallel, h for sequential)
+    d_out: int
+    d_x: int  # width of the site input x (what a sigmoid gate reads)
+    n_heads: int = 0
+    head_dim: int = 0
+    kv_heads: int = 0
+
+    @property
+    def slot_name(self) -> str:
+        return f"unipelt_{self.spec.name}_{self.site.replace('.', '_')}"
+
+    @property
+    def host_name(self) -> str:
+        """The module that owns the slot: the attention module for a prefix, else the h module."""
+        return self.x_name if self.spec.form == "prefix" else self.h_name
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise AttachError(
+            f"model type '{model_type}' is not supported (supported: {allowed(sorted(FAMILIES))}); "
+            "add its module paths as a Family in unipelt/sites/table.py"
+        )
+    return FAMILIES[model_type]
+
+
+def linear_dims(module: nn.Module, name: str) -> tuple[int, int]:
+    """(in, out) of a linear map: nn.Linear and its quantized subclasses, or GPT-2's transposed Conv1D."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    raise AttachError(f"module '{name}' ({type(module).__name__}) is not a linear projection")
+
+
+def base_prefix(model: nn.Module) -> str:
+    base = getattr(model, "base_model", model)
+    for name, module in model.named_modules():
+        if module is base:
+            return name
+    return ""
+
+
+def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
+    family = family_of(model.config)
+    modules = dict(model.named_modules())
+    root = base_prefix(model)
+    placements: list[Placement] = []
+    for index, spec in enumerate(method.modules):
+        where = f"method '{method.name}' module {index} ('{spec.name}')"
+        found = _place_module(spec, where, family, modules, root)
+        placements.extend(found)
+    return placements
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> list[Placement]:
+    stacks = [s for s in spec.stacks if s in family.stacks]
+    if not stacks:
+        raise AttachError(
+            f"{where}: stacks {list(spec.stacks)} not in this model (its stacks: {allowed(family.stacks)})"
+        )
+    out: list[Placement] = []
+    for site in spec.at:
+        site_stacks = [s for s in stacks if site in family.stacks[s].sites]
+        if not site_stacks:
+            known = sorted({k for s in stacks for k in family.stacks[s].sites})
+            raise AttachError(f"{where}: site '{site}' does not exist in this model (its sites: {allowed(known)})")
+        for stack_name in site_stacks:
+            stack = family.stacks[stack_name]
+            layer_list = modules.get(_join(root, stack.path))
+            if layer_list is None:
+                raise AttachError(f"{where}: layer list '{_join(root, stack.path)}' not found in the model")
+            n_layers = len(layer_list)
+            layers = range(n_layers) if spec.layers == "all" else spec.layers
+            for layer in layers:
+                if not 0 <= layer < n_layers:
+                    raise AttachError(
+                        f"{where}: layers: index {layer} out of range for the {stack_name} stack "
+                        f"({n_layers} layers: 0..{n_layers - 1})"
+                    )
+                prefix = _join(root, stack.path, str(layer))
+                out.append(_placement(spec, site, stack_name, layer, stack.sites[site], stack.sites,
+                                      prefix, modules, family, where))
+    return out
+
+
+def _find(modules: dict, prefix: str, paths: str, where: str) -> str:
+    """Full name of the first existing candidate among 'a|b' alternatives."""
+    for path in paths.split("|"):
+        name = _join(prefix, path)
+        if name in modules:
+            return name
+    raise AttachError(f"{where}: module '{_join(prefix, paths)}' not found in the model")
+
+
+def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, family, where) -> Placement:
+    common = dict(spec=spec, site=site, stack=stack, layer=layer)
+    if isinstance(entry, Projection):
+        name = _find(modules, prefix, entry.path, where)
+        d_x, d_out = linear_dims(modules[name], name)
+        if entry.chunk is not None:
+            d_out //= entry.chunk[1]
+        d_in = d_out if spec.insertion == "sequential" else d_x
+        return Placement(**common, kind="projection", h_name=name, x_name=name, chunk=entry.chunk,
+                         d_in=d_in, d_out=d_out, d_x=d_x)
+    if isinstance(entry, SubLayer):
+        h_name = _find(modules, prefix, entry.h, where)
+        x_name = _find(modules, prefix, entry.x, where)
+        _, d_model = linear_dims(modules[h_name], h_name)
+        return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
+                         d_in=d_model, d_out=d_model, d_x=d_model)
+    assert isinstance(entry, Heads)
+    attn_name = _find(modules, prefix, entry.attention, where)
+    o_name = _find(modules, prefix, entry.o, where)
+    attention = modules[attn_name]
+    head_dim = getattr(attention, family.head_dim_attr, None)
+    if not isinstance(head_dim, int):
+        raise AttachError(f"{where}: attention module '{attn_name}' has no integer '{family.head_dim_attr}'")
+    heads_in, d_model = linear_dims(modules[o_name], o_name)
+    k_entry = stack_sites[site.replace("heads", "k")]
+    k_name = _find(modules, prefix, k_entry.path, where)
+    k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
+    d_in = heads_in if spec.insertion == "sequential" else d_model
+    return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
+                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim)

@@ -1,0 +1,323 @@
+"""Method specs: immutable, validated descriptions of a PEFT method as modules on He et al.'s four axes.
+
+A method is a list of modules; each module fixes a functional form (`form`), the representation it modifies
+(`at`), what it reads (`insertion`) and how its output meets the hidden state (`compose`), plus the form's own
+options. Everything is checked here, before any model is touched: unknown keys, wrong types, unknown values
+and combinations that cannot work raise MethodConfigError with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import MethodConfigError, allowed
+
+FORMS = ("bottleneck", "prefix")
+INSERTIONS = ("sequential", "parallel")
+COMPOSITIONS = ("add", "scale", "gate", "sigmoid_gate")
+ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "none")
+INITS = ("bert", "lora", "lora_gaussian", "near_identity")
+LAYERNORMS = ("none", "in", "out")
+STACKS = ("encoder", "decoder")
+TRAIN_BASE = ("none", "all", "bias")
+
+ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
+CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
+FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn")
+SITES = ATTN_SITES + CROSS_SITES + FFN_SITES
+HEAD_SITES = ("attn.heads", "cross_attn.heads")
+# Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
+PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads"))
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One modification Δh: a point on the four axes plus the functional form's options."""
+
+    form: str
+    at: tuple[str, ...]
+    insertion: str
+    compose: str
+    name: str = ""
+    scale: float | str = 1.0  # a fixed factor, or "learned" (a trainable scalar starting at 1)
+    layers: str | tuple[int, ...] = "all"
+    stacks: tuple[str, ...] = STACKS
+    # bottleneck
+    dim: int = 64
+    activation: str = "relu"
+    init: str = "bert"
+    layernorm: str = "none"
+    dropout: float = 0.0
+    bias: bool | None = None  # None: on for adapters, off for LoRA-style inits (the papers' choices)
+    # prefix
+    length: int = 30
+    mlp_dim: int | None = None
+
+    @property
+    def has_bias(self) -> bool:
+        if self.bias is not None:
+            return self.bias
+        return self.init not in ("lora", "lora_gaussian")
+
+    @property
+    def is_linear(self) -> bool:
+        """True when Δh is a linear map of the input, so it can be folded into a projection weight."""
+        return (
+            self.form == "bottleneck"
+            and self.activation == "none"
+            and self.layernorm == "none"
+            and self.compose in ("add", "scale")
+        )
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    modules: tuple[ModuleSpec, ...] = ()
+    train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
+    train_head: bool = True  # the task head (classifier, LM head on a new vocabulary...) stays trainable
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that load_method reads back into an equal spec (used in adapter files)."""
+        out: dict[str, Any] = {"name": self.name, "train_base": self.train_base, "train_head": self.train_head}
+        out["modules"] = []
+        for module in self.modules:
+            entry = dataclasses.asdict(module)
+            entry["at"] = list(module.at)
+            entry["stacks"] = list(module.stacks)
+            if isinstance(module.layers, tuple):
+                entry["layers"] = list(module.layers)
+            out["modules"].append(entry)
+        return out
+
+    def folded(self) -> "MethodSpec":
+        """The same method with prefix reparameterisation MLPs folded away (what is saved and served)."""
+        modules = tuple(dataclasses.replace(m, mlp_dim=None) if m.form == "prefix" else m for m in self.modules)
+        return dataclasses.replace(self, modules=modules)
+
+    def replace_module(self, index: int, **changes: Any) -> "MethodSpec":
+        modules = list(self.modules)
+        modules[index] = dataclasses.replace(modules[index], **changes)
+        return dataclasses.replace(self, modules=tuple(modules))
+
+
+_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks"}
+FORM_KEYS = {
+    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
+    "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
+}
+METHOD_KEYS = ("name", "modules", "train_base", "train_head")
+# What each form can do on each axis; anything else is a combination that cannot work.
+FORM_SITES = {"bottleneck": SITES, "prefix": HEAD_SITES}
+FORM_INSERTIONS = {"bottleneck": INSERTIONS, "prefix": ("parallel",)}
+FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale")}
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("unipelt.conf") / "method"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_method(source: Any) -> MethodSpec:
+    """Read a method from a preset name, a YAML path, a dict or an OmegaConf DictConfig, and validate it."""
+    if isinstance(source, MethodSpec):
+        return source
+    if isinstance(source, (str, Path)):
+        return _from_yaml(_resolve_yaml(source))
+    raw = _to_container(source)
+    if not isinstance(raw, Mapping):
+        raise MethodConfigError(
+            f"method: expected a preset name, a YAML path, a dict or a DictConfig, got {type(source).__name__}"
+        )
+    return _build_method(dict(raw))
+
+
+def _resolve_yaml(source: str | Path) -> Path:
+    text = str(source)
+    if text.endswith((".yaml", ".yml")) or "/" in text or isinstance(source, Path):
+        path = Path(text)
+        if not path.is_file():
+            raise MethodConfigError(f"method file not found: {path}")
+        return path
+    path = preset_dir() / f"{text}.yaml"
+    if not path.is_file():
+        raise MethodConfigError(f"unknown method preset '{text}' (allowed: {allowed(list_presets())})")
+    return path
+
+
+def _from_yaml(path: Path) -> MethodSpec:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise MethodConfigError(f"method file {path}: invalid YAML ({first})") from None
+    if not isinstance(raw, Mapping):
+        raise MethodConfigError(f"method file {path}: expected a mapping at the top level")
+    raw = dict(raw)
+    raw.setdefault("name", path.stem)
+    return _build_method(raw)
+
+
+def _to_container(source: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return source
+    if isinstance(source, DictConfig):
+        return OmegaConf.to_container(source, resolve=True)
+    return source
+
+
+def _build_method(raw: dict[str, Any]) -> MethodSpec:
+    raw.pop("_target_", None)
+    unknown = sorted(set(raw) - set(METHOD_KEYS))
+    if unknown:
+        raise MethodConfigError(f"method: unknown key '{unknown[0]}' (allowed: {allowed(METHOD_KEYS)})")
+    name = _expect(raw.get("name", "custom"), str, "method.name")
+    where = f"method '{name}'"
+    modules_raw = raw.get("modules") or []
+    if not isinstance(modules_raw, (list, tuple)):
+        raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
+    train_base = _choice(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
+    train_head = _expect(raw.get("train_head", True), bool, f"{where}: train_head")
+    modules = []
+    for index, module_raw in enumerate(modules_raw):
+        modules.append(_build_module(module_raw, f"{where} module {index}", index))
+    names = [m.name for m in modules]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise MethodConfigError(f"{where}: module name '{duplicate}' is used twice; names must be unique")
+    if not modules and train_base == "none":
+        raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
+    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head)
+
+
+def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
+    raw = _to_container(raw)
+    if not isinstance(raw, Mapping):
+        raise MethodConfigError(f"{where}: expected a mapping of module options, got {type(raw).__name__}")
+    raw = dict(raw)
+    if "form" not in raw:
+        raise MethodConfigError(f"{where}: missing key 'form' (allowed: {allowed(FORMS)})")
+    form = _choice(raw["form"], FORMS, f"{where}: form")
+    unknown = sorted(set(raw) - FORM_KEYS[form])
+    if unknown:
+        raise MethodConfigError(
+            f"{where}: unknown key '{unknown[0]}' for form '{form}' (allowed: {allowed(sorted(FORM_KEYS[form]))})"
+        )
+    for key in ("at", "insertion", "compose"):
+        if key not in raw:
+            raise MethodConfigError(f"{where}: missing key '{key}'")
+    at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
+    if not at_raw:
+        raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
+    at = tuple(_choice(site, SITES, f"{where}: at") for site in at_raw)
+    insertion = _choice(raw["insertion"], INSERTIONS, f"{where}: insertion")
+    compose = _choice(raw["compose"], COMPOSITIONS, f"{where}: compose")
+    values: dict[str, Any] = {"form": form, "at": at, "insertion": insertion, "compose": compose}
+    values["name"] = _expect(raw.get("name", f"m{index}"), str, f"{where}: name")
+    if not values["name"].isidentifier():
+        raise MethodConfigError(f"{where}: name '{values['name']}' must be a Python identifier")
+
+    _check_combination(form, at, insertion, compose, where)
+    values["scale"] = _scale(raw, compose, where)
+    values["layers"] = _layers(raw.get("layers", "all"), where)
+    stacks = raw.get("stacks", list(STACKS))
+    stacks = stacks if isinstance(stacks, (list, tuple)) else [stacks]
+    values["stacks"] = tuple(_choice(s, STACKS, f"{where}: stacks") for s in stacks)
+    if not values["stacks"]:
+        raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
+
+    if form == "bottleneck":
+        values["dim"] = _positive_int(raw.get("dim", 64), f"{where}: dim")
+        values["activation"] = _choice(raw.get("activation", "relu"), ACTIVATIONS, f"{where}: activation")
+        values["init"] = _choice(raw.get("init", "bert"), INITS, f"{where}: init")
+        values["layernorm"] = _choice(raw.get("layernorm", "none"), LAYERNORMS, f"{where}: layernorm")
+        values["dropout"] = _probability(raw.get("dropout", 0.0), f"{where}: dropout")
+        bias = raw.get("bias")
+        values["bias"] = None if bias is None else _expect(bias, bool, f"{where}: bias")
+    else:
+        values["length"] = _positive_int(raw.get("length", 30), f"{where}: length")
+        mlp_dim = raw.get("mlp_dim")
+        values["mlp_dim"] = None if mlp_dim is None else _positive_int(mlp_dim, f"{where}: mlp_dim")
+    return ModuleSpec(**values)
+
+
+def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:
+    for site in at:
+        if site not in FORM_SITES[form]:
+            raise MethodConfigError(
+                f"{where}: form '{form}' cannot act at '{site}' (allowed at: {allowed(FORM_SITES[form])})"
+            )
+    if insertion not in FORM_INSERTIONS[form]:
+        raise MethodConfigError(
+            f"{where}: form '{form}' cannot use insertion '{insertion}' "
+            f"(allowed insertion: {allowed(FORM_INSERTIONS[form])})"
+        )
+    if compose not in FORM_COMPOSITIONS[form]:
+        raise MethodConfigError(
+            f"{where}: form '{form}' cannot use compose '{compose}' "
+            f"(allowed compose: {allowed(FORM_COMPOSITIONS[form])})"
+        )
+
+
+def _scale(raw: Mapping[str, Any], compose: str, where: str) -> float | str:
+    if "scale" not in raw:
+        return 1.0
+    if compose != "scale":
+        raise MethodConfigError(f"{where}: key 'scale' needs compose 'scale' (got compose '{compose}')")
+    value = raw["scale"]
+    if value == "learned":
+        return "learned"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MethodConfigError(f"{where}: scale must be a number or 'learned', got {value!r}")
+    return float(value)
+
+
+def _layers(value: Any, where: str) -> str | tuple[int, ...]:
+    if value == "all":
+        return "all"
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise MethodConfigError(f"{where}: layers must be 'all' or a non-empty list of layer indices, got {value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise MethodConfigError(f"{where}: layers must hold integers, got {item!r}")
+    return tuple(value)
+
+
+def _choice(value: Any, options: tuple[str, ...], where: str) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise MethodConfigError(f"{where}: unknown value {value!r} (allowed: {allowed(options)})")
+    return value
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise MethodConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MethodConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _probability(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise MethodConfigError(f"{where}: expected a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+__all__ = ["ModuleSpec", "MethodSpec", "load_method", "list_presets"]
