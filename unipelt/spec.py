@@ -88,11 +88,15 @@ class MethodSpec:
         out: dict[str, Any] = {"name": self.name, "train_base": self.train_base, "train_head": self.train_head}
         out["modules"] = []
         for module in self.modules:
-            entry = dataclasses.asdict(module)
+            entry = {k: v for k, v in dataclasses.asdict(module).items() if k in FORM_KEYS[module.form]}
             entry["at"] = list(module.at)
             entry["stacks"] = list(module.stacks)
             if isinstance(module.layers, tuple):
                 entry["layers"] = list(module.layers)
+            if module.compose != "scale":
+                entry.pop("scale")
+            if entry.get("bias", False) is None:
+                entry.pop("bias")
             out["modules"].append(entry)
         return out
 
