@@ -3,7 +3,8 @@
 added: what the method adds, in the form that is saved and served (a prefix counts 2·l·d per attention module;
 its reparameterisation MLP is a training aid, reported separately as `reparam`). trainable: what the
 optimizer updates (adapters, the MLP, the task head, and base weights the method trains). percent: added
-(plus base weights the method trains, for full / BitFit) over the base model's parameters.
+plus base weights the method trains (full, BitFit) over the base model's parameters; the task head is
+reported as `head` and left out of the percentage, as in the papers.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ def _model_counts(model: nn.Module) -> dict[str, Any]:
     adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
     adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
     all_params = dict(model.named_parameters())
-    base = sum(p.numel() for p in all_params.values() if id(p) not in adapter_ids)
     trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
     trained_base = sum(all_params[n].numel() for n in state.trained_base)
+    head = sum(all_params[n].numel() for n in state.trained_head)
+    base_model = getattr(model, "base_model", model)
+    base = sum(p.numel() for p in base_model.parameters() if id(p) not in adapter_ids)
     return {
         "method": state.method.name,
         "added": added,
         "reparam": reparam,
         "trained_base": trained_base,
+        "head": head,
         "trainable": trainable,
         "base": base,
         "total": base + added,

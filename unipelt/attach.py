@@ -35,6 +35,7 @@ class AttachedState:
     attention_configs: list[tuple[nn.Module, Any]] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
+    trained_head: list[str] = field(default_factory=list)  # task-head parameter names (outside base_model)
     merged: list[str] = field(default_factory=list)
 
 
@@ -183,15 +184,16 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
             param.requires_grad_(True)
             continue
         state.requires_grad[name] = param.requires_grad
+        in_base = id(param) in base_ids
         if spec.train_base == "all":
             train = True
-        elif id(param) in base_ids:
+        elif in_base:
             train = spec.train_base == "bias" and name.endswith("bias")
         else:
             train = spec.train_head
         param.requires_grad_(train)
         if train:
-            state.trained_base.append(name)
+            (state.trained_base if in_base else state.trained_head).append(name)
 
 
 def detach(model: nn.Module) -> nn.Module:

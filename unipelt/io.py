@@ -50,7 +50,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, param in slot.named_parameters():
             tensors[f"{slot_name}.{name}"] = param
     params = dict(model.named_parameters())
-    for name in state.trained_base:
+    for name in state.trained_base + state.trained_head:
         tensors[name] = params[name]
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
 
@@ -92,6 +92,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         meta = json.loads((src / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"load_adapter: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), dict):
+        raise AdapterFileError(f"load_adapter: {src / CONFIG_FILE} has no 'method' mapping")
     if meta.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(
             f"load_adapter: format_version {meta.get('format_version')!r} in {src / CONFIG_FILE} "
@@ -140,7 +142,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
-    fold_prefixes(model)
+    # adapter_state already names reparameterised prefixes in folded form, so every check runs before folding:
+    # a file that fails them leaves an attached model exactly as it was (MLP included).
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -154,6 +157,7 @@ def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory)
                 f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "
                 f"{tuple(expected[name].shape)} in the model"
             )
+    fold_prefixes(model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
