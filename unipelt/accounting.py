@@ -81,5 +81,6 @@ def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]
     if method is None:
         raise ValueError("count_parameters: a config needs a method (preset name, YAML path, dict or spec)")
     model = build_meta_model(model_or_config)
-    attach(model, method)
+    with torch.device("meta"):  # build (and "initialise") the adapters on meta too: no memory, no init time
+        attach(model, method)
     return _model_counts(model)
