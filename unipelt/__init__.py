@@ -2,7 +2,7 @@
 
 Layers, low to high: spec (method specs and validation) → forms / compose / sites (functional forms,
 composition functions, where sites live) → attention / attach (putting modules into a model) → merge / io /
-accounting (operations on an attached model) → cli.
+accounting / optim (operations on an attached model, and the contract with a training loop) → cli.
 """
 
 from .accounting import count_parameters
@@ -10,6 +10,7 @@ from .attach import attach, detach, disabled, fold_prefixes, is_attached
 from .errors import AdapterFileError, AttachError, MethodConfigError, UnipeltError
 from .io import load_adapter, save_adapter
 from .merge import merge, unmerge
+from .optim import on_optimizer_step, param_groups, regularization_loss, training_metrics
 from .spec import MethodSpec, ModuleSpec, list_presets, load_method
 
 __version__ = "0.1.0"
@@ -31,6 +32,10 @@ __all__ = [
     "load_adapter",
     "load_method",
     "merge",
+    "on_optimizer_step",
+    "param_groups",
+    "regularization_loss",
+    "training_metrics",
     "save_adapter",
     "unmerge",
 ]

@@ -48,6 +48,7 @@ class ModuleSpec:
     scale: float | str = 1.0  # a fixed factor, or "learned" (a trainable scalar starting at 1)
     layers: str | tuple[int, ...] = "all"
     stacks: tuple[str, ...] = STACKS
+    lr: float | None = None  # this module's own learning rate (e.g. prefix vs adapter); None: the trainer's
     # bottleneck
     dim: int = 64
     activation: str = "relu"
@@ -95,8 +96,9 @@ class MethodSpec:
                 entry["layers"] = list(module.layers)
             if module.compose != "scale":
                 entry.pop("scale")
-            if entry.get("bias", False) is None:
-                entry.pop("bias")
+            for optional in ("bias", "lr"):
+                if entry.get(optional, False) is None:
+                    entry.pop(optional)
             out["modules"].append(entry)
         return out
 
@@ -111,7 +113,7 @@ class MethodSpec:
         return dataclasses.replace(self, modules=tuple(modules))
 
 
-_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks"}
+_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr"}
 FORM_KEYS = {
     "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
     "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
@@ -240,6 +242,8 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     values["stacks"] = tuple(_choice(s, STACKS, f"{where}: stacks") for s in stacks)
     if not values["stacks"]:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
+    lr = raw.get("lr")
+    values["lr"] = None if lr is None else _positive_float(lr, f"{where}: lr")
 
     if form == "bottleneck":
         values["dim"] = _positive_int(raw.get("dim", 64), f"{where}: dim")
@@ -316,6 +320,17 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise MethodConfigError(f"{where}: expected a positive integer, got {value!r}")
     return value
+
+
+def _positive_float(value: Any, where: str) -> float:
+    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise MethodConfigError(f"{where}: expected a positive number, got {value!r}")
+    return float(value)
 
 
 def _probability(value: Any, where: str) -> float:

@@ -1,0 +1,93 @@
+"""What a training loop asks of an attached method: parameter groups, extra loss terms, per-step updates, metrics.
+
+This is the whole contract between a method and any trainer (unipelt's own, or a user's loop). A form or a
+slot takes part by defining any of these optional methods; nothing here knows about particular forms:
+
+- `regularization_loss() -> Tensor | None`   added to the task loss (e.g. AdaLoRA's orthogonality term)
+- `on_optimizer_step(step, total_steps)`      called after each optimizer step, before the gradients are
+                                              cleared (e.g. AdaLoRA's importance scores and rank budget)
+- `training_metrics() -> dict[str, float]`    values worth logging (e.g. UniPELT's gate values)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .attach import state_of
+
+
+def _participants(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every slot and reparameterisation of the attached method, and every submodule inside them."""
+    state = state_of(model)
+    roots = list(state.slots.items()) + list(state.reparams.items())
+    for root_name, root in roots:
+        for name, module in root.named_modules():
+            yield (f"{root_name}.{name}" if name else root_name), module
+
+
+def _no_decay(param: torch.Tensor) -> bool:
+    # Biases, LayerNorm weights and scalars (learned scales, gates' biases) are not decayed, as is customary.
+    return param.dim() < 2
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups: each module spec's own `lr` where it sets one, else `lr`; decay only on matrices."""
+    state = state_of(model)
+    lr_of: dict[int, float] = {}
+    for slot in state.slots.values():
+        for param in slot.parameters():
+            lr_of[id(param)] = slot.spec.lr or lr
+    for reparam_name, reparam in state.reparams.items():
+        spec = next((m for m in state.method.modules if f"unipelt_{m.name}_reparam" == reparam_name), None)
+        for param in reparam.parameters():
+            lr_of[id(param)] = (spec.lr if spec is not None else None) or lr
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group_lr = lr_of.get(id(param), lr)
+        decay = 0.0 if _no_decay(param) else weight_decay
+        group = groups.setdefault((group_lr, decay), {"params": [], "names": [], "lr": group_lr,
+                                                      "weight_decay": decay})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of every module's extra loss term, or None when the method has none."""
+    total = None
+    for _, module in _participants(model):
+        fn = getattr(module, "regularization_loss", None)
+        if fn is None:
+            continue
+        term = fn()
+        if term is not None:
+            total = term if total is None else total + term
+    return total
+
+
+def on_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell every module that optimizer step `step` (1-based) of `total_steps` has been taken."""
+    for _, module in _participants(model):
+        fn = getattr(module, "on_optimizer_step", None)
+        if fn is not None:
+            fn(step, total_steps)
+
+
+def training_metrics(model: nn.Module) -> dict[str, float]:
+    """Values worth logging during training, keyed by the slot that reports them."""
+    out: dict[str, float] = {}
+    for name, module in _participants(model):
+        fn = getattr(module, "training_metrics", None)
+        if fn is None:
+            continue
+        for key, value in fn().items():
+            out[f"{name}/{key}"] = float(value)
+    return out
+
+
+__all__ = ["param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]
