@@ -7,9 +7,11 @@ accounting / optim (operations on an attached model, and the contract with a tra
 
 from .accounting import count_parameters
 from .attach import attach, detach, disabled, fold_prefixes, is_attached
+from .budget import solve_budget
 from .errors import AdapterFileError, AttachError, MethodConfigError, UnipeltError
 from .io import load_adapter, save_adapter
 from .merge import merge, unmerge
+from .peft_interop import export_peft, import_peft
 from .optim import on_optimizer_step, param_groups, regularization_loss, training_metrics
 from .spec import MethodSpec, ModuleSpec, list_presets, load_method
 
@@ -25,6 +27,8 @@ __all__ = [
     "attach",
     "count_parameters",
     "detach",
+    "export_peft",
+    "import_peft",
     "disabled",
     "fold_prefixes",
     "is_attached",
@@ -37,5 +41,6 @@ __all__ = [
     "regularization_loss",
     "training_metrics",
     "save_adapter",
+    "solve_budget",
     "unmerge",
 ]

@@ -16,6 +16,8 @@ from torch import nn
 
 from .attach import attach, is_attached, state_of
 from .attention import PrefixSlot
+from .prompting import PromptSlot
+from .quantize import element_count
 
 
 def _count(module: nn.Module) -> int:
@@ -29,10 +31,15 @@ def _model_counts(model: nn.Module) -> dict[str, Any]:
         if isinstance(slot, PrefixSlot):
             prefix = slot.prefix
             added += 2 * prefix.length * prefix.kv_heads * prefix.head_dim
-            added += 0 if slot.learned_scale is None else 1
+            # learned scale, UniPELT gate W_g (the prefix vectors themselves are counted just above)
+            added += sum(p.numel() for n, p in slot.named_parameters() if not n.startswith("prefix."))
+        elif hasattr(slot, "exported_parameters"):  # AdaLoRA counts the triplets it keeps (P, Λ, Q)
+            added += sum(p.numel() for p in slot.exported_parameters().values())
         else:
             added += _count(slot)
     reparam = sum(_count(r) for r in state.reparams.values())
+    # A P-tuning prompt encoder is a training aid like the prefix MLP: reported as reparam, not added.
+    reparam += sum(s.reparam_count() for s in state.slots.values() if isinstance(s, PromptSlot))
     adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
     adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
     all_params = dict(model.named_parameters())
@@ -40,7 +47,7 @@ def _model_counts(model: nn.Module) -> dict[str, Any]:
     trained_base = sum(all_params[n].numel() for n in state.trained_base)
     head = sum(all_params[n].numel() for n in state.trained_head)
     base_model = getattr(model, "base_model", model)
-    base = sum(p.numel() for p in base_model.parameters() if id(p) not in adapter_ids)
+    base = sum(element_count(p) for p in base_model.parameters() if id(p) not in adapter_ids)
     return {
         "method": state.method.name,
         "added": added,
@@ -51,7 +58,14 @@ def _model_counts(model: nn.Module) -> dict[str, Any]:
         "base": base,
         "total": base + added,
         "percent": 100.0 * (added + trained_base) / base if base else 0.0,
+        **_svd_ranks(state),
     }
+
+
+def _svd_ranks(state) -> dict[str, int]:
+    """AdaLoRA: the current effective total rank over all svd slots (absent for methods without svd)."""
+    forms = [s.form for s in state.slots.values() if hasattr(getattr(s, "form", None), "effective_rank")]
+    return {"svd_rank": sum(f.effective_rank for f in forms)} if forms else {}
 
 
 def build_meta_model(config: Any) -> nn.Module:

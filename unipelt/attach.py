@@ -19,6 +19,10 @@ from .attention import PrefixSlot, check_prefix_support, install_prefix_config, 
 from .compose import Composer, Slot
 from .errors import AttachError
 from .forms import Bottleneck, HeadBottleneck, Prefix, PrefixReparam
+from .forms.svd import SVDDelta
+from .prompting import PromptSlot, build_prompt_slot, install_prompt_hooks, resolve_prompt_texts
+from .quantize import check_quantization, quantize_base, restore_base
+from .rank_allocator import RankAllocator
 from .sites import Placement, resolve
 from .spec import MethodSpec, load_method
 
@@ -37,6 +41,9 @@ class AttachedState:
     trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
     trained_head: list[str] = field(default_factory=list)  # task-head parameter names (outside base_model)
     merged: list[str] = field(default_factory=list)
+    # method-level training objects reached through unipelt.optim (AdaLoRA's rank allocators), by name
+    controllers: dict[str, Any] = field(default_factory=dict)
+    quantized: list[tuple[str, nn.Module, Any]] = field(default_factory=list)  # (name, original, device)
 
 
 def state_of(model: nn.Module) -> AttachedState:
@@ -59,15 +66,66 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
         raise AttachError(
             f"attach: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
         )
+    if spec.budget is not None:
+        # Solving counts on a meta copy of the architecture (never this model). budget.py sits above attach
+        # (it counts through accounting, which attaches), so it is imported lazily to keep the layering one-way.
+        from .budget import solve_budget
+
+        spec = solve_budget(spec, model.config)
+    spec = resolve_prompt_texts(model, spec)  # prompt texts -> token ids, checked against the vocabulary
     placements = resolve(model, spec) if spec.modules else []
     if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
         raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
     if any(p.spec.form == "prefix" for p in placements):
         check_prefix_support(model)
+    to_quantize = []
+    if spec.quantize != "none":
+        check_quantization(model, spec)
+        to_quantize = _all_linear_names(model, spec)
     modules = dict(model.named_modules())
     built, reparams = _build(placements, modules, model)
-    _install(model, spec, placements, built, reparams, modules)
+    controllers = _rank_allocators(placements, built)
+    quantized = quantize_base(model, spec, to_quantize)
+    _install(model, spec, placements, built, reparams, dict(model.named_modules()))
+    state_of(model).controllers.update(controllers)
+    state_of(model).quantized.extend(quantized)
     return model
+
+
+def _all_linear_names(model: nn.Module, spec: MethodSpec) -> list[str]:
+    """QLoRA quantizes every projection of the transformer layers (the `all_linear` sites), except those the
+    model keeps in float32 (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, as its own 4-bit loading does)."""
+    probe = load_method({"name": spec.name, "modules": [
+        {"form": "bottleneck", "at": "all_linear", "insertion": "parallel", "compose": "add"}]})
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    names = dict.fromkeys(p.h_name for p in resolve(model, probe))
+    return [name for name in names if name.rpartition(".")[2] not in keep]
+
+
+def _svd_key(p: Placement) -> str:
+    return f"{p.stack}.{p.layer}.{p.site}"
+
+
+def _svd_rank(p: Placement, known: dict[str, set[str]]) -> int:
+    if p.spec.rank_pattern is None:
+        return p.spec.init_r
+    pattern = dict(p.spec.rank_pattern)
+    unknown = sorted(set(pattern) - known[p.spec.name])
+    if unknown:
+        raise AttachError(f"module '{p.spec.name}': rank_pattern key '{unknown[0]}' matches no placement "
+                          f"(keys are 'stack.layer.site', e.g. '{sorted(known[p.spec.name])[0]}')")
+    return pattern.get(_svd_key(p), p.spec.init_r)
+
+
+def _rank_allocators(placements: list[Placement], built: list[nn.Module]) -> dict[str, RankAllocator]:
+    """One allocator (one global budget) per svd module spec still to be pruned (no rank_pattern yet)."""
+    groups: dict[str, dict[str, SVDDelta]] = {}
+    specs = {}
+    for p, slot in zip(placements, built):
+        if p.spec.form == "svd" and p.spec.rank_pattern is None:
+            groups.setdefault(p.spec.name, {})[_svd_key(p)] = slot.form
+            specs[p.spec.name] = p.spec
+    return {f"unipelt_{name}_rank_allocator": RankAllocator(specs[name], forms) for name, forms in groups.items()}
 
 
 def _like(module: nn.Module) -> dict[str, Any]:
@@ -95,6 +153,10 @@ def _build(placements: list[Placement], modules: dict, model: nn.Module):
             reparam = PrefixReparam(spec.length, d_model, spec.mlp_dim, [p.kv_heads * p.head_dim for p in group])
             reparams[f"unipelt_{name}_reparam"] = reparam.to(**_like(modules[group[0].x_name]))
     site_index: dict[str, int] = {}
+    svd_keys: dict[str, set[str]] = {}
+    for p in placements:
+        if p.spec.form == "svd":
+            svd_keys.setdefault(p.spec.name, set()).add(_svd_key(p))
     for p in placements:
         like = _like(modules[p.h_name])
         if p.spec.form == "prefix":
@@ -103,13 +165,19 @@ def _build(placements: list[Placement], modules: dict, model: nn.Module):
             reparam = reparams.get(f"unipelt_{p.spec.name}_reparam")
             prefix = Prefix(p.spec.length, p.kv_heads, p.head_dim, reparam, index)
             attention = modules[p.x_name]
-            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention))
+            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x)
+        elif p.spec.form == "prompt":
+            slot = build_prompt_slot(p, modules, model)
         else:
-            if p.kind == "heads":
+            if p.spec.form == "svd":
+                form = SVDDelta(p.spec, p.d_in, p.d_out, _svd_rank(p, svd_keys))
+            elif p.kind == "heads":
                 form = HeadBottleneck(p.spec, p.d_in, p.n_heads, p.head_dim)
             else:
                 form = Bottleneck(p.spec, p.d_in, p.d_out)
-            slot = Slot(p.spec, form, Composer(p.spec, p.d_x), p.site, p.chunk)
+            # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
+            # sequential adapter).
+            slot = Slot(p.spec, form, Composer(p.spec, p.d_in), p.site, p.chunk)
         built.append(slot.to(**like))
     return built, reparams
 
@@ -163,6 +231,11 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             if id(host) not in routed:
                 routed.add(id(host))
                 state.attention_configs.append((host, install_prefix_config(host)))
+            if slot.gate is not None:  # UniPELT's prefix gate reads the attention input x
+                state.handles.append(host.register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
+            continue
+        if isinstance(slot, PromptSlot):
+            state.handles.extend(install_prompt_hooks(model, slot, p, modules))
             continue
         h_module = modules[p.h_name]
         same = p.x_name == p.h_name
@@ -172,6 +245,9 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
         else:
             state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
+    # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
+    for module in [*state.slots.values(), *state.reparams.values()]:
+        module.train(model.training)
     _freeze(model, spec, state)
     model.__dict__[STATE_ATTR] = state
 
@@ -182,6 +258,8 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
     for name, param in model.named_parameters():
         if ".unipelt_" in f".{name}":
             param.requires_grad_(True)
+            continue
+        if not param.dtype.is_floating_point:  # a quantized base weight: frozen by nature, restored by detach
             continue
         state.requires_grad[name] = param.requires_grad
         in_base = id(param) in base_ids
@@ -213,6 +291,7 @@ def detach(model: nn.Module) -> nn.Module:
         delattr(modules[parent] if parent else model, child)
     for name in state.reparams:
         delattr(model, name)
+    restore_base(model, state.quantized)
     params = dict(model.named_parameters())
     for name, flag in state.requires_grad.items():
         params[name].requires_grad_(flag)
@@ -221,11 +300,14 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def fold_prefixes(model: nn.Module) -> None:
-    """Fold every prefix reparameterisation MLP into plain vectors and drop the MLPs (outputs unchanged)."""
+    """Fold every prefix reparameterisation MLP (and P-tuning prompt encoder) into plain vectors and drop them
+    (outputs unchanged)."""
     state = state_of(model)
     for slot in state.slots.values():
         if isinstance(slot, PrefixSlot):
             slot.prefix.fold()
+        elif isinstance(slot, PromptSlot):
+            slot.fold()
     for name in state.reparams:
         delattr(model, name)
     state.reparams.clear()

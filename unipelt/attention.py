@@ -7,6 +7,10 @@ touched, so encoders, decoders (with a KV cache in generate()) and encoder-decod
 
 compose `gate`: attention over [P_k; K], [P_v; V] — exactly He et al.'s (1−λ)·Attn(x) + λ·softmax(q P_kᵀ) P_v.
 compose `add` / `scale`: the ungated ablation Attn(x) + s·softmax(q P_kᵀ) P_v.
+compose `sigmoid_gate` (UniPELT): Attn(x) + g·Δ with g = σ(W_g·mean_tokens(x)) one scalar per example and
+Δ = Attn([P; K]) − Attn(x) what the (softmax-gated) prefix changes. Mao et al. multiply P_K and P_V by g; a
+closed gate there still leaves zero keys drawing softmax mass, so we gate the prefix's whole change instead:
+g = 0 is exactly the base attention and g = 1 exactly He et al.'s gated prefix.
 """
 
 from __future__ import annotations
@@ -31,13 +35,16 @@ class PrefixSlot(nn.Module):
     """A prefix placed on one attention module, with its composition (gate, add or scale)."""
 
     def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
-                 eager_fn: Callable) -> None:
+                 eager_fn: Callable, d_gate_in: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.site = site
         self.prefix = prefix
         self.active = True
         self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
+        self.gate = nn.Linear(d_gate_in, 1) if spec.compose == "sigmoid_gate" else None
+        self.captured_x: torch.Tensor | None = None  # the attention input, captured by a pre-hook (attach.py)
+        self.last_gate: torch.Tensor | None = None
         # Plain references (not submodules): the model's real config decides the inner implementation at each
         # call, so set_attn_implementation() after attach keeps working.
         self._base_config = [base_config]
@@ -51,6 +58,19 @@ class PrefixSlot(nn.Module):
         if self.learned_scale is not None:
             return self.learned_scale
         return float(self.spec.scale)
+
+    def gate_factor(self) -> torch.Tensor:
+        """σ(W_g·mean_tokens(x)) shaped [batch, 1, 1, 1] (broadcasts over queries, heads, head_dim)."""
+        x, self.captured_x = self.captured_x, None
+        if x is None:
+            raise RuntimeError("sigmoid_gate prefix: the attention input was not captured")
+        pooled = x.to(self.gate.weight.dtype).mean(dim=-2)
+        gate = torch.sigmoid(self.gate(pooled))
+        self.last_gate = gate.detach().mean()
+        return gate[:, :, None, None]
+
+    def training_metrics(self) -> dict[str, float]:
+        return {} if self.last_gate is None else {"gate": float(self.last_gate)}
 
     def inner_attention(self) -> Callable:
         name = self._base_config[0]._attn_implementation or "eager"
@@ -128,8 +148,27 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     gated = [s for s in slots if s.spec.compose == "gate"]
+    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, gated)
+    batch = query.shape[0]
+    base = output
+    for slot in slots:
+        if slot.spec.compose == "sigmoid_gate":
+            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
+            output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
+        elif slot.spec.compose != "gate":
+            p_keys, p_values = slot.prefix.key_values()
+            extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
+                                            _batched(p_values, batch, query), kwargs.get("scaling"))
+            output = output + (slot.scale() * extra).to(output.dtype)
+    return output, weights
+
+
+def _attend(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, kwargs: dict, gated: list[PrefixSlot]):
+    """The inner attention over [P_k; K], [P_v; V] with the prefixes of `gated` (none: the plain attention)."""
+    kwargs = dict(kwargs)
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     if gated:
         pairs = [s.prefix.key_values() for s in gated]
         p_keys = torch.cat([k for k, _ in pairs], dim=1)
@@ -147,15 +186,7 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         if kwargs.get("position_bias") is not None:  # T5: a prefix has no relative position, so no bias
             kwargs["position_bias"] = _extend_last(kwargs["position_bias"][..., :k_len], length, 0.0)
         kwargs["is_causal"] = False  # causality, if any, is now in the explicit mask
-    output, weights = inner(module, query, key, value, attention_mask, **kwargs)
-    for slot in slots:
-        if slot.spec.compose == "gate":
-            continue
-        p_keys, p_values = slot.prefix.key_values()
-        extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
-                                        _batched(p_values, batch, query), kwargs.get("scaling"))
-        output = output + (slot.scale() * extra).to(output.dtype)
-    return output, weights
+    return inner(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)

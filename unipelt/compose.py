@@ -20,6 +20,7 @@ class Composer(nn.Module):
         self.fixed_scale = 1.0
         self.learned_scale = None
         self.gate = None
+        self.last_gate: torch.Tensor | None = None  # mean gate of the last forward, for training_metrics()
         if spec.compose == "scale":
             if spec.scale == "learned":
                 self.learned_scale = nn.Parameter(torch.ones(()))
@@ -34,7 +35,9 @@ class Composer(nn.Module):
             if x is None:
                 raise RuntimeError("sigmoid_gate needs the sub-layer input, which was not captured")
             pooled = x.to(self.gate.weight.dtype).mean(dim=-2, keepdim=True) if x.dim() > 2 else x
-            return torch.sigmoid(self.gate(pooled))
+            gate = torch.sigmoid(self.gate(pooled))
+            self.last_gate = gate.detach().mean()
+            return gate
         if self.learned_scale is not None:
             return self.learned_scale
         return self.fixed_scale
@@ -68,8 +71,23 @@ class Slot(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         parallel = self.spec.insertion == "parallel"
         if self.chunk is None:
-            return self.composer(h, self.form(x if parallel else h), x)
+            source = x if parallel else h
+            return self.composer(h, self.form(source), source)
         index, count = self.chunk
         pieces = list(h.chunk(count, dim=-1))
-        pieces[index] = self.composer(pieces[index], self.form(x if parallel else pieces[index]), x)
+        source = x if parallel else pieces[index]
+        pieces[index] = self.composer(pieces[index], self.form(source), source)
         return torch.cat(pieces, dim=-1)
+
+    def training_metrics(self) -> dict[str, float]:
+        if self.composer.last_gate is None:
+            return {}
+        return {"gate": float(self.composer.last_gate)}
+
+    def exported_parameters(self) -> dict[str, torch.Tensor]:
+        """What is saved: the parameters, with a rank-pruned form (svd) cut to its kept triplets."""
+        tensors = dict(self.named_parameters())
+        pruned = getattr(self.form, "pruned_parameters", None)
+        if pruned is not None:
+            tensors.update({f"form.{name}": value for name, value in pruned().items()})
+        return tensors

@@ -20,6 +20,10 @@ class AdapterFileError(UnipeltError, ValueError):
     """An adapter directory cannot be loaded onto this model (missing / extra / corrupt tensors, wrong base)."""
 
 
+class DataError(UnipeltError, ValueError):
+    """A task config or its data is unusable: unknown key / kind / metric, missing file or column, bad label."""
+
+
 def one_line(message: str) -> str:
     """Collapse whitespace so that a message stays on one line even when built from multi-line pieces."""
     return " ".join(message.split())

@@ -7,6 +7,7 @@ a half-written file that a later load would accept.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from .attach import attach, detach, fold_prefixes, is_attached, state_of
 from .attention import PrefixSlot
 from .errors import AdapterFileError
+from .rank_allocator import with_rank_patterns
 from .spec import load_method
 
 FORMAT_VERSION = 1
@@ -29,9 +31,33 @@ IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attentio
                  "intermediate_size", "vocab_size", "d_model", "encoder_layers", "decoder_layers", "num_layers")
 
 
+# Further architecture fields (per family) that a config hash covers; together with IDENTITY_KEYS they fix the
+# shapes and the computation of the base. Training-time settings (dropout, dtype, labels, attention kernel) are left
+# out, so the same base loaded another way hashes the same.
+ARCHITECTURE_KEYS = IDENTITY_KEYS + (
+    "head_dim", "hidden_act", "activation_function", "max_position_embeddings", "type_vocab_size", "n_inner",
+    "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "d_kv", "d_ff",
+    "num_heads", "num_decoder_layers", "feed_forward_proj", "relative_attention_num_buckets",
+)
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in ARCHITECTURE_KEYS if hasattr(config, key)}
+
+
+def config_hash(config: Any) -> str:
+    """A stable hash (16 hex digits) of the base config's architecture fields (ARCHITECTURE_KEYS present)."""
+    text = json.dumps(architecture(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def base_identity(config: Any) -> dict[str, Any]:
+    """What an adapter file records about its base: the main shape fields, the name, and a config hash (last, so a
+    mismatch in a named field is reported by name first)."""
     identity = {key: getattr(config, key) for key in IDENTITY_KEYS if hasattr(config, key)}
     identity["name_or_path"] = getattr(config, "_name_or_path", "")
+    identity["architecture"] = json.loads(json.dumps(architecture(config), default=str))
+    identity["config_hash"] = config_hash(config)
     return identity
 
 
@@ -44,10 +70,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             keys, values = slot.prefix.key_values()
             tensors[f"{slot_name}.prefix.keys"] = keys
             tensors[f"{slot_name}.prefix.values"] = values
-            if slot.learned_scale is not None:
-                tensors[f"{slot_name}.learned_scale"] = slot.learned_scale
+            for name, param in slot.named_parameters():  # learned scale, UniPELT gate
+                tensors[f"{slot_name}.{name}"] = param
             continue
-        for name, param in slot.named_parameters():
+        exported = getattr(slot, "exported_parameters", None)
+        for name, param in (exported() if exported else dict(slot.named_parameters())).items():
             tensors[f"{slot_name}.{name}"] = param
     params = dict(model.named_parameters())
     for name in state.trained_base + state.trained_head:
@@ -74,7 +101,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = adapter_state(model)
     meta = {
         "format_version": FORMAT_VERSION,
-        "method": state.method.folded().to_dict(),
+        "method": with_rank_patterns(state.method.folded(), state.controllers).to_dict(),
         "base_model": base_identity(model.config),
         "tensors": len(tensors),
     }
@@ -109,14 +136,23 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
 
 def _check_identity(saved: dict[str, Any], config: Any) -> None:
     current = base_identity(config)
+
+    def refuse(key: str, there: Any, here: Any) -> None:
+        raise AdapterFileError(
+            f"load_adapter: adapter was saved for a different base model: {key} {there!r} there, {here!r} here"
+        )
+
     for key, value in saved.items():
         if key == "name_or_path":
             continue
+        if key == "architecture" and isinstance(value, dict):  # name the field that differs, not only the hash
+            here = current["architecture"]
+            differs = next((k for k in sorted(set(value) | set(here)) if value.get(k) != here.get(k)), None)
+            if differs is not None:
+                refuse(differs, value.get(differs), here.get(differs))
+            continue
         if current.get(key) != value:
-            raise AdapterFileError(
-                f"load_adapter: adapter was saved for a different base model: {key} {value!r} there, "
-                f"{current.get(key)!r} here"
-            )
+            refuse(key, value, current.get(key))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attach import state_of
 from .compose import Slot
+from .quantize import add_to_4bit, is_4bit, restore_4bit
 from .spec import PROJECTION_SITES
 
 
@@ -35,9 +36,12 @@ def _delta(slot: Slot, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def _apply(host: nn.Module, slot: Slot, sign: float) -> None:
-    """W += sign·ΔW on the rows (outputs) that the slot modifies; handles nn.Linear and GPT-2's Conv1D."""
+def _apply(host: nn.Module, slot: Slot, sign: float) -> float | None:
+    """W += sign·ΔW on the rows (outputs) that the slot modifies; handles nn.Linear, GPT-2's Conv1D and 4-bit
+    NF4 weights (dequantize, add, requantize: returns the max abs rounding error; unmerge restores exactly)."""
     weight = host.weight
+    if is_4bit(host):
+        return _apply_4bit(host, slot, sign)
     delta_w, delta_b = _delta(slot, weight)
     transposed = type(host).__name__ == "Conv1D"  # Conv1D stores [in, out]
     out_features = weight.shape[1] if transposed else weight.shape[0]
@@ -52,13 +56,37 @@ def _apply(host: nn.Module, slot: Slot, sign: float) -> None:
         weight[rows] += sign * delta_w
     if delta_b is not None:
         host.bias[rows] += sign * delta_b
+    return None
+
+
+def _rows(slot: Slot, out_features: int) -> slice:
+    if slot.chunk is None:
+        return slice(None)
+    index, count = slot.chunk
+    width = out_features // count
+    return slice(index * width, (index + 1) * width)
+
+
+def _apply_4bit(host: nn.Module, slot: Slot, sign: float) -> float | None:
+    rows = _rows(slot, host.out_features)
+    delta_w, delta_b = _delta(slot, host.bias if host.bias is not None else torch.empty(()))
+    if delta_b is not None:
+        host.bias[rows] += sign * delta_b
+    if sign < 0:
+        restore_4bit(host, slot.quantized_merge_undo)
+        slot.quantized_merge_undo = None
+        return None
+    error, slot.quantized_merge_undo = add_to_4bit(host, rows, delta_w)
+    return error
 
 
 def _cannot_merge_reason(host: nn.Module, slot: nn.Module) -> str | None:
     if not _mergeable(slot):
         return "not linear in the input (activation, LayerNorm, sequential, gate or prefix)"
-    if slot.form.down.bias is not None and getattr(host, "bias", None) is None:
+    if slot.form.linear_delta()[1] is not None and getattr(host, "bias", None) is None:
         return "has a bias but the projection has none"
+    if is_4bit(host):
+        return None
     if not isinstance(getattr(host, "weight", None), torch.Tensor) or not host.weight.dtype.is_floating_point:
         return "the projection weight is not a floating-point tensor (quantized?)"
     return None
@@ -69,6 +97,7 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
     state = state_of(model)
     modules = dict(model.named_modules())
     merged, skipped = [], []
+    rounding: dict[str, float] = {}
     for name, slot in state.slots.items():
         if name in state.merged:
             continue
@@ -77,7 +106,9 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             continue
-        _apply(host, slot, +1.0)
+        error = _apply(host, slot, +1.0)
+        if error is not None:
+            rounding[name] = error
         slot.merged = True
         state.merged.append(name)
         merged.append(name)
@@ -85,6 +116,11 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
         kinds = sorted({s.split(" (")[0].rsplit(".", 1)[-1] for s in skipped})
         warnings.warn(f"merge: {len(skipped)} modules stay unmerged and keep running as modules: {', '.join(kinds)}",
                       stacklevel=2)
+    if rounding:
+        warnings.warn(f"merge: {len(rounding)} modules were merged into 4-bit NF4 weights; requantizing rounds the "
+                      f"merged weights (max abs rounding error {max(rounding.values()):.3g}); unmerge() restores "
+                      "the original 4-bit weights exactly", stacklevel=2)
+        return {"merged": merged, "unmerged": skipped, "rounding_error": rounding}
     return {"merged": merged, "unmerged": skipped}
 
 

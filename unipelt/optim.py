@@ -19,13 +19,15 @@ from torch import nn
 from .attach import state_of
 
 
-def _participants(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every slot and reparameterisation of the attached method, and every submodule inside them."""
+def _participants(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """Every slot and reparameterisation of the attached method, every submodule inside them, and the method's
+    controllers (objects that see several slots at once, e.g. AdaLoRA's rank allocator with its global budget)."""
     state = state_of(model)
     roots = list(state.slots.items()) + list(state.reparams.items())
     for root_name, root in roots:
         for name, module in root.named_modules():
             yield (f"{root_name}.{name}" if name else root_name), module
+    yield from state.controllers.items()
 
 
 def _no_decay(param: torch.Tensor) -> bool:
@@ -79,14 +81,20 @@ def on_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
 
 
 def training_metrics(model: nn.Module) -> dict[str, float]:
-    """Values worth logging during training, keyed by the slot that reports them."""
+    """Values worth logging during training, keyed by the slot that reports them, plus `mean/<module>/<key>`: the
+    mean over a module spec's slots (e.g. `mean/prefix/gate`, the average UniPELT prefix gate)."""
     out: dict[str, float] = {}
+    per_module: dict[str, list[float]] = {}
     for name, module in _participants(model):
         fn = getattr(module, "training_metrics", None)
         if fn is None:
             continue
+        spec = getattr(module, "spec", None) if isinstance(module, nn.Module) else None
         for key, value in fn().items():
             out[f"{name}/{key}"] = float(value)
+            if spec is not None:
+                per_module.setdefault(f"mean/{spec.name}/{key}", []).append(float(value))
+    out.update({key: sum(values) / len(values) for key, values in per_module.items()})
     return out
 
 

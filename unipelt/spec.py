@@ -17,8 +17,9 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import MethodConfigError, allowed
+from .prompt_grammar import PROMPT_KEYS, prompt_options, template_to_yaml
 
-FORMS = ("bottleneck", "prefix")
+FORMS = ("bottleneck", "prefix", "svd", "prompt")
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scale", "gate", "sigmoid_gate")
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "none")
@@ -34,6 +35,14 @@ SITES = ATTN_SITES + CROSS_SITES + FFN_SITES
 HEAD_SITES = ("attn.heads", "cross_attn.heads")
 # Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
 PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads"))
+# The input sequence itself: where prompt tuning / P-tuning put their virtual tokens.
+INPUT_SITES = ("embeddings",)
+# `at: all_linear` (QLoRA's "all linear layers"): every projection site the model has, expanded per model.
+ALL_LINEAR = "all_linear"
+QUANTIZE = ("none", "nf4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+# Optimizer names a trainer reads from `method.optimizer` (QLoRA: paged 8-bit AdamW through bitsandbytes).
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,22 @@ class ModuleSpec:
     # prefix
     length: int = 30
     mlp_dim: int | None = None
+    # prompt (prompt tuning / P-tuning; `length` above is the number of virtual tokens): see prompt_grammar.py
+    init_text: str | tuple[int, ...] | None = None
+    encoder: str = "none"
+    encoder_dim: int | None = None
+    template: tuple | None = None  # None: every virtual token before the input
+    # svd (AdaLoRA, Zhang et al. 2023): ranks, budget schedule (steps, or fractions of the run when < 1),
+    # importance smoothing, orthogonal-regulariser weight; rank_pattern holds the pruned ranks of a saved adapter
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int | float = 0.1
+    tfinal: int | float = 0.3
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    rank_pattern: tuple[tuple[str, int], ...] | None = None
 
     @property
     def has_bias(self) -> bool:
@@ -69,6 +94,8 @@ class ModuleSpec:
     @property
     def is_linear(self) -> bool:
         """True when Δh is a linear map of the input, so it can be folded into a projection weight."""
+        if self.form == "svd":
+            return self.compose in ("add", "scale")
         return (
             self.form == "bottleneck"
             and self.activation == "none"
@@ -83,6 +110,15 @@ class MethodSpec:
     modules: tuple[ModuleSpec, ...] = ()
     train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
     train_head: bool = True  # the task head (classifier, LM head on a new vocabulary...) stays trainable
+    # Equal-budget comparisons: "0.5%" of the base model's parameters or an added-parameter count. attach()
+    # solves the module sizes for it (unipelt.budget) and the attached spec carries the sizes, budget None.
+    budget: str | int | None = None
+    # QLoRA (Dettmers et al. 2023): base projections frozen in 4-bit NF4 (bitsandbytes), computed in
+    # compute_dtype; double_quant quantizes the block scales too. optimizer: what the trainer should build.
+    quantize: str = "none"
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+    optimizer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that load_method reads back into an equal spec (used in adapter files)."""
@@ -91,20 +127,34 @@ class MethodSpec:
         for module in self.modules:
             entry = {k: v for k, v in dataclasses.asdict(module).items() if k in FORM_KEYS[module.form]}
             entry["at"] = list(module.at)
-            entry["stacks"] = list(module.stacks)
+            if "stacks" in FORM_KEYS[module.form]:
+                entry["stacks"] = list(module.stacks)
+            if module.form == "prompt":
+                _prompt_entry(entry)
             if isinstance(module.layers, tuple):
                 entry["layers"] = list(module.layers)
             if module.compose != "scale":
-                entry.pop("scale")
-            for optional in ("bias", "lr"):
+                entry.pop("scale", None)
+            for optional in ("bias", "lr", "rank_pattern"):
                 if entry.get(optional, False) is None:
                     entry.pop(optional)
+            if entry.get("rank_pattern") is not None:
+                entry["rank_pattern"] = dict(entry["rank_pattern"])
             out["modules"].append(entry)
+        if self.budget is not None:
+            out["budget"] = self.budget
+        if self.quantize != "none":
+            out.update(quantize=self.quantize, compute_dtype=self.compute_dtype, double_quant=self.double_quant)
+        if self.optimizer is not None:
+            out["optimizer"] = self.optimizer
         return out
 
     def folded(self) -> "MethodSpec":
         """The same method with prefix reparameterisation MLPs folded away (what is saved and served)."""
         modules = tuple(dataclasses.replace(m, mlp_dim=None) if m.form == "prefix" else m for m in self.modules)
+        # A P-tuning encoder is folded into the plain vectors it produces, as a prefix MLP is.
+        modules = tuple(dataclasses.replace(m, encoder="none", encoder_dim=None) if m.form == "prompt" else m
+                        for m in modules)
         return dataclasses.replace(self, modules=modules)
 
     def replace_module(self, index: int, **changes: Any) -> "MethodSpec":
@@ -117,12 +167,19 @@ _COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers",
 FORM_KEYS = {
     "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
     "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
+    "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
+    "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
+                           "rank_pattern"},
 }
-METHOD_KEYS = ("name", "modules", "train_base", "train_head")
+METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantize", "compute_dtype", "double_quant",
+               "optimizer")
 # What each form can do on each axis; anything else is a combination that cannot work.
-FORM_SITES = {"bottleneck": SITES, "prefix": HEAD_SITES}
-FORM_INSERTIONS = {"bottleneck": INSERTIONS, "prefix": ("parallel",)}
-FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale")}
+FORM_SITES = {"bottleneck": SITES + (ALL_LINEAR,), "prefix": HEAD_SITES, "svd": PROJECTION_SITES + (ALL_LINEAR,),
+              "prompt": INPUT_SITES}
+# A prompt is computed from nothing in the model (parallel) and meets h through attention (gate).
+FORM_INSERTIONS = {"bottleneck": INSERTIONS, "prefix": ("parallel",), "svd": ("parallel",), "prompt": ("parallel",)}
+FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale", "sigmoid_gate"), "svd": ("add", "scale"),
+                     "prompt": ("gate",)}
 
 
 def preset_dir() -> Path:
@@ -204,7 +261,18 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: module name '{duplicate}' is used twice; names must be unique")
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
-    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head)
+    budget = _budget(raw.get("budget"), f"{where}: budget")
+    quantize = _choice(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
+    compute_dtype = _choice(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
+    double_quant = _expect(raw.get("double_quant", True), bool, f"{where}: double_quant")
+    optimizer = raw.get("optimizer")
+    optimizer = None if optimizer is None else _choice(optimizer, OPTIMIZERS, f"{where}: optimizer")
+    if quantize != "none" and train_base != "none":
+        raise MethodConfigError(f"{where}: quantize '{quantize}' freezes the base; train_base must be 'none'")
+    if budget is not None and not modules:
+        raise MethodConfigError(f"{where}: budget {budget!r} needs a module with a size to solve; this method has none")
+    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head, budget=budget,
+                      quantize=quantize, compute_dtype=compute_dtype, double_quant=double_quant, optimizer=optimizer)
 
 
 def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
@@ -226,7 +294,7 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
     if not at_raw:
         raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
-    at = tuple(_choice(site, SITES, f"{where}: at") for site in at_raw)
+    at = tuple(_choice(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at") for site in at_raw)
     insertion = _choice(raw["insertion"], INSERTIONS, f"{where}: insertion")
     compose = _choice(raw["compose"], COMPOSITIONS, f"{where}: compose")
     values: dict[str, Any] = {"form": form, "at": at, "insertion": insertion, "compose": compose}
@@ -244,6 +312,12 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
     values["lr"] = None if lr is None else _positive_float(lr, f"{where}: lr")
+    if form == "prompt":
+        values.update(prompt_options(raw, where))
+        return ModuleSpec(**values)
+    if form == "svd":
+        values.update(_svd_options(raw, where))
+        return ModuleSpec(**values)
 
     if form == "bottleneck":
         values["dim"] = _positive_int(raw.get("dim", 64), f"{where}: dim")
@@ -258,6 +332,53 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         mlp_dim = raw.get("mlp_dim")
         values["mlp_dim"] = None if mlp_dim is None else _positive_int(mlp_dim, f"{where}: mlp_dim")
     return ModuleSpec(**values)
+
+
+def _prompt_entry(entry: dict[str, Any]) -> None:
+    """YAML form of a prompt module's own keys (in place): lists for token ids and the template, no nulls."""
+    for key in ("init_text", "encoder_dim", "template"):
+        if entry.get(key) is None:
+            entry.pop(key, None)
+    if isinstance(entry.get("init_text"), tuple):
+        entry["init_text"] = list(entry["init_text"])
+    if "template" in entry:
+        entry["template"] = template_to_yaml(entry["template"])
+
+
+def _svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["init_r"] = _positive_int(raw.get("init_r", 12), f"{where}: init_r")
+    out["target_r"] = _positive_int(raw.get("target_r", 8), f"{where}: target_r")
+    if out["target_r"] > out["init_r"]:
+        raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
+    for key, default in (("tinit", 0.1), ("tfinal", 0.3)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                isinstance(value, float) and value >= 1):
+            raise MethodConfigError(f"{where}: {key} must be a step count (int >= 0) or a fraction of the run "
+                                    f"(float in [0, 1)), got {value!r}")
+        out[key] = value
+    if all(isinstance(out[k], float) for k in ("tinit", "tfinal")) and out["tinit"] + out["tfinal"] >= 1:
+        raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
+                                f"{out['tinit']} + {out['tfinal']} >= 1)")
+    out["delta_t"] = _positive_int(raw.get("delta_t", 10), f"{where}: delta_t")
+    for key in ("beta1", "beta2"):
+        out[key] = _probability(raw.get(key, 0.85), f"{where}: {key}")
+    weight = raw.get("orth_reg_weight", 0.1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
+    out["orth_reg_weight"] = float(weight)
+    pattern = raw.get("rank_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, Mapping):
+            raise MethodConfigError(f"{where}: rank_pattern must map 'stack.layer.site' to a rank, got {pattern!r}")
+        for key, rank in pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= out["init_r"]:
+                raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
+                                        f"({out['init_r']}), got {rank!r}")
+        pattern = tuple(sorted((str(k), int(v)) for k, v in pattern.items()))
+    out["rank_pattern"] = pattern
+    return out
 
 
 def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:
@@ -302,6 +423,22 @@ def _layers(value: Any, where: str) -> str | tuple[int, ...]:
         if isinstance(item, bool) or not isinstance(item, int):
             raise MethodConfigError(f"{where}: layers must hold integers, got {item!r}")
     return tuple(value)
+
+
+def _budget(value: Any, where: str) -> str | int | None:
+    """None, a positive added-parameter count, or a percentage string like '0.5%' in (0, 100]."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            percent = float(value[:-1])
+        except ValueError:
+            percent = -1.0
+        if 0.0 < percent <= 100.0:
+            return value
+    raise MethodConfigError(
+        f"{where}: expected a percentage of the base model like '0.5%' or a positive parameter count, got {value!r}"
+    )
 
 
 def _choice(value: Any, options: tuple[str, ...], where: str) -> str:

@@ -9,10 +9,12 @@ from typing import Any
 import yaml
 
 from ..accounting import count_parameters
+from ..budget import solve
 from ..errors import UnipeltError
 from ..spec import load_method, preset_dir
 
-USAGE = "usage: unipelt-count method=<preset or YAML path> model=<conf/model name, local dir or hub id>"
+USAGE = ("usage: unipelt-count method=<preset or YAML path> model=<conf/model name, local dir or hub id> "
+         "[budget=<0.5% or a parameter count>]")
 
 
 def model_config(model: str) -> Any:
@@ -38,7 +40,8 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
     args = {}
     for item in argv:
         key, sep, value = item.partition("=")
-        if not sep or key not in ("method", "model"):
+        key = "budget" if key == "method.budget" else key
+        if not sep or key not in ("method", "model", "budget"):
             raise UnipeltError(f"unipelt-count: cannot read argument '{item}'; {USAGE}")
         args[key] = value
     return args
@@ -67,11 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         method = args.get("method", "mam")
         model = args.get("model", "minilm")
         spec = load_method(method)  # a bad method fails fast, before any model lookup
-        counts = count_parameters(model_config(model), spec)
+        if "budget" in args:
+            budget = args["budget"]
+            spec = load_method({**spec.to_dict(), "budget": int(budget) if budget.isdigit() else budget})
+        config = model_config(model)
+        solution = solve(spec, config) if spec.budget is not None else None
+        counts = count_parameters(config, solution.spec if solution else spec)
     except UnipeltError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_table(counts, model))
+    if solution is not None:
+        sizes = ", ".join(f"{k}={v}" for k, v in solution.sizes.items())
+        print(f"budget {spec.budget} = {solution.budget:,} added parameters; solved sizes: {sizes}")
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import AttachError, allowed
-from ..spec import MethodSpec, ModuleSpec
+from ..spec import ALL_LINEAR, PROJECTION_SITES, MethodSpec, ModuleSpec
 from .table import FAMILIES, Family, Heads, Projection, SubLayer
 
 
@@ -39,8 +39,9 @@ class Placement:
 
     @property
     def host_name(self) -> str:
-        """The module that owns the slot: the attention module for a prefix, else the h module."""
-        return self.x_name if self.spec.form == "prefix" else self.h_name
+        """The module that owns the slot: the attention module for a prefix, the base model for a prompt (whose
+        forward it rewrites), else the h module."""
+        return self.x_name if self.spec.form in ("prefix", "prompt") else self.h_name
 
 
 def family_of(config) -> Family:
@@ -87,17 +88,15 @@ def _join(*parts: str) -> str:
 
 
 def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> list[Placement]:
+    if spec.form == "prompt":
+        return [_prompt_placement(spec, where, family, modules, root)]
     stacks = [s for s in spec.stacks if s in family.stacks]
     if not stacks:
         raise AttachError(
             f"{where}: stacks {list(spec.stacks)} not in this model (its stacks: {allowed(family.stacks)})"
         )
     out: list[Placement] = []
-    for site in spec.at:
-        site_stacks = [s for s in stacks if site in family.stacks[s].sites]
-        if not site_stacks:
-            known = sorted({k for s in stacks for k in family.stacks[s].sites})
-            raise AttachError(f"{where}: site '{site}' does not exist in this model (its sites: {allowed(known)})")
+    for site, site_stacks in _site_stacks(spec, stacks, family, modules, root, where):
         for stack_name in site_stacks:
             stack = family.stacks[stack_name]
             layer_list = modules.get(_join(root, stack.path))
@@ -115,6 +114,50 @@ def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, r
                 out.append(_placement(spec, site, stack_name, layer, stack.sites[site], stack.sites,
                                       prefix, modules, family, where))
     return out
+
+
+def _prompt_placement(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> Placement:
+    """A prompt acts once, on the input sequence: h is the token embedding output, the hook sits on the base model
+    (x_name). For encoder-decoders the prompt goes to the encoder only."""
+    if family.inputs is None:
+        raise AttachError(f"{where}: site 'embeddings' is not mapped for this model family (add Inputs to its Family)")
+    tokens = _join(root, family.inputs.tokens)
+    embedding = modules.get(tokens)
+    if embedding is None or not isinstance(getattr(embedding, "weight", None), nn.Parameter):
+        raise AttachError(f"{where}: token embedding '{tokens}' not found in the model")
+    d_model = int(embedding.weight.shape[1])
+    stack = "encoder" if "encoder" in family.stacks else "decoder"
+    return Placement(spec=spec, site="embeddings", stack=stack, layer=0, kind="embeddings", h_name=tokens,
+                     x_name=root, chunk=None, d_in=d_model, d_out=d_model, d_x=d_model)
+
+
+def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: dict, root: str,
+                 where: str) -> list[tuple[str, list[str]]]:
+    """(site, stacks having it) for each site of `at`; `all_linear` becomes every projection the model has."""
+    out: dict[str, list[str]] = {}
+    for site in spec.at:
+        if site == ALL_LINEAR:
+            for linear in PROJECTION_SITES:
+                found = [s for s in stacks if _projection_exists(family.stacks[s], linear, modules, root)]
+                if found:
+                    out.setdefault(linear, [])
+                    out[linear] += [s for s in found if s not in out[linear]]
+            continue
+        site_stacks = [s for s in stacks if site in family.stacks[s].sites]
+        if not site_stacks:
+            known = sorted({k for s in stacks for k in family.stacks[s].sites})
+            raise AttachError(f"{where}: site '{site}' does not exist in this model (its sites: {allowed(known)})")
+        out.setdefault(site, [])
+        out[site] += [s for s in site_stacks if s not in out[site]]
+    return list(out.items())
+
+
+def _projection_exists(stack, site: str, modules: dict, root: str) -> bool:
+    entry = stack.sites.get(site)
+    if not isinstance(entry, Projection):
+        return False
+    first_layer = _join(root, stack.path, "0")
+    return any(_join(first_layer, path) in modules for path in entry.path.split("|"))
 
 
 def _find(modules: dict, prefix: str, paths: str, where: str) -> str:

@@ -37,9 +37,19 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """The `embeddings` site (prompts): the token embedding module, and for encoder-decoders the encoder stack,
+    whose calls from generate() bypass the base model. Paths are relative to model.base_model."""
+
+    tokens: str
+    encoder: str | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     stacks: dict[str, Stack]
     head_dim_attr: str  # attribute of the attention module holding the per-head dimension
+    inputs: Inputs | None = None
 
 
 def attention_sites(kind: str, module: str, q: str, k: str, v: str, o: str) -> dict:
@@ -74,6 +84,7 @@ _BERT = Family(
         )
     },
     head_dim_attr="attention_head_size",
+    inputs=Inputs("embeddings.word_embeddings"),
 )
 
 _GPT2 = Family(
@@ -90,6 +101,7 @@ _GPT2 = Family(
         )
     },
     head_dim_attr="head_dim",
+    inputs=Inputs("wte"),
 )
 
 _LLAMA = Family(
@@ -103,6 +115,7 @@ _LLAMA = Family(
         )
     },
     head_dim_attr="head_dim",
+    inputs=Inputs("embed_tokens"),
 )
 
 _BART_FFN = ffn_sites("fc1", "fc1", "fc2")
@@ -122,6 +135,7 @@ _BART = Family(
         ),
     },
     head_dim_attr="head_dim",
+    inputs=Inputs("encoder.embed_tokens", encoder="encoder"),
 )
 
 
@@ -153,6 +167,7 @@ _T5 = Family(
         ),
     },
     head_dim_attr="key_value_proj_dim",
+    inputs=Inputs("encoder.embed_tokens", encoder="encoder"),
 )
 
 FAMILIES: dict[str, Family] = {

@@ -1,0 +1,1 @@
+"""Experiment files (`+experiment=<name>`), shipped with the package."""

@@ -1,0 +1,101 @@
+"""Adapters under torch.compile: no graph break caused by adapter code, no recompilation on the next call, and
+outputs and gradients equal to eager. Tolerances: 1e-5 relative / 1e-6 absolute in fp32 (the aot_eager backend
+runs the same aten ops as eager, so only op-order rounding differs); 1e-4 / 1e-5 for inductor, which fuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unipelt
+from unipelt.attach import state_of
+from tiny_models import tiny_batch, tiny_model
+
+CASES = [(family, method) for family in ("llama", "bert") for method in ("lora", "mam")]
+
+
+def _prepared(family: str, method: str | None):
+    """A tiny model (dropout off, so eager and compiled runs are comparable) with its adapters moved off init."""
+    model = tiny_model(family)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if method is not None:
+        unipelt.attach(model, method)
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "unipelt_" in name:
+                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _graph_breaks(model, batch) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(**batch).graph_break_count
+
+
+def _train_outputs(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_adapter_code_adds_no_graph_breaks(family, method):
+    batch = tiny_batch(family)
+    base_breaks = _graph_breaks(_prepared(family, None).train(), batch)
+    model = _prepared(family, method).train()
+    assert _graph_breaks(model, batch) == base_breaks
+    # The hand-off of the captured sub-layer input must not survive the call (it would pin activations).
+    assert all(getattr(slot, "captured_x", None) is None for slot in state_of(model).slots.values())
+
+
+@pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_compiled_training_step_equals_eager(family, method):
+    batch = tiny_batch(family)
+    model = _prepared(family, method).train()
+    eager_logits, eager_grads = _train_outputs(model, batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    logits, grads = _train_outputs(compiled, batch)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the adapters' state keeps guards stable
+        logits, grads = _train_outputs(compiled, batch)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(eager_grads)
+    assert any("unipelt_" in name for name in grads)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_model_follows_disable_and_merge():
+    """Switching adapters off (disabled) or merging them recompiles as needed and still matches eager."""
+    batch = tiny_batch("llama")
+    model = _prepared("llama", "lora").eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        adapted = compiled(**batch).logits
+        with unipelt.disabled(model):
+            base = compiled(**batch).logits
+            torch.testing.assert_close(base, model(**batch).logits, rtol=1e-5, atol=1e-6)
+        unipelt.merge(model)
+        merged = compiled(**batch).logits
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "mam"])
+def test_inductor_forward_equals_eager(method):
+    """The default backend (inductor, generated C++ on CPU) on tiny Llama."""
+    batch = tiny_batch("llama")
+    model = _prepared("llama", method).eval()
+    with torch.no_grad():
+        eager = model(**batch).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model)(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

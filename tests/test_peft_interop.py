@@ -1,0 +1,149 @@
+"""unipelt <-> Hugging Face PEFT LoRA files: identical outputs both ways, on tiny models of five families."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import unipelt
+from unipelt.attach import state_of
+from tiny_models import tiny_batch, tiny_model
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-6  # observed: 0.0 (same operations in the same order); a learned scale goes through alpha / r
+
+HYBRID = {
+    "name": "hybrid_lora",
+    "modules": [
+        {"form": "bottleneck", "name": "qv", "at": ["attn.q", "attn.v"], "insertion": "parallel", "compose": "scale",
+         "scale": 2.0, "dim": 4, "activation": "none", "init": "lora"},
+        {"form": "bottleneck", "name": "down", "at": "ffn.down", "insertion": "parallel", "compose": "scale",
+         "scale": "learned", "dim": 2, "activation": "none", "init": "lora", "layers": [1]},
+    ],
+}
+
+
+def inputs(family: str) -> dict:
+    return {k: v for k, v in tiny_batch(family).items() if k != "labels"}
+
+
+def logits(model, family: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(family)).logits
+
+
+def randomize(model, names_with: str, seed: int = 7) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if names_with in name or (param.requires_grad and "unipelt_" not in name and names_with == "unipelt_"):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2 + (1.0 if param.dim() == 0 else 0.0))
+
+
+def peft_from(directory, family: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(tiny_model(family, seed=1), str(directory)).eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "gpt2", "bart", "t5"])
+def test_export_loads_in_peft_with_identical_outputs(tmp_path, family):
+    model = tiny_model(family, seed=1)
+    unipelt.attach(model, HYBRID)
+    randomize(model, "unipelt_")  # adapters, the learned scale and the trained task head (if any)
+    expected = logits(model, family)
+    assert not torch.allclose(expected, logits(tiny_model(family, seed=1), family))  # the adapter matters
+    unipelt.export_peft(model, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == (8 if family == "gpt2" else 4)  # gpt2: q+v chunks
+    if family != "gpt2":
+        assert config["lora_alpha"] == 8  # scale 2 = alpha / r
+    if family in ("bert", "roberta"):
+        assert config["modules_to_save"] == (["classifier"] if family == "bert"
+                                             else ["classifier.dense", "classifier.out_proj"])
+    torch.testing.assert_close(logits(peft_from(tmp_path, family), family), expected, atol=ATOL, rtol=0)
+
+
+def test_export_config_reads_like_a_peft_config(tmp_path):
+    model = tiny_model("bert", seed=1)
+    unipelt.attach(model, HYBRID)
+    unipelt.export_peft(model, tmp_path)
+    config = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert sorted(config.target_modules) == ["layer.1.output.dense", "query", "value"]
+    # the FFN module differs from the default (r=4, alpha=8): rank 2, alpha = learned scale (1 at init) x 2
+    assert config.rank_pattern == {"bert.encoder.layer.1.output.dense": 2}
+    assert config.alpha_pattern == {"bert.encoder.layer.1.output.dense": 2.0}
+
+
+def test_gpt2_fused_projection_becomes_one_block_lora(tmp_path):
+    model = tiny_model("gpt2", seed=1)
+    unipelt.attach(model, "lora")  # attn.q and attn.v are chunks 0 and 2 of c_attn
+    randomize(model, "unipelt_")
+    unipelt.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"] and config["r"] == 16 and config["lora_alpha"] == 16
+    from safetensors.torch import load_file
+
+    b = load_file(str(tmp_path / "adapter_model.safetensors"))["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert b.shape == (96, 16) and torch.count_nonzero(b[32:64]) == 0  # no update on the keys
+    torch.testing.assert_close(logits(peft_from(tmp_path, "gpt2"), "gpt2"), logits(model, "gpt2"), atol=ATOL, rtol=0)
+
+
+def peft_model(family: str, **lora):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(tiny_model(family, seed=1), peft.LoraConfig(**lora))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if param.requires_grad:  # LoRA A and B (B starts at zero) and the modules_to_save copies
+                param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+    return wrapped.eval()
+
+
+IMPORT_CASES = {
+    "bert": dict(r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"], lora_dropout=0.1,
+                 modules_to_save=["classifier"], rank_pattern={"layer.1.attention.self.value": 2},
+                 alpha_pattern={"intermediate.dense": 3}),
+    "llama": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "gate_proj", "o_proj"],
+                  rank_pattern={"o_proj": 8}),
+    "gpt2": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    "t5": dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
+}
+
+
+@pytest.mark.parametrize("family", list(IMPORT_CASES))
+def test_import_of_a_peft_checkpoint_gives_identical_outputs(tmp_path, family):
+    wrapped = peft_model(family, **IMPORT_CASES[family])
+    expected = logits(wrapped, family)
+    wrapped.save_pretrained(str(tmp_path))
+    model = tiny_model(family, seed=1)
+    assert not torch.allclose(logits(model, family), expected)
+    unipelt.import_peft(model, tmp_path)
+    torch.testing.assert_close(logits(model, family), expected, atol=ATOL, rtol=0)
+    # The imported method is an ordinary unipelt method: disabled() gives the base back (head excepted).
+    assert state_of(model).method.name == "peft_lora"
+    if family == "llama":
+        scales = sorted({m.scale for m in state_of(model).method.modules})
+        assert scales == pytest.approx([16 / 8 ** 0.5, 16 / 4 ** 0.5])  # rslora: alpha / sqrt(r)
+
+
+def test_round_trip_through_peft_files(tmp_path):
+    model = tiny_model("bert", seed=1)
+    unipelt.attach(model, HYBRID)
+    randomize(model, "unipelt_")
+    expected = logits(model, "bert")
+    unipelt.export_peft(model, tmp_path)
+    again = tiny_model("bert", seed=1)
+    unipelt.import_peft(again, tmp_path)
+    torch.testing.assert_close(logits(again, "bert"), expected, atol=ATOL, rtol=0)
+    dims = sorted((m.at, m.dim) for m in state_of(again).method.modules)
+    assert dims == [(("attn.q", "attn.v"), 4), (("ffn.down",), 2)]
+    # and the imported model can be merged like any LoRA
+    unipelt.merge(again)
+    torch.testing.assert_close(logits(again, "bert"), expected, atol=1e-5, rtol=0)

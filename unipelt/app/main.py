@@ -1,0 +1,171 @@
+"""unipelt-train: the Hydra app. `unipelt-train [overrides]`, `unipelt-train -m method=lora,mam seed=1,2,3`.
+
+One job: validate the method, task and trainer configs (cheap, before any download), seed, load the tokenizer,
+task and model, attach the method (an equal-parameter `method.budget` is solved by unipelt.attach), train with
+unipelt.train.fit, and append the job's record, completed or failed with its reason, to the local results file.
+W&B gets the resolved config, the parameter counts and the metrics. Data parallel: `torchrun --nproc_per_node=N
+-m unipelt.app.main ...` (or `accelerate launch`); rank 0 logs, evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .. import attach, count_parameters, load_method
+from ..attach import state_of
+from ..errors import UnipeltError
+from ..tasks import load_task_config, prepare_task
+from ..train import TrainConfig, distributed, fit, set_seed
+from ..train.config import check as check_trainer
+from .results import append_record
+from .schema import register
+from .tracking import Tracker, make_tracker
+
+log = logging.getLogger("unipelt.train")
+register()
+
+
+@dataclasses.dataclass
+class Job:
+    output_dir: Path
+    results_path: Path
+    choices: dict[str, Any]
+    overrides: list[str]
+    number: int | None
+
+
+def _job(cfg: DictConfig) -> Job:
+    hc = HydraConfig.get()
+    output_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    base = Path(hc.sweep.dir) if multirun else output_dir
+    results_path = Path(cfg.results_file)
+    results_path = results_path if results_path.is_absolute() else base / results_path
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") or k == "hydra/launcher"}
+    return Job(output_dir=output_dir, results_path=results_path, choices=choices,
+               overrides=list(hc.overrides.task), number=hc.job.num if multirun else None)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+
+
+def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: int):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = cfg.model.name_or_path
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if cfg.model.dtype not in dtypes:
+        raise UnipeltError(f"model.dtype: unknown value '{cfg.model.dtype}' (allowed: {', '.join(dtypes)})")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
+    task = prepare_task(task_cfg, tokenizer, model_type=model_type, max_length=train_cfg.max_length,
+                        max_train_samples=train_cfg.max_train_samples, max_eval_samples=train_cfg.max_eval_samples,
+                        seed=seed)
+    if task.train is None:
+        raise UnipeltError(f"task '{task.name}' has no training split (splits.train is null)")
+    set_seed(seed, train_cfg.deterministic)  # the head's initialisation does not depend on the data size
+    kwargs = dict(task.model_kwargs(), dtype=dtypes[cfg.model.dtype])
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    model = task.auto_model_class().from_pretrained(path, **kwargs)
+    return model, task
+
+
+def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
+    # Everything cheap is checked first: a bad method, task or trainer key fails before any model is loaded.
+    spec = load_method(cfg.method)
+    task_cfg = load_task_config(cfg.task)
+    train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    check_trainer(train_cfg)
+    info = distributed.setup(train_cfg.device)
+    # every process writes checkpoints into rank 0's folder (torchrun starts each with its own clock)
+    output_dir = Path(distributed.broadcast(str(job.output_dir), info))
+    seed = int(cfg.seed)
+    set_seed(seed, train_cfg.deterministic)
+    model, task = _load_model(cfg, task_cfg, train_cfg, seed)
+    attach(model, spec)
+    attached = state_of(model).method
+    counts = count_parameters(model)
+    record.update(method=attached.name, method_spec=attached.to_dict(), params=counts,
+                  main_metric=f"{train_cfg.eval_split or next(iter(task.eval_splits))}/{task.main_metric}",
+                  greater_is_better=task.greater_is_better, world_size=info.world_size)
+    log.info(f"{attached.name} on {cfg.model.name_or_path}: {counts['added']:,} added parameters "
+             f"({counts['percent']:.3f}% of the base), {counts['trainable']:,} trainable")
+    if info.is_main:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        tracker = make_tracker(cfg.logger, config={**resolved, "method_solved": attached.to_dict(),
+                                                   "choices": job.choices},
+                               group=cfg.name, name=_run_name(record), directory=str(output_dir),
+                               tags=[f"method:{attached.name}", f"task:{task.name}", f"seed:{seed}"],
+                               main_metric=record["main_metric"], greater_is_better=task.greater_is_better)
+        trackers.append(tracker)
+        tracker.summary({"params/added": counts["added"], "params/trainable": counts["trainable"],
+                         "params/percent": counts["percent"]})
+        record["wandb_dir"] = tracker.run_dir
+    else:
+        tracker = Tracker()
+    result = fit(model, task, train_cfg, output_dir, seed=seed, log=tracker.log, info=info)
+    record.update(status="completed", metrics=result.metrics, score=result.score, best_step=result.best_step,
+                  steps=result.steps, train_loss=result.train_loss, stopped_early=result.stopped_early,
+                  resumed_from=result.resumed_from)
+    tracker.summary({**{f"final/{k}": v for k, v in result.metrics.items()}, "best/step": result.best_step,
+                     f"best/{result.main_metric}": result.score})
+    if info.is_main:
+        width = max(len(k) for k in result.metrics)
+        lines = "\n".join(f"  {k:<{width}}  {v:.4f}" for k, v in sorted(result.metrics.items()))
+        print(f"final metrics ({attached.name} on {task.name}, best step {result.best_step}/{result.steps}):\n"
+              f"{lines}", flush=True)
+    return result.score
+
+
+def _run_name(record: dict[str, Any]) -> str:
+    return f"{record['method']}-{record['task']}-seed{record['seed']}"
+
+
+def run(cfg: DictConfig) -> float:
+    """The task function (module-level and undecorated, so launchers can pickle it)."""
+    job = _job(cfg)
+    choices = job.choices
+    record: dict[str, Any] = {
+        "status": "failed", "name": cfg.name, "seed": int(cfg.seed), "task": choices.get("task"),
+        "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
+        "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
+        "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    trackers: list[Tracker] = []
+    start = time.perf_counter()
+    try:
+        return train_job(cfg, job, record, trackers)
+    except BaseException as exc:
+        record.update(status="failed", reason=_one_line(exc))
+        log.error(f"job failed: {record['reason']}")
+        raise
+    finally:
+        record["time_s"] = round(time.perf_counter() - start, 3)
+        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if int(os.environ.get("RANK", "0")) == 0:
+            append_record(job.results_path, record)
+        for tracker in trackers:
+            tracker.finish(failed=record["status"] != "completed")
+
+
+main = hydra.main(version_base="1.3", config_path="pkg://unipelt.conf", config_name="train")(run)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""unipelt-report: a table (mean ± std over seeds per task × method, parameter %) and a params-vs-score plot from
+finished runs: local results files (results.jsonl, found recursively under the folders given) and, with
+`--wandb ENTITY/PROJECT`, runs fetched through wandb.Api. Failed jobs are listed with their reasons.
+
+    unipelt-report multirun/default          # writes report.md, report.csv, params_vs_score.png there
+    unipelt-report outputs multirun --out reports/ --wandb me/unipelt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import UnipeltError
+from .results import read_records
+
+TABLE, CSV, PLOT = "report.md", "report.csv", "params_vs_score.png"
+
+
+@dataclass
+class Row:
+    task: str
+    method: str
+    metric: str  # "<split>/<metric>" averaged
+    n: int  # completed runs (seeds)
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one run)
+    percent: float  # added parameters in % of the base model (mean over runs)
+    added: int
+    seeds: list[int]
+    failed: int
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
+    """Completed runs grouped by (task, method); returns the rows and the failed records."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    failed_by: dict[tuple[str, str], int] = defaultdict(int)
+    failed = []
+    for record in records:
+        key = (str(record.get("task")), str(record.get("method")))
+        if record.get("status") == "completed" and record.get("score") is not None:
+            groups[key].append(record)
+        else:
+            failed.append(record)
+            failed_by[key] += 1
+    rows = []
+    for (task, method), runs in sorted(groups.items()):
+        scores = [float(r["score"]) for r in runs]
+        percents = [float(r.get("params", {}).get("percent", math.nan)) for r in runs]
+        added = [int(r.get("params", {}).get("added", 0)) for r in runs]
+        rows.append(Row(task=task, method=method, metric=str(runs[0].get("main_metric")), n=len(runs),
+                        mean=statistics.fmean(scores), std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                        percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
+                        seeds=sorted(int(r.get("seed", 0)) for r in runs), failed=failed_by.get((task, method), 0)))
+    return rows, failed
+
+
+def format_table(rows: list[Row], failed: list[dict[str, Any]]) -> str:
+    lines = ["| task | method | metric | score (mean ± std) | seeds | params % | added params | failed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.task} | {r.method} | {r.metric} | {r.mean:.4f} ± {r.std:.4f} | {r.n} | "
+                     f"{r.percent:.3f} | {r.added:,} | {r.failed} |")
+    if failed:
+        lines += ["", f"Failed jobs ({len(failed)}):", ""]
+        for record in failed:
+            lines.append(f"- {record.get('task')} / {record.get('method')} / seed {record.get('seed')}: "
+                         f"{record.get('reason', 'no reason recorded')}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "method", "metric", "mean", "std", "n", "seeds", "params_percent", "added", "failed"])
+        for r in rows:
+            writer.writerow([r.task, r.method, r.metric, r.mean, r.std, r.n, " ".join(map(str, r.seeds)),
+                             r.percent, r.added, r.failed])
+
+
+def plot(rows: list[Row], path: Path) -> Path:
+    """Score against parameter % (log axis), one panel per task, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r.task for r in rows}) or ["(no completed runs)"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r.task == task):
+            ax.errorbar([r.percent], [r.mean], yerr=[r.std], fmt="o", capsize=3, label=r.method)
+            ax.annotate(r.method, (r.percent, r.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if any(r.task == task and r.percent > 0 for r in rows):
+            ax.set_xscale("log")
+        metric = next((r.metric for r in rows if r.task == task), "score")
+        ax.set(title=task, xlabel="added parameters (% of base model)", ylabel=metric)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def wandb_records(project: str, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Finished W&B runs of ENTITY/PROJECT as results records (needs network and an API key)."""
+    import wandb
+
+    records = []
+    for run in wandb.Api().runs(project, filters=filters or {}):
+        config, summary = run.config, run.summary
+        main = next((k for k in summary.keys() if k.startswith("best/") and k != "best/step"), None)
+        records.append({
+            "task": (config.get("task") or {}).get("name"), "method": (config.get("method_solved") or {}).get("name"),
+            "seed": config.get("seed"), "status": "completed" if run.state == "finished" else "failed",
+            "reason": f"W&B state {run.state}", "score": summary.get(main) if main else None,
+            "main_metric": main[len("best/"):] if main else None,
+            "params": {"percent": summary.get("params/percent"), "added": summary.get("params/added")},
+            "source": f"wandb:{project}/{run.id}",
+        })
+    return records
+
+
+def report(sources: list[str], out: Path, wandb_project: str | None = None) -> tuple[list[Row], str]:
+    records = read_records(sources) if sources else []
+    if wandb_project:
+        records += wandb_records(wandb_project)
+    if not records:
+        raise UnipeltError(f"unipelt-report: no results found in {', '.join(sources) or '(no paths)'}")
+    rows, failed = summarize(records)
+    table = format_table(rows, failed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / TABLE).write_text(table + "\n", encoding="utf-8")
+    write_csv(rows, out / CSV)
+    plot(rows, out / PLOT)
+    return rows, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="unipelt-report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", default=None,
+                        help="results.jsonl files or folders searched for them (default: outputs/ and multirun/)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the table and plot "
+                        "(default: the first folder given, else the current folder)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="also read runs from W&B")
+    args = parser.parse_args(argv)
+    paths = args.paths or [p for p in ("outputs", "multirun") if Path(p).is_dir()]
+    out = args.out or next((Path(p) for p in paths if Path(p).is_dir()), Path("."))
+    try:
+        _, table = report(paths, out, args.wandb)
+    except UnipeltError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nwrote {out / TABLE}, {out / CSV}, {out / PLOT}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Equal-budget comparisons: solve a method's module sizes for a parameter budget.
+
+`method.budget: "0.5%"` (of the base model's parameters, task head excluded) or `budget: 550000` (added
+parameters) asks for sizes such that methods are compared at the same number of added parameters, as He et
+al.'s figures do. The budget is on `added` in the paper's accounting (`unipelt.count_parameters`: a prefix counts
+2·l·d per attention module, its reparameterisation MLP is not counted; base weights a method trains are not part
+of it).
+
+What is solved: every module's size key (bottleneck `dim`, prefix / prompt `length`, svd rank) is the module's
+size in the spec times one common factor c, rounded down and at least 1, so the ratios written in the spec are
+kept (up to rounding). Among the sizes this path reaches, the solver picks the one whose added count is closest
+to the budget without exceeding it. Each size is capped where it stops making sense: a bottleneck / rank at the
+width of its narrowest site (a wider one is no longer low-rank), a prefix or prompt at MAX_LENGTH vectors.
+A budget below the count at size 1 everywhere, or above the count at the caps, is refused with both limits.
+
+Counting happens on the meta device (no weights, no memory): the added count is affine in each size, so it is
+probed once per module and checked with a real count for the chosen sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch import nn
+
+from .accounting import build_meta_model, count_parameters
+from .errors import MethodConfigError
+from .sites import resolve
+from .spec import MethodSpec, ModuleSpec, load_method
+
+# The size key of a module is the first of these that its dataclass has and its form uses.
+SIZE_KEYS = ("dim", "length", "rank", "init_rank", "init_r", "r")
+MAX_LENGTH = 1024  # prefix / prompt vectors: far beyond any setting in the literature
+
+
+@dataclass(frozen=True)
+class BudgetSolution:
+    spec: MethodSpec  # sizes solved, budget None
+    budget: int  # the budget in added parameters
+    added: int  # added parameters of `spec` (<= budget)
+    sizes: dict[str, int]  # "<module>.<key>" -> solved size
+    next_sizes: dict[str, int] | None  # the next step on the path (exceeds the budget), None at the cap
+    next_added: int | None
+    smallest: int  # added parameters at size 1 everywhere
+    largest: int  # added parameters at the caps
+
+
+def size_key(module: ModuleSpec) -> str:
+    """The key that sets a module's size (dim for bottlenecks, length for prefixes and prompts, svd rank)."""
+    from .spec import FORM_KEYS
+
+    fields = {f.name for f in dataclasses.fields(module)}
+    usable = FORM_KEYS.get(module.form, fields)
+    for key in SIZE_KEYS:
+        if key in fields and key in usable:
+            return key
+    raise MethodConfigError(f"budget: module '{module.name}' (form '{module.form}') has no size key to solve")
+
+
+def budget_parameters(budget: str | int, base: int) -> int:
+    if isinstance(budget, str):
+        return math.floor(base * float(budget.rstrip("%")) / 100.0)
+    return int(budget)
+
+
+def _with_sizes(spec: MethodSpec, keys: list[str], sizes: list[int]) -> MethodSpec:
+    for index, (key, size) in enumerate(zip(keys, sizes)):
+        spec = spec.replace_module(index, **{key: size})
+    return spec
+
+
+def _caps(meta: nn.Module, spec: MethodSpec, keys: list[str]) -> list[int]:
+    caps = []
+    placements = resolve(meta, spec)
+    for module, key in zip(spec.modules, keys):
+        if key == "length":
+            caps.append(MAX_LENGTH)
+            continue
+        widths = [p.head_dim if p.kind == "heads" else min(p.d_in, p.d_out)
+                  for p in placements if p.spec.name == module.name]
+        caps.append(max(1, min(widths)) if widths else 1)
+    return caps
+
+
+def _describe(keys: list[str], spec: MethodSpec, sizes: list[int]) -> str:
+    return ", ".join(f"{m.name}.{k}={s}" for m, k, s in zip(spec.modules, keys, sizes))
+
+
+def solve(method: Any, model_or_config: Any) -> BudgetSolution:
+    """Solve the sizes of `method` (which carries a budget) for a model or its config; see the module docstring."""
+    spec = load_method(method)
+    if spec.budget is None:
+        raise MethodConfigError(f"method '{spec.name}': no budget to solve (set budget: '0.5%' or a parameter count)")
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    keys = [size_key(m) for m in spec.modules]
+    base_sizes = [getattr(m, k) for m, k in zip(spec.modules, keys)]
+    with torch.device("meta"):
+        meta = build_meta_model(config)
+        unbudgeted = dataclasses.replace(spec, budget=None)
+
+        def count(sizes: list[int]) -> int:
+            return count_parameters(meta, _with_sizes(unbudgeted, keys, sizes))["added"]
+
+        ones = [1] * len(keys)
+        at_ones = count_parameters(meta, _with_sizes(unbudgeted, keys, ones))
+        base = at_ones["base"]
+        smallest = at_ones["added"]
+        # added = constant + sum_i slope_i * size_i (every form's count is affine in its size)
+        slopes = [count([2 if j == i else 1 for j in range(len(keys))]) - smallest for i in range(len(keys))]
+        caps = _caps(meta, unbudgeted, keys)
+
+    def affine(sizes: list[int]) -> int:
+        return smallest + sum(k * (s - 1) for k, s in zip(slopes, sizes))
+
+    def sizes_at(factor: Fraction) -> list[int]:
+        return [max(1, math.floor(factor * b)) for b in base_sizes]
+
+    top = min(Fraction(cap, b) for cap, b in zip(caps, base_sizes))
+    steps = sorted({Fraction(s, b) for b in base_sizes for s in range(1, math.floor(top * b) + 1)} | {top})
+    path: list[list[int]] = []
+    for factor in steps:
+        sizes = sizes_at(factor)
+        if not path or sizes != path[-1]:
+            path.append(sizes)
+    if not path or path[0] != ones:
+        path.insert(0, ones)
+    largest = affine(path[-1])
+    target = budget_parameters(spec.budget, base)
+    where = f"method '{spec.name}': budget {spec.budget!r} ({target:,} added parameters)"
+    reach = (f"reachable: {smallest:,} ({_describe(keys, spec, ones)}) to {largest:,} "
+             f"({_describe(keys, spec, path[-1])})")
+    if target < smallest or target > largest:
+        raise MethodConfigError(f"{where} cannot be met; {reach}")
+    chosen = max(i for i, sizes in enumerate(path) if affine(sizes) <= target)
+    with torch.device("meta"):
+        added = count(path[chosen])
+        while added > target and chosen > 0:  # only if some form's count were not affine in its size
+            chosen -= 1
+            added = count(path[chosen])
+        next_added = count(path[chosen + 1]) if chosen + 1 < len(path) else None
+    if added > target:
+        raise MethodConfigError(f"{where} cannot be met; {reach}")
+    names = [f"{m.name}.{k}" for m, k in zip(spec.modules, keys)]
+    return BudgetSolution(
+        spec=_with_sizes(unbudgeted, keys, path[chosen]),
+        budget=target,
+        added=added,
+        sizes=dict(zip(names, path[chosen])),
+        next_sizes=dict(zip(names, path[chosen + 1])) if chosen + 1 < len(path) else None,
+        next_added=next_added,
+        smallest=smallest,
+        largest=largest,
+    )
+
+
+def solve_budget(method: Any, model_or_config: Any) -> MethodSpec:
+    """The method with its sizes solved for its budget and `budget` cleared (unchanged if it has no budget).
+
+    model_or_config: a model (its config is used), a transformers config, a local directory or a hub id."""
+    spec = load_method(method)
+    if spec.budget is None:
+        return spec
+    return solve(spec, model_or_config).spec
+
+
+__all__ = ["BudgetSolution", "solve", "solve_budget", "size_key", "budget_parameters", "MAX_LENGTH"]

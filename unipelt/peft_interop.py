@@ -1,0 +1,351 @@
+"""export_peft / import_peft: LoRA-type adapters <-> Hugging Face PEFT's `adapter_config.json` +
+`adapter_model.safetensors`, with identical outputs both ways. PEFT itself is not needed at run time.
+
+PEFT's LoRA computes h + s·B·A·dropout(x) on a projection, s = lora_alpha / r (or / sqrt(r) with rslora). The
+unipelt modules that say exactly this are parallel bottlenecks with no activation, no LayerNorm and no bias at a
+projection site, composed by add (s = 1) or scale (a fixed or learned s); A is `down.weight`, B is `up.weight`.
+
+Export writes lora_alpha = s·r, so PEFT's scaling is s. Per-module ranks and scales go to rank_pattern /
+alpha_pattern (keys are full module names), the trained task head to modules_to_save. A fused projection
+that unipelt modifies chunk by chunk (GPT-2's c_attn: attn.q / attn.k / attn.v) becomes one PEFT LoRA on the
+fused module whose rank is the sum of the chunks' ranks: A stacks the chunks' A matrices, B is block-diagonal
+(each chunk's B, times its scale, in its own output rows; zeros elsewhere) and lora_alpha = rank, so s = 1.
+That is the same map, so outputs are identical; in PEFT the zero blocks of B would train, too.
+
+Import maps PEFT's target_modules (PEFT's own matching rule: a full-match regex, or a name equal to or ending in
+`.<target>`) to unipelt sites, attaches one module per (stack, rank, scale, layer set) and copies the weights;
+a LoRA on a fused module becomes one module per chunk (A shared by copy, B split by rows). Options that change
+the computation and have no exact unipelt equivalent (DoRA, LoRA bias, layer filters, ...) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attach import attach, detach, is_attached, state_of
+from .compose import Slot
+from .errors import AdapterFileError, AttachError
+from .io import _atomic_write
+from .sites.resolve import base_prefix, family_of
+from .sites.table import Projection
+from .spec import PROJECTION_SITES, load_method
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
+# PEFT LoRA options that change the computation; import refuses a file that sets any of them to a non-default.
+UNSUPPORTED = {
+    "use_dora": False, "lora_bias": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
+    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "modules_to_tie": None,
+}
+
+
+# ---- export ---------------------------------------------------------------------------------------------------
+
+def _not_lora_reason(slot: nn.Module) -> str | None:
+    if not isinstance(slot, Slot):
+        return f"form '{slot.spec.form}'"
+    spec = slot.spec
+    for key, value, wanted in (("insertion", spec.insertion, "parallel"), ("activation", spec.activation, "none"),
+                               ("layernorm", spec.layernorm, "none")):
+        if value != wanted:
+            return f"{key} '{value}' (PEFT LoRA needs {key} '{wanted}')"
+    if spec.compose not in ("add", "scale"):
+        return f"compose '{spec.compose}' (PEFT LoRA needs add or scale)"
+    if slot.site not in PROJECTION_SITES:
+        return f"site '{slot.site}' (PEFT LoRA acts on projections: {', '.join(PROJECTION_SITES)})"
+    if spec.has_bias:
+        return "bias: true (PEFT LoRA has no bias in A and B)"
+    return None
+
+
+def _scale_of(slot: Slot) -> float:
+    factor = slot.composer.factor(None)
+    return float(factor.detach()) if isinstance(factor, torch.Tensor) else float(factor)
+
+
+def _target_suffixes(targets: set[str], all_names: list[str]) -> list[str]:
+    """The shortest name suffixes that PEFT's list matching maps to exactly `targets` (e.g. ['query', 'value'])."""
+    chosen = set()
+    for name in sorted(targets):
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            if k < len(parts) and parts[-k].isdigit():
+                continue  # 'layer.1.output.dense' reads better than '1.output.dense'
+            suffix = ".".join(parts[-k:])
+            if all(n in targets for n in all_names if n == suffix or n.endswith("." + suffix)):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the attached LoRA-type method as a PEFT LoRA adapter; refuses (one line) what PEFT LoRA cannot say."""
+    state = state_of(model)
+    if state.merged:
+        raise AdapterFileError("export_peft: modules are merged into the weights; call unipelt.unmerge first")
+    if state.method.train_base != "none":
+        raise AdapterFileError(f"export_peft: train_base '{state.method.train_base}' has no PEFT LoRA equivalent")
+    groups: dict[str, list[tuple[Any, Slot]]] = {}
+    for placement in state.placements:
+        slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
+        reason = _not_lora_reason(slot)
+        if reason is not None:
+            raise AdapterFileError(
+                f"export_peft: module '{placement.spec.name}' at '{placement.site}' cannot be expressed as PEFT LoRA: "
+                f"{reason}"
+            )
+        groups.setdefault(placement.h_name, []).append((placement, slot))
+    dropouts = sorted({p.spec.dropout for group in groups.values() for p, _ in group})
+    if len(dropouts) > 1:
+        raise AdapterFileError(f"export_peft: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout")
+
+    modules = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, group in groups.items():
+        host = modules[name]
+        if len(group) == 1 and group[0][0].chunk is None:
+            slot = group[0][1]
+            a, b = slot.form.down.weight, slot.form.up.weight
+            ranks[name], alphas[name] = a.shape[0], _scale_of(slot) * a.shape[0]
+        else:  # chunks of a fused projection: stacked A, block-diagonal B with each chunk's scale folded in
+            out_features = host.weight.shape[1] if type(host).__name__ == "Conv1D" else host.weight.shape[0]
+            a = torch.cat([slot.form.down.weight for _, slot in group])
+            b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
+            column = 0
+            for placement, slot in group:
+                index, count = placement.chunk
+                width, rank = out_features // count, slot.form.down.weight.shape[0]
+                b[index * width:(index + 1) * width, column:column + rank] = slot.form.up.weight * _scale_of(slot)
+                column += rank
+            ranks[name], alphas[name] = a.shape[0], float(a.shape[0])
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
+
+    params = dict(model.named_parameters())
+    head_modules = sorted({n.rpartition(".")[0] for n in state.trained_head})
+    for name in state.trained_head:
+        tensors[f"{KEY_PREFIX}{name}"] = params[name]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(model.config, "_name_or_path", "") or None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropouts[0] if dropouts else 0.0,
+        "target_modules": _target_suffixes(set(groups), list(modules)),
+        "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
+        "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
+        "modules_to_save": head_modules or None,
+        "fan_in_fan_out": any(type(modules[n]).__name__ == "Conv1D" for n in groups),
+        "bias": "none",
+        "use_dora": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    return out
+
+
+# ---- import ---------------------------------------------------------------------------------------------------
+
+def projection_index(model: nn.Module) -> dict[str, list[tuple[str, int, str, tuple[int, int] | None]]]:
+    """Every projection module of the model -> its unipelt sites as (stack, layer, site, chunk)."""
+    family = family_of(model.config)
+    modules = dict(model.named_modules())
+    root = base_prefix(model)
+    index: dict[str, list] = {}
+    for stack_name, stack in family.stacks.items():
+        layers = modules.get(".".join(p for p in (root, stack.path) if p))
+        for layer in range(len(layers) if layers is not None else 0):
+            prefix = ".".join(p for p in (root, stack.path, str(layer)) if p)
+            for site, entry in stack.sites.items():
+                if not isinstance(entry, Projection):
+                    continue
+                name = next((f"{prefix}.{path}" for path in entry.path.split("|") if f"{prefix}.{path}" in modules),
+                            None)
+                if name is not None:
+                    index.setdefault(name, []).append((stack_name, layer, site, entry.chunk))
+    return index
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    for key, value in patterns.items():  # PEFT's rule: the first key that matches the end of the name
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _targeted(config: dict[str, Any], names: list[str]) -> list[str]:
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        raise AdapterFileError("import_peft: target_modules 'all-linear' is not supported; list the module names")
+    if isinstance(targets, str):
+        return [n for n in names if re.fullmatch(targets, n)]
+    if not isinstance(targets, list) or not targets:
+        raise AdapterFileError(f"import_peft: target_modules must be a list of names or a regex, got {targets!r}")
+    return [n for n in names if n in targets or any(n.endswith(f".{t}") for t in targets)]
+
+
+def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    src = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise AdapterFileError(f"import_peft: {src / name} not found")
+    try:
+        config = json.loads((src / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"import_peft: peft_type {config.get('peft_type')!r} is not supported (allowed: LORA)")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, False, [], {}):
+            raise AdapterFileError(
+                f"import_peft: {key}={config[key]!r} has no exact unipelt equivalent (supported: {key}={default!r})"
+            )
+    try:
+        tensors = load_file(str(src / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterFileError(f"import_peft: {src / WEIGHTS_FILE} is corrupt or unreadable ({first})") from None
+    return config, tensors
+
+
+def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Check every tensor against the model; return {module name: (rank, scale, A, B)} and the head tensors."""
+    modules = dict(model.named_modules())
+    index = projection_index(model)
+    targets = _targeted(config, list(modules))
+    if not targets:
+        raise AdapterFileError(f"import_peft: target_modules {config.get('target_modules')!r} match no module here")
+    rslora = bool(config.get("use_rslora", False))
+    layout = {}
+    for name in targets:
+        if name not in index:
+            raise AdapterFileError(
+                f"import_peft: target module '{name}' ({type(modules[name]).__name__}) is not a projection site "
+                "unipelt can modify"
+            )
+        rank = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank  # PEFT's expressions, for identical floats
+        d_in, d_out = _dims(modules[name])
+        pair = []
+        for part, shape in (("lora_A", (rank, d_in)), ("lora_B", (d_out, rank))):
+            key = f"{KEY_PREFIX}{name}.{part}.weight"
+            if key not in tensors:
+                raise AdapterFileError(f"import_peft: tensor '{key}' missing in {WEIGHTS_FILE}")
+            if tuple(tensors[key].shape) != shape:
+                raise AdapterFileError(
+                    f"import_peft: tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {shape}"
+                )
+            pair.append(tensors[key])
+        layout[name] = (rank, scale, pair[0], pair[1])
+    params = dict(model.named_parameters())
+    heads = [m for m in (config.get("modules_to_save") or [])]
+    head_tensors = {}
+    used = {f"{KEY_PREFIX}{n}.{p}.weight" for n in layout for p in ("lora_A", "lora_B")}
+    for key, tensor in tensors.items():
+        if key in used:
+            continue
+        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+        owner = name.rpartition(".")[0]
+        if name not in params or not any(owner == h or owner.endswith(f".{h}") for h in heads):
+            raise AdapterFileError(f"import_peft: unexpected tensor '{key}' (not a LoRA weight of a target module "
+                                   f"nor a parameter of modules_to_save {heads})")
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise AdapterFileError(f"import_peft: tensor '{key}' has shape {tuple(tensor.shape)}, "
+                                   f"{tuple(params[name].shape)} in the model")
+        head_tensors[name] = tensor
+    return layout, head_tensors, index
+
+
+def _dims(module: nn.Module) -> tuple[int, int]:
+    if type(module).__name__ == "Conv1D":
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
+
+
+def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict[str, Any]:
+    """One unipelt module per (stack, rank, scale, layer set), covering the sites that share them."""
+    family = family_of(model.config)
+    modules = dict(model.named_modules())
+    root = base_prefix(model)
+    groups: dict[tuple, dict[str, set[int]]] = {}
+    for name, (rank, scale, _, _) in layout.items():
+        for stack, layer, site, _ in index[name]:
+            groups.setdefault((stack, rank, scale), {}).setdefault(site, set()).add(layer)
+    entries = []
+    for (stack, rank, scale), sites in groups.items():
+        n_layers = len(modules[".".join(p for p in (root, family.stacks[stack].path) if p)])
+        by_layers: dict[tuple[int, ...], list[str]] = {}
+        for site, layers in sites.items():
+            by_layers.setdefault(tuple(sorted(layers)), []).append(site)
+        for layers, at in by_layers.items():
+            entries.append({
+                "form": "bottleneck", "name": f"lora{len(entries)}", "at": sorted(at), "insertion": "parallel",
+                "compose": "scale", "scale": scale, "dim": rank, "activation": "none", "init": "lora",
+                "bias": False, "dropout": dropout, "stacks": [stack],
+                "layers": "all" if layers == tuple(range(n_layers)) else list(layers),
+            })
+    return {"name": "peft_lora", "modules": entries}
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Attach a PEFT LoRA adapter as unipelt modules with identical outputs; on any error the model is unchanged."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise AttachError(f"import_peft: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_attached(model):
+        raise AttachError(
+            f"import_peft: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
+        )
+    config, tensors = read_peft(directory)
+    layout, head_tensors, index = _lora_layout(model, config, tensors)
+    method = load_method(_method(model, layout, index, float(config.get("lora_dropout", 0.0) or 0.0)))
+    attach(model, method)
+    try:
+        state = state_of(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for placement in state.placements:
+                slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
+                _, _, a, b = layout[placement.h_name]
+                if placement.chunk is not None:
+                    position, count = placement.chunk
+                    width = b.shape[0] // count
+                    b = b[position * width:(position + 1) * width]
+                slot.form.down.weight.copy_(a)
+                slot.form.up.weight.copy_(b)
+            for name, tensor in head_tensors.items():
+                params[name].copy_(tensor)
+    except Exception:
+        detach(model)
+        raise
+    return model
+
+
+__all__ = ["export_peft", "import_peft", "projection_index"]

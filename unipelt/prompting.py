@@ -1,0 +1,479 @@
+"""Prompts at the input (prompt tuning, P-tuning): virtual tokens inserted into the embedded input sequence.
+
+No model is forked and no cache object is touched. A forward pre-hook on the base model turns `input_ids` into
+`inputs_embeds` with the virtual tokens (and fixed anchor tokens) placed as the template says, and widens
+`attention_mask`, `token_type_ids`, `position_ids` and `cache_position` to match. Virtual tokens sit inside each
+example's real tokens (padding stays outside), so left and right padding both work.
+
+- Encoder-decoders: the prompt goes to the encoder only; the widened mask also reaches the decoder's
+  cross-attention. generate() calls the encoder directly, so the encoder carries the same hook, and later calls
+  with `encoder_outputs` get their mask widened.
+- Decoders with a KV cache (generate()): the first call inserts the prompt; a call with a non-empty cache is taken
+  to continue one whose cache already holds it: its mask is widened and its position ids / cache positions are
+  shifted by the number of inserted tokens.
+- Outputs, by head (chosen at attach from the model class):
+  causal LM: labels are widened with -100 at inserted positions (so the first real token is predicted from the
+  prompt); the returned logits are aligned back to the input: logits[:, j] is the prediction of what follows input
+  token j, read after any virtual tokens between j and j+1 (the last one after a trailing prompt).
+  token classification / masked LM: labels widened with -100, logits returned at the input tokens' positions.
+  decoder sequence classification: the head's last-non-pad pooling reads the last position of the widened
+  sequence. encoder sequence classification: the head reads widened position 0 (the pooled [CLS] when the template
+  starts with `input_first`). Base models (no head): widened outputs. Hidden states / attentions stay widened.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import AttachError, one_line
+from .forms.prompt import VirtualTokens, initial_vectors
+from .prompt_grammar import default_template
+from .sites import family_of
+from .sites.resolve import Placement
+from .spec import MethodSpec, ModuleSpec
+
+
+class PromptSlot(nn.Module):
+    """Virtual tokens placed at the input of one model, with the template that says where they go."""
+
+    def __init__(self, spec: ModuleSpec, tokens: VirtualTokens, template: tuple, embed: nn.Module,
+                 policy: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.site = "embeddings"
+        self.tokens = tokens
+        self.template = template
+        self.anchor_ids = tuple(i for item in template if item[0] == "anchor" for i in item[1])
+        self.extra = tokens.length + len(self.anchor_ids)  # positions inserted per example
+        self.policy = policy
+        self.active = True
+        self._embed = [embed]  # a plain list: the base model's embedding must not become a child of the slot
+        self._handoff: torch.Tensor | None = None  # encoder-decoders: widened embeddings the base hands its encoder
+        self._layouts: dict[str, Layout] = {}  # layout of the call in flight, for the output hooks
+
+    @property
+    def enabled(self) -> bool:
+        return self.active
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed[0](ids)
+
+    def inserted(self, like: torch.Tensor) -> torch.Tensor:
+        """The [virtual; anchor] vectors [extra, d] in the template's order of appearance."""
+        parts = [self.tokens.vectors()]
+        if self.anchor_ids:
+            ids = torch.tensor(self.anchor_ids, device=like.device)
+            parts.append(self.embed(ids))
+        return torch.cat([p.to(like.dtype) for p in parts], dim=0)
+
+    def exported_parameters(self) -> dict[str, torch.Tensor]:
+        """What is saved and counted as added: the l vectors as served (a P-tuning encoder's output, folded)."""
+        return {"tokens.embedding": self.tokens.vectors()}
+
+    def served_count(self) -> int:
+        return self.tokens.served_count()
+
+    def reparam_count(self) -> int:
+        return self.tokens.reparam_count()
+
+    def fold(self) -> None:
+        self.tokens.fold()
+
+
+# ---- layout: where every position of the widened sequence comes from ------------------------------------------
+
+
+@dataclass
+class Layout:
+    index: torch.Tensor  # [B, W]: j < T is input position j; T + k is inserted vector k
+    real: torch.Tensor  # [B, T]: widened position of input position j
+    after: torch.Tensor  # [B, T]: widened position whose causal output predicts what follows input position j
+    blocks: list[tuple[int, int]]  # per example: (first real position s, number of real positions n)
+    width: int
+
+
+def plan(template: tuple, mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Layout:
+    """Lay out each example: [left padding] + template around its real tokens + [right padding]."""
+    n_virtual = sum(item[1] for item in template if item[0] == "prompt")
+    extra = n_virtual + sum(len(item[1]) for item in template if item[0] == "anchor")
+    if mask is None:
+        spans = [(0, length)] * batch
+    else:
+        keep = mask.ne(0)
+        first = keep.int().argmax(dim=1).tolist()
+        last = (length - 1 - keep.flip(1).int().argmax(dim=1)).tolist()
+        spans = [(f, l + 1) if has else (0, 0) for f, l, has in zip(first, last, keep.any(dim=1).tolist())]
+    index, real, after, blocks = [], [], [], []
+    for start, stop in spans:
+        source = list(range(start))
+        virtual, anchor = length, length + n_virtual
+        for item in template:
+            kind = item[0]
+            if kind == "input":
+                source.extend(range(start, stop))
+            elif kind == "input_first":
+                source.extend(range(start, min(start + 1, stop)))
+            elif kind == "input_rest":
+                source.extend(range(min(start + 1, stop), stop))
+            elif kind == "prompt":
+                source.extend(range(virtual, virtual + item[1]))
+                virtual += item[1]
+            else:
+                source.extend(range(anchor, anchor + len(item[1])))
+                anchor += len(item[1])
+        source.extend(range(stop, length))
+        where = [0] * length
+        for w, j in enumerate(source):
+            if j < length:
+                where[j] = w
+        nxt = list(where)
+        for j in range(start, stop - 1):
+            nxt[j] = where[j + 1] - 1
+        if stop > start:
+            nxt[stop - 1] = stop + extra - 1
+        index.append(source)
+        real.append(where)
+        after.append(nxt)
+        blocks.append((start, stop - start))
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=device)  # noqa: E731
+    return Layout(as_tensor(index), as_tensor(real), as_tensor(after), blocks, length + extra)
+
+
+def widen(x: torch.Tensor, layout: Layout, fill: torch.Tensor | float | int) -> torch.Tensor:
+    """x [B, T, ...] → [B, W, ...]: inputs at their widened positions, `fill` (a value, or [extra, ...]) inserted."""
+    batch = layout.index.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    n_extra = layout.width - x.shape[1]
+    if isinstance(fill, torch.Tensor):
+        extra = fill.to(dtype=x.dtype, device=x.device).unsqueeze(0).expand(batch, *fill.shape)
+    else:
+        extra = torch.full((batch, n_extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+    source = torch.cat([x, extra], dim=1)
+    index = layout.index.view(batch, layout.width, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(source, 1, index)
+
+
+def align(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, W, ...] → [B, T, ...]: the widened positions named by `positions` ([B, T])."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index.to(x.device))
+
+
+def widen_positions(positions: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Caller-given position ids: each example's widened real block counts on from its first real position."""
+    out = widen(positions, layout, 0).clone()
+    extra = layout.width - positions.shape[-1]
+    for row, (start, count) in enumerate(layout.blocks):
+        first = positions[min(row, positions.shape[0] - 1), start] if count else 0
+        out[row, start:start + count + extra] = first + torch.arange(count + extra, device=out.device)
+    return out
+
+
+# ---- hooks ---------------------------------------------------------------------------------------------------
+
+
+def _binder(module: nn.Module) -> Callable[[tuple, dict], dict]:
+    signature = inspect.signature(module.forward)
+
+    def bind(args: tuple, kwargs: dict) -> dict:
+        if not args:
+            return dict(kwargs)
+        out: dict[str, Any] = {}
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            else:
+                out[name] = value
+        return out
+    return bind
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _check_mask(mask: torch.Tensor | None) -> None:
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"prompt: attention_mask must be 2-D [batch, length] to insert virtual tokens, "
+                         f"got shape {tuple(mask.shape)}")
+
+
+def _widen_inputs(slot: PromptSlot, kw: dict) -> Layout | None:
+    """Insert the prompt into kw in place; None when there is nothing to do (no input, or both kinds given)."""
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if (ids is None) == (embeds is None):
+        return None  # the model raises its own error for both / neither
+    if embeds is None:
+        embeds = slot.embed(ids)
+    mask = kw.get("attention_mask")
+    _check_mask(mask)
+    layout = plan(slot.template, mask, embeds.shape[0], embeds.shape[1], embeds.device)
+    kw["inputs_embeds"] = widen(embeds, layout, slot.inserted(embeds))
+    kw["input_ids"] = None
+    if mask is not None:
+        kw["attention_mask"] = widen(mask, layout, 1)
+    if kw.get("token_type_ids") is not None:  # inserted positions get token type 0
+        kw["token_type_ids"] = widen(kw["token_type_ids"], layout, 0)
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = widen_positions(kw["position_ids"], layout)
+    if kw.get("cache_position") is not None:
+        kw["cache_position"] = torch.arange(layout.width, device=embeds.device)
+    return layout
+
+
+def _continue(slot: PromptSlot, kw: dict, past_len: int) -> None:
+    """A call whose cache already holds the prompt: widen the mask, shift positions by the inserted count."""
+    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    mask = kw.get("attention_mask")
+    if source is not None and mask is not None and mask.dim() == 2 and \
+            mask.shape[-1] + slot.extra == past_len + source.shape[1]:
+        kw["attention_mask"] = widen(mask, plan(slot.template, mask, mask.shape[0], mask.shape[1], mask.device), 1)
+    for key in ("position_ids", "cache_position"):
+        if kw.get(key) is not None:
+            kw[key] = kw[key] + slot.extra
+
+
+def _base_hook(slot: PromptSlot, bind: Callable, record: bool):
+    def hook(module, args, kwargs):
+        if not slot.active:
+            return None
+        kw = bind(args, kwargs)
+        past_len = _cache_length(kw.get("past_key_values"))
+        if past_len > 0:
+            _continue(slot, kw, past_len)
+            return (), kw
+        layout = _widen_inputs(slot, kw)
+        if layout is None:
+            return None
+        if record:
+            slot._layouts["base"] = layout
+        return (), kw
+    return hook
+
+
+def _shifted_decoder_inputs(module: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
+    """BART-style models derive decoder inputs from input_ids when given none: do it before input_ids is replaced."""
+    shift = getattr(sys.modules.get(type(module).__module__), "shift_tokens_right", None)
+    if shift is None:
+        return None
+    config = module.config
+    options = {"pad_token_id": config.pad_token_id, "decoder_start_token_id": config.decoder_start_token_id}
+    accepted = inspect.signature(shift).parameters
+    return shift(ids, **{k: v for k, v in options.items() if k in accepted})
+
+
+def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
+    def hook(module, args, kwargs):
+        if not slot.active:
+            return None
+        kw = bind(args, kwargs)
+        encoded = kw.get("encoder_outputs")
+        if encoded is not None:  # generate(): the encoder already ran (with the prompt); widen the mask it gets
+            mask = kw.get("attention_mask")
+            if mask is not None and mask.dim() == 2 and mask.shape[-1] + slot.extra == encoded[0].shape[1]:
+                kw["attention_mask"] = widen(mask, plan(slot.template, mask, *mask.shape, mask.device), 1)
+                return (), kw
+            return None
+        if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \
+                and kw.get("input_ids") is not None:
+            shifted = _shifted_decoder_inputs(module, kw["input_ids"])
+            if shifted is not None:
+                kw["decoder_input_ids"] = shifted
+        if _widen_inputs(slot, kw) is None:
+            return None
+        slot._handoff = kw["inputs_embeds"]
+        return (), kw
+    return hook
+
+
+def _encoder_hook(slot: PromptSlot, bind: Callable):
+    def hook(module, args, kwargs):
+        if not slot.active:
+            return None
+        kw = bind(args, kwargs)
+        if slot._handoff is not None and kw.get("inputs_embeds") is slot._handoff:
+            slot._handoff = None  # the base model's hook already inserted the prompt
+            return None
+        if _widen_inputs(slot, kw) is None:
+            return None
+        return (), kw
+    return hook
+
+
+def _clear_handoff(slot: PromptSlot):
+    def hook(module, args, kwargs, output):
+        slot._handoff = None
+    return hook
+
+
+def _top_pre_hook(slot: PromptSlot, bind: Callable):
+    def hook(module, args, kwargs):
+        slot._layouts.pop("top", None)
+        if not slot.active:
+            return None
+        kw = bind(args, kwargs)
+        if _cache_length(kw.get("past_key_values")) > 0:
+            return None
+        source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        mask = kw.get("attention_mask")
+        if source is None or (mask is not None and mask.dim() != 2):
+            return None
+        batch, length = source.shape[:2]
+        layout = plan(slot.template, mask, batch, length, source.device)
+        slot._layouts["top"] = layout
+        labels = kw.get("labels")
+        if labels is not None and labels.dim() >= 2 and tuple(labels.shape[:2]) == (batch, length):
+            kw["labels"] = widen(labels, layout, -100)
+            return (), kw
+        return None
+    return hook
+
+
+def _aligned(output: Any, layout: Layout, positions: torch.Tensor, keys: tuple[str, ...]) -> Any:
+    batch = positions.shape[0]
+
+    def fits(t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[:2]) == (batch, layout.width)
+
+    if isinstance(output, tuple):
+        return tuple(align(t, positions) if fits(t) else t for t in output)
+    for key in keys:
+        value = output.get(key) if hasattr(output, "get") else None
+        if fits(value):
+            output[key] = align(value, positions)
+    return output
+
+
+def _output_hook(slot: PromptSlot, name: str, keys: tuple[str, ...], use_after: bool):
+    def hook(module, args, kwargs, output):
+        layout = slot._layouts.pop(name, None)
+        if layout is None or output is None or not slot.active:
+            return None
+        return _aligned(output, layout, layout.after if use_after else layout.real, keys)
+    return hook
+
+
+def head_policy(model: nn.Module, decoder_only: bool) -> str:
+    """How outputs line up with the input (see the module docstring); refuses heads that index input positions."""
+    name = type(model).__name__
+    if model.config.is_encoder_decoder:
+        return "seq2seq"
+    if model is getattr(model, "base_model", model):
+        return "base"
+    if "QuestionAnswering" in name:
+        raise AttachError(f"prompt: {name} is not supported (its start/end position labels index the input, "
+                          "which virtual tokens shift); use a token-classification or sequence head")
+    if "CausalLM" in name or "LMHead" in name:
+        return "causal"
+    if "TokenClassification" in name or "MaskedLM" in name:
+        return "token"
+    if "SequenceClassification" in name and decoder_only:
+        return "pool_last"
+    return "none"
+
+
+def build_prompt_slot(placement: Placement, modules: dict, model: nn.Module) -> PromptSlot:
+    spec = placement.spec
+    embed = modules[placement.h_name]
+    weight = embed.weight
+    vectors = initial_vectors(spec.init, spec.length, embed, int(weight.shape[0]), spec.init_text, weight)
+    tokens = VirtualTokens(vectors, spec.encoder, spec.encoder_dim)
+    template = spec.template or default_template(spec.length)
+    return PromptSlot(spec, tokens, template, embed, head_policy(model, placement.stack == "decoder"))
+
+
+def install_prompt_hooks(model: nn.Module, slot: PromptSlot, placement: Placement, modules: dict) -> list[Any]:
+    """Hooks that route the prompt through the model; returns their handles (detach removes them)."""
+    base = modules[placement.x_name]
+    handles = []
+    if slot.policy == "seq2seq":
+        family = family_of(model.config)
+        encoder = modules[".".join(p for p in (placement.x_name, family.inputs.encoder) if p)]
+        handles.append(base.register_forward_pre_hook(_seq2seq_base_hook(slot, _binder(base)), with_kwargs=True))
+        handles.append(base.register_forward_hook(_clear_handoff(slot), with_kwargs=True, always_call=True))
+        handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
+        return handles
+    record = slot.policy == "pool_last"
+    handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record), with_kwargs=True))
+    if record:
+        handles.append(base.register_forward_hook(_output_hook(slot, "base", ("last_hidden_state",), True),
+                                                  with_kwargs=True, always_call=True))
+    if slot.policy in ("causal", "token"):
+        handles.append(model.register_forward_pre_hook(_top_pre_hook(slot, _binder(model)), with_kwargs=True))
+        handles.append(model.register_forward_hook(_output_hook(slot, "top", ("logits",), slot.policy == "causal"),
+                                                   with_kwargs=True, always_call=True))
+    return handles
+
+
+# ---- texts → token ids, before anything is built ---------------------------------------------------------------
+
+
+def _tokenizer(model: nn.Module, where: str):
+    name = getattr(model.config, "_name_or_path", "") or ""
+    if not name:
+        raise AttachError(f"{where}: text needs the base model's tokenizer, but this model has no name_or_path; "
+                          "give token ids instead (a list of integers)")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any loading failure gets the same one-line advice
+        first = one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise AttachError(f"{where}: cannot load the tokenizer of '{name}' for text ({first[:160]}); "
+                          "give token ids instead") from None
+
+
+def resolve_prompt_texts(model: nn.Module, method: MethodSpec) -> MethodSpec:
+    """The method with every prompt text (init_text, anchors) replaced by token ids of the base model's tokenizer,
+    and every id checked against the vocabulary, so that what is attached, saved and reloaded needs no tokenizer."""
+    if not any(m.form == "prompt" for m in method.modules):
+        return method
+    embedding = model.get_input_embeddings()
+    vocab = int(embedding.weight.shape[0])
+    cache: list[Any] = []
+
+    def ids_of(value: Any, where: str) -> tuple[int, ...]:
+        if isinstance(value, str):
+            if not cache:
+                cache.append(_tokenizer(model, where))
+            value = tuple(cache[0](value, add_special_tokens=False)["input_ids"])
+            if not value:
+                raise AttachError(f"{where}: text tokenizes to no tokens")
+        bad = next((i for i in value if i >= vocab), None)
+        if bad is not None:
+            raise AttachError(f"{where}: token id {bad} is outside the vocabulary (size {vocab})")
+        return tuple(value)
+
+    for index, module in enumerate(method.modules):
+        if module.form != "prompt":
+            continue
+        where = f"method '{method.name}' module {index} ('{module.name}')"
+        changes: dict[str, Any] = {}
+        if module.init_text is not None:
+            ids = ids_of(module.init_text, f"{where}: init_text")
+            if len(ids) > module.length:
+                raise AttachError(f"{where}: init_text has {len(ids)} tokens, more than length {module.length}")
+            changes["init_text"] = ids
+        if module.template is not None:
+            changes["template"] = tuple(
+                (item[0], ids_of(item[1], f"{where}: template anchor")) if item[0] == "anchor" else item
+                for item in module.template)
+        method = method.replace_module(index, **changes)
+    return method
+
+
+__all__ = ["PromptSlot", "Layout", "plan", "widen", "align", "build_prompt_slot", "install_prompt_hooks",
+           "resolve_prompt_texts", "head_policy"]

@@ -1,0 +1,121 @@
+"""AdaLoRA's rank allocator: importance scores and the cubic budget schedule over all svd slots of a module.
+
+Driven only through the training contract (unipelt/optim.py): `on_optimizer_step(step, total_steps)` after each
+optimizer step, before the gradients are cleared. All target matrices of one svd module spec share one global
+budget b(t) of kept triplets (Zhang et al. 2023, eqs. 7-12):
+
+- sensitivity I = |w ⊙ ∇w|; smoothed Ī ← β1·Ī + (1−β1)·I; uncertainty Ū ← β2·Ū + (1−β2)·|I − Ī|; s = Ī·Ū
+- triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
+- b(t) = b0 for t ≤ t_i; b_T + (b0 − b_T)·(1 − (t − t_i)/(T − t_i − t_f))³ until T − t_f; b_T afterwards,
+  with b0 = init_r and b_T = target_r per target matrix; every delta_t steps the top-b(t) triplets stay.
+
+Pruned triplets are masked out of the forward pass (their λ ⊙ m is exactly zero), so the total effective rank
+equals the budget at every masking step; their scores decay, so in practice they stay pruned (as in the
+paper, where λ is zeroed). From T − t_f on, the pattern is frozen at the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .forms.svd import SVDDelta
+from .spec import MethodSpec, ModuleSpec
+
+
+class RankAllocator:
+    """One global rank budget over the svd forms of one module spec, keyed 'stack.layer.site'."""
+
+    def __init__(self, spec: ModuleSpec, forms: dict[str, SVDDelta]) -> None:
+        self.spec = spec
+        self.forms = forms
+        self.initial_budget = spec.init_r * len(forms)
+        self.target_budget = spec.target_r * len(forms)
+        self.current_budget = self.initial_budget
+        self.frozen = False
+        self._ema: dict[int, torch.Tensor] = {}
+        self._uncertainty: dict[int, torch.Tensor] = {}
+
+    def schedule_steps(self, total_steps: int) -> tuple[int, int]:
+        """(t_i, t_f) in steps: ints are steps, floats fractions of the run."""
+        def steps(value: int | float) -> int:
+            return int(round(value * total_steps)) if isinstance(value, float) else int(value)
+        return steps(self.spec.tinit), steps(self.spec.tfinal)
+
+    def budget(self, step: int, total_steps: int) -> int:
+        tinit, tfinal = self.schedule_steps(total_steps)
+        end = total_steps - tfinal
+        if step >= end:
+            return self.target_budget
+        if step <= tinit:
+            return self.initial_budget
+        progress = (step - tinit) / (end - tinit)
+        return int(self.target_budget + (self.initial_budget - self.target_budget) * (1 - progress) ** 3)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(form.effective_rank for form in self.forms.values())
+
+    def rank_pattern(self) -> dict[str, int]:
+        return {key: form.effective_rank for key, form in self.forms.items()}
+
+    @torch.no_grad()
+    def _update_scores(self) -> None:
+        beta1, beta2 = self.spec.beta1, self.spec.beta2
+        for form in self.forms.values():
+            for param in (form.left, form.singular, form.right):
+                if param.grad is None:
+                    continue
+                sensitivity = (param * param.grad).abs().float()
+                key = id(param)
+                if key not in self._ema:
+                    self._ema[key] = torch.zeros_like(sensitivity)
+                    self._uncertainty[key] = torch.zeros_like(sensitivity)
+                self._ema[key].mul_(beta1).add_((1 - beta1) * sensitivity)
+                self._uncertainty[key].mul_(beta2).add_((1 - beta2) * (sensitivity - self._ema[key]).abs())
+
+    def _score(self, param: torch.Tensor) -> torch.Tensor:
+        if id(param) not in self._ema:
+            return torch.zeros(param.shape, device=param.device)
+        return self._ema[id(param)] * self._uncertainty[id(param)]
+
+    def triplet_scores(self, form: SVDDelta) -> torch.Tensor:
+        return (self._score(form.singular) + self._score(form.left).mean(dim=0)
+                + self._score(form.right).mean(dim=1))
+
+    @torch.no_grad()
+    def mask_to(self, budget: int) -> None:
+        """Keep the `budget` highest-scoring triplets over all forms; mask the others."""
+        scores = [self.triplet_scores(form) for form in self.forms.values()]
+        flat = torch.cat([s.to("cpu") for s in scores])
+        keep = torch.zeros(flat.shape[0], dtype=torch.bool)
+        keep[torch.topk(flat, min(budget, flat.shape[0])).indices] = True
+        start = 0
+        for form in self.forms.values():
+            form.rank_mask.copy_(keep[start:start + form.rank].to(form.rank_mask.device))
+            start += form.rank
+        self.current_budget = budget
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> None:
+        if self.frozen:
+            return
+        tinit, tfinal = self.schedule_steps(total_steps)
+        end = total_steps - tfinal
+        self._update_scores()
+        if step >= end:  # the final fine-tuning phase: fix the pattern at the target budget
+            self.mask_to(self.target_budget)
+            self.frozen = True
+        elif step > tinit and (step - tinit) % self.spec.delta_t == 0:
+            self.mask_to(self.budget(step, total_steps))
+
+    def training_metrics(self) -> dict[str, float]:
+        return {"total_rank": float(self.total_rank), "budget": float(self.current_budget)}
+
+
+def with_rank_patterns(method: MethodSpec, controllers: dict[str, object]) -> MethodSpec:
+    """The method with every allocated svd module's current ranks written in (what save_adapter records)."""
+    for index, module in enumerate(method.modules):
+        allocator = controllers.get(f"unipelt_{module.name}_rank_allocator")
+        if module.form == "svd" and isinstance(allocator, RankAllocator):
+            pattern = tuple(sorted(allocator.rank_pattern().items()))
+            method = method.replace_module(index, rank_pattern=pattern)
+    return method

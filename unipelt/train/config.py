@@ -1,0 +1,68 @@
+"""TrainConfig: every knob of the training loop. It is also the schema of the Hydra `trainer` group, so a misspelt
+key (`trainer.lr_rate=...`) is an error that names it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import UnipeltError
+
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3  # modules whose spec sets `lr` (e.g. prefix vs adapter) keep their own
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; > 0 overrides epochs
+    batch_size: int = 32  # per process and micro-step; the global batch is batch_size * processes * grad_accum
+    eval_batch_size: int = 64
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.06
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    precision: str = "fp32"  # bf16 / fp16 autocast need CUDA
+    device: str = "auto"
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch
+    eval_split: Optional[str] = None  # the split that picks the best checkpoint; None: the task's first
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: at every evaluation
+    save_best: bool = True  # keep the best adapter (adapter-only, unipelt.save_adapter) in best_adapter/
+    resume: bool = False  # continue from <output dir>/checkpoints/last.pt when it exists
+    log_every: int = 10
+    progress: bool = True
+    num_workers: int = 0
+    deterministic: bool = False
+    max_new_tokens: Optional[int] = None  # generation length for generative evaluation
+    # data size (passed to the task)
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+def check(cfg: TrainConfig) -> None:
+    """One clear error naming the key, before anything is loaded."""
+    positive = {"lr": cfg.lr, "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size,
+                "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "log_every": cfg.log_every}
+    for key, value in positive.items():
+        if not value > 0:
+            raise UnipeltError(f"trainer.{key} must be positive, got {value!r}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise UnipeltError(f"trainer: epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}) must be positive")
+    nonneg = {"weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "warmup_steps": cfg.warmup_steps,
+              "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
+              "early_stopping_patience": cfg.early_stopping_patience, "num_workers": cfg.num_workers}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise UnipeltError(f"trainer.{key} must be >= 0, got {value!r}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise UnipeltError(f"trainer.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
+    if cfg.scheduler not in SCHEDULES:
+        raise UnipeltError(f"trainer.scheduler: unknown value '{cfg.scheduler}' (allowed: {', '.join(SCHEDULES)})")
+    if cfg.precision not in PRECISIONS:
+        raise UnipeltError(f"trainer.precision: unknown value '{cfg.precision}' (allowed: {', '.join(PRECISIONS)})")

@@ -1,0 +1,279 @@
+"""The training loop: AdamW over unipelt.param_groups, a transformers schedule, autocast, accumulation, clipping,
+periodic evaluation, best adapter, early stopping, resumable checkpoints, NaN/inf detection, data parallelism.
+
+The loop talks to the method only through unipelt.optim (param_groups, regularization_loss, on_optimizer_step,
+training_metrics) and to the task only through the PreparedTask interface (train, eval_splits, collate,
+evaluate, main_metric, greater_is_better), so it works for any method and any task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import optim
+from ..errors import UnipeltError
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig, check
+from .seeding import epoch_order, rng_state, set_rng_state
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+class TrainingDiverged(UnipeltError):
+    """The loss became NaN or infinite; the run stops and its last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # "<split>/<metric>" for every evaluation split, from the best state
+    score: float  # the main metric on the selection split, at the best evaluation
+    main_metric: str  # "<split>/<metric>" that `score` is
+    best_step: int
+    steps: int
+    train_loss: float  # mean training loss over the run's last `log_every` steps
+    stopped_early: bool = False
+    resumed_from: int | None = None  # the step a resumed run started from
+    history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, with its step
+
+
+def _micro_batches(n: int, seed: int, epoch: int, cfg: TrainConfig, info: distributed.Dist) -> list[list[int]]:
+    """This process's example indices for each micro-batch of `epoch`. A global batch of batch_size * processes is
+    cut into per-process slices; with several processes an incomplete last global batch is dropped so that every
+    process holds equal slices (which makes DDP's averaged gradient that of the whole global batch)."""
+    order = epoch_order(n, seed, epoch)
+    size = cfg.batch_size * info.world_size
+    chunks = [order[i : i + size] for i in range(0, n, size)]
+    if info.enabled and chunks and len(chunks[-1]) < size:
+        chunks.pop()
+    return [c[info.rank * cfg.batch_size : (info.rank + 1) * cfg.batch_size] if info.enabled else c for c in chunks]
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class _Loop:
+    def __init__(self, model, task, cfg: TrainConfig, output_dir: Path, seed: int, log: LogFn | None,
+                 info: distributed.Dist):
+        self.model, self.task, self.cfg, self.seed, self.info = model, task, cfg, seed, info
+        self.output_dir = Path(output_dir)
+        self.log = log if (log is not None and info.is_main) else (lambda metrics, step: None)
+        splits = list(task.eval_splits)
+        self.eval_split = cfg.eval_split or (splits[0] if splits else None)
+        if self.eval_split not in task.eval_splits:
+            raise UnipeltError(f"trainer.eval_split: unknown split '{cfg.eval_split}' (allowed: {', '.join(splits)})")
+        self.main_key = f"{self.eval_split}/{task.main_metric}"
+        n_micro = len(_micro_batches(len(task.train), seed, 0, cfg, info))
+        if n_micro == 0:
+            raise UnipeltError(f"task '{getattr(task, 'name', '?')}': {len(task.train)} training examples are fewer "
+                               f"than one global batch ({cfg.batch_size} x {info.world_size} processes)")
+        self.micro_per_epoch = n_micro
+        steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = optim.param_groups(model, cfg.lr, cfg.weight_decay)
+        for group in groups:
+            group.pop("names", None)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        from transformers import get_scheduler
+
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        # bookkeeping that a checkpoint carries
+        self.step = self.epoch = self.micro = self.best_step = self.bad_evals = 0
+        self.best_score: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+        self.recent_losses: list[float] = []
+        self.resumed_from: int | None = None
+        self.stopped_early = False
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "trainable": ckpt.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
+            "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
+            "best_state": self.best_state, "history": self.history, "recent_losses": self.recent_losses,
+            "total_steps": self.total_steps, "seed": self.seed,
+        }
+
+    def restore(self, path: Path) -> None:
+        saved = ckpt.load_checkpoint(path)
+        if saved.get("total_steps") != self.total_steps or saved.get("seed") != self.seed:
+            raise UnipeltError(f"checkpoint {path} was written for {saved.get('total_steps')} steps with seed "
+                               f"{saved.get('seed')}; this run has {self.total_steps} steps and seed {self.seed}")
+        ckpt.load_trainable_state(self.model, saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        for key in ("step", "epoch", "micro", "best_score", "best_step", "bad_evals", "best_state", "history",
+                    "recent_losses"):
+            setattr(self, key, saved[key])
+        set_rng_state(saved["rng"])
+        self.resumed_from = self.step
+
+    def save(self) -> None:
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.output_dir, self.state())
+        distributed.barrier(self.info)
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        result = None
+        if self.info.is_main:
+            self.model.eval()
+            with torch.no_grad(), _autocast(self.cfg, self.info.device):
+                raw = self.task.evaluate(self.model, split, batch_size=self.cfg.eval_batch_size,
+                                         device=self.info.device, max_new_tokens=self.cfg.max_new_tokens)
+            self.model.train()
+            result = {f"{split}/{k}": float(v) for k, v in raw.items()}
+        return distributed.broadcast(result, self.info)
+
+    def evaluate_and_track(self) -> bool:
+        """Evaluate the selection split; keep the best state; True when early stopping says stop."""
+        metrics = self.evaluate(self.eval_split)
+        if self.main_key not in metrics:
+            raise UnipeltError(f"task main_metric '{self.task.main_metric}' is not among the evaluated metrics "
+                               f"({', '.join(sorted(metrics))})")
+        self.history.append({"step": self.step, **metrics})
+        self.log(metrics, self.step)
+        score = metrics[self.main_key]
+        better = self.best_score is None or (
+            score > self.best_score if self.task.greater_is_better else score < self.best_score)
+        if better:
+            self.best_score, self.best_step, self.bad_evals = score, self.step, 0
+            self.best_state = ckpt.trainable_state(self.model)
+            if self.cfg.save_best and self.info.is_main:
+                ckpt.save_best_adapter(self.model, self.output_dir)
+        else:
+            self.bad_evals += 1
+        patience = self.cfg.early_stopping_patience
+        return bool(patience) and self.bad_evals >= patience
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def optimizer_step(self, loss: float) -> None:
+        loss = distributed.mean(loss, self.info)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; stopped, last good checkpoint kept")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        optim.on_optimizer_step(self.model, self.step, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.recent_losses = (self.recent_losses + [loss])[-self.cfg.log_every :]
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            metrics = {"train/loss": sum(self.recent_losses) / len(self.recent_losses),
+                       "train/lr": self.scheduler.get_last_lr()[0], "train/epoch": self.epoch}
+            metrics.update({f"train/{k}": v for k, v in optim.training_metrics(self.model).items()})
+            self.log(metrics, self.step)
+
+    def run(self, wrapped: torch.nn.Module) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and self.info.is_main))
+        self.model.train()
+        while self.step < self.total_steps and not self.stopped_early:
+            batches = _micro_batches(len(self.task.train), self.seed, self.epoch, cfg, self.info)
+            loader = DataLoader(self.task.train, batch_sampler=batches[self.micro :], collate_fn=self.task.collate,
+                                num_workers=cfg.num_workers)
+            accumulated, start = 0.0, self.micro
+            for offset, batch in enumerate(loader):
+                index = start + offset
+                group_start = index - index % cfg.grad_accum
+                in_group = min(cfg.grad_accum, len(batches) - group_start)
+                last = index == group_start + in_group - 1
+                sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
+                with sync:
+                    with _autocast(cfg, self.info.device):
+                        loss = wrapped(**_to_device(batch, self.info.device)).loss
+                        extra = optim.regularization_loss(self.model)
+                        if extra is not None:
+                            loss = loss + extra
+                    scaled = loss / in_group
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                accumulated += loss.detach().float().item() / in_group
+                if not last:
+                    continue
+                self.optimizer_step(accumulated)
+                accumulated, self.micro = 0.0, index + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.recent_losses[-1]:.4f}")
+                end_of_epoch = self.micro >= len(batches)
+                due = (self.step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
+                finished = self.step >= self.total_steps
+                evaluated = due or finished
+                if evaluated:
+                    self.stopped_early = self.evaluate_and_track() and not finished
+                    if self.best_score is not None:
+                        bar.set_postfix(loss=f"{self.recent_losses[-1]:.4f}", best=f"{self.best_score:.4f}")
+                if end_of_epoch:
+                    self.epoch, self.micro = self.epoch + 1, 0
+                every = cfg.checkpoint_every
+                if (every and self.step % every == 0) or (not every and evaluated) or finished or self.stopped_early:
+                    self.save()
+                if finished or self.stopped_early:
+                    break
+        bar.close()
+
+    def final_metrics(self) -> dict[str, float]:
+        """Every evaluation split, on the best state (the selection split's numbers come from its evaluation)."""
+        if self.best_state is not None:
+            ckpt.load_trainable_state(self.model, self.best_state)
+        best = next((h for h in self.history if h["step"] == self.best_step), {})
+        metrics = {k: v for k, v in best.items() if k != "step"}
+        for split in self.task.eval_splits:
+            if split != self.eval_split:
+                metrics.update(self.evaluate(split))
+        return metrics
+
+
+def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | Path, *, seed: int = 0,
+        log: LogFn | None = None, info: distributed.Dist | None = None) -> TrainResult:
+    """Train the attached method of `model` on `task`; returns the best state's metrics (the model ends in it)."""
+    check(cfg)
+    info = info or distributed.setup(cfg.device)
+    if cfg.precision != "fp32" and info.device.type != "cuda":
+        raise UnipeltError(f"trainer.precision '{cfg.precision}' needs a CUDA device (this run is on "
+                           f"{info.device.type}); use precision=fp32")
+    model.to(info.device)
+    loop = _Loop(model, task, cfg, Path(output_dir), seed, log, info)
+    found = ckpt.find_checkpoint(Path(output_dir)) if cfg.resume else None
+    if found is not None:
+        loop.restore(found)
+    wrapped = distributed.wrap(model, info)
+    loop.run(wrapped)
+    metrics = loop.final_metrics()
+    return TrainResult(metrics=metrics, score=metrics[loop.main_key], main_metric=loop.main_key,
+                       best_step=loop.best_step, steps=loop.step,
+                       train_loss=sum(loop.recent_losses) / max(1, len(loop.recent_losses)),
+                       stopped_early=loop.stopped_early, resumed_from=loop.resumed_from, history=loop.history)
