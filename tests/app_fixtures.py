@@ -42,9 +42,18 @@ def make_tiny_model(directory: Path, dropout: float = 0.0, seed: int = 0) -> Pat
     return directory
 
 
-def tiny_overrides(model_dir: Path, *extra: str) -> list[str]:
+def make_small_sst2(directory: Path, n_train: int = 256, n_eval: int = 64) -> Path:
+    """The first rows of SST-2's train and dev files (reading all 67k rows would dominate a tiny job's time)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        lines = (SST2 / f"{split}.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (directory / f"{split}.tsv").write_text("".join(lines[: n + 1]), encoding="utf-8")
+    return directory
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
     """A tiny, fast job: the tiny model, 64 SST-2 training sentences, 32 dev sentences, no W&B."""
-    return [f"model.name_or_path={model_dir}", f"task.data_dir={SST2}", "method=lora", "logger=none",
+    return [f"model.name_or_path={model_dir}", f"task.data_dir={data_dir}", "method=lora", "logger=none",
             "trainer.max_train_samples=64", "trainer.max_eval_samples=32", "trainer.batch_size=8",
             "trainer.max_length=32", "trainer.lr=1e-2", "trainer.progress=false", *extra]
 

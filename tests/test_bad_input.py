@@ -99,10 +99,10 @@ SPEC_CASES = [
     # (id, spec, match)
     ("unknown-top-key", {"name": "bad", "modules": [ADAPTER], "modulez": []}, r"method: unknown key 'modulez'"),
     ("unknown-module-key", method(dimm=8), r"module 0: unknown key 'dimm' for form 'bottleneck'"),
-    ("missing-form", method(form=DROP), r"module 0: missing key 'form' \(allowed: bottleneck, prefix\)"),
+    ("missing-form", method(form=DROP), r"module 0: missing key 'form' \(allowed: bottleneck, prefix, svd, prompt\)"),
     ("missing-at", method(at=DROP), r"module 0: missing key 'at'"),
     ("missing-compose", method(compose=DROP), r"module 0: missing key 'compose'"),
-    ("unknown-form", method(form="adaptor"), r"form: unknown value 'adaptor' \(allowed: bottleneck, prefix\)"),
+    ("unknown-form", method(form="adaptor"), r"form: unknown value 'adaptor' \(allowed: bottleneck, prefix, svd, prompt\)"),
     ("unknown-insertion", method(insertion="serial"), r"insertion: unknown value 'serial' \(allowed: sequential"),
     ("unknown-compose", method(compose="multiply"), r"compose: unknown value 'multiply' \(allowed: add, scale"),
     ("unknown-activation", method(activation="swish"), r"activation: unknown value 'swish' \(allowed: relu"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import unipelt
 from unipelt.attach import state_of
@@ -31,39 +32,41 @@ def _prepared(family: str, method: str | None):
     return model
 
 
-def _graph_breaks(model, batch) -> int:
-    torch._dynamo.reset()
-    return torch._dynamo.explain(model)(**batch).graph_break_count
+_BASE_BREAKS: dict[str, int] = {}
 
 
-def _train_outputs(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _base_breaks(family: str, batch) -> int:
+    """transformers' own graph breaks in the bare model (they do not count against the adapters)."""
+    if family not in _BASE_BREAKS:
+        torch._dynamo.reset()
+        _BASE_BREAKS[family] = torch._dynamo.explain(_prepared(family, None).train())(**batch).graph_break_count
+    return _BASE_BREAKS[family]
+
+
+def _train_outputs(model, batch, call=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
+    out = (call if call is not None else model)(**batch)
     out.loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), grads
 
 
 @pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
-def test_adapter_code_adds_no_graph_breaks(family, method):
+def test_compiled_training_step_equals_eager_without_new_graph_breaks(family, method):
     batch = tiny_batch(family)
-    base_breaks = _graph_breaks(_prepared(family, None).train(), batch)
-    model = _prepared(family, method).train()
-    assert _graph_breaks(model, batch) == base_breaks
-    # The hand-off of the captured sub-layer input must not survive the call (it would pin activations).
-    assert all(getattr(slot, "captured_x", None) is None for slot in state_of(model).slots.values())
-
-
-@pytest.mark.parametrize(("family", "method"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
-def test_compiled_training_step_equals_eager(family, method):
-    batch = tiny_batch(family)
+    base_breaks = _base_breaks(family, batch)
     model = _prepared(family, method).train()
     eager_logits, eager_grads = _train_outputs(model, batch)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
-    logits, grads = _train_outputs(compiled, batch)
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    _train_outputs(model, batch, compiled)
+    breaks = sum(counters["graph_break"].values())
+    assert breaks == base_breaks, dict(counters["graph_break"])
+    # The hand-off of the captured sub-layer input must not survive the call (it would pin activations).
+    assert all(getattr(slot, "captured_x", None) is None for slot in state_of(model).slots.values())
     with torch._dynamo.config.patch(error_on_recompile=True):  # the adapters' state keeps guards stable
-        logits, grads = _train_outputs(compiled, batch)
+        logits, grads = _train_outputs(model, batch, compiled)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
     assert set(grads) == set(eager_grads)
     assert any("unipelt_" in name for name in grads)
@@ -89,11 +92,10 @@ def test_compiled_model_follows_disable_and_merge():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "mam"])
-def test_inductor_forward_equals_eager(method):
-    """The default backend (inductor, generated C++ on CPU) on tiny Llama."""
+def test_inductor_forward_equals_eager():
+    """The default backend (inductor, generated C++ on CPU) on tiny Llama with mam (prefix and bottleneck)."""
     batch = tiny_batch("llama")
-    model = _prepared("llama", method).eval()
+    model = _prepared("llama", "mam").eval()
     with torch.no_grad():
         eager = model(**batch).logits
         torch._dynamo.reset()

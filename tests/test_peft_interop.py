@@ -36,11 +36,12 @@ def logits(model, family: str) -> torch.Tensor:
         return model(**inputs(family)).logits
 
 
-def randomize(model, names_with: str, seed: int = 7) -> None:
+def randomize(model, seed: int = 7) -> None:
+    """Random values for everything the method trains: adapters, learned scales (around 1) and the task head."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if names_with in name or (param.requires_grad and "unipelt_" not in name and names_with == "unipelt_"):
+        for param in model.parameters():
+            if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.2 + (1.0 if param.dim() == 0 else 0.0))
 
 
@@ -54,7 +55,7 @@ def peft_from(directory, family: str):
 def test_export_loads_in_peft_with_identical_outputs(tmp_path, family):
     model = tiny_model(family, seed=1)
     unipelt.attach(model, HYBRID)
-    randomize(model, "unipelt_")  # adapters, the learned scale and the trained task head (if any)
+    randomize(model)
     expected = logits(model, family)
     assert not torch.allclose(expected, logits(tiny_model(family, seed=1), family))  # the adapter matters
     unipelt.export_peft(model, tmp_path)
@@ -83,7 +84,7 @@ def test_export_config_reads_like_a_peft_config(tmp_path):
 def test_gpt2_fused_projection_becomes_one_block_lora(tmp_path):
     model = tiny_model("gpt2", seed=1)
     unipelt.attach(model, "lora")  # attn.q and attn.v are chunks 0 and 2 of c_attn
-    randomize(model, "unipelt_")
+    randomize(model)
     unipelt.export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["c_attn"] and config["r"] == 16 and config["lora_alpha"] == 16
@@ -136,7 +137,7 @@ def test_import_of_a_peft_checkpoint_gives_identical_outputs(tmp_path, family):
 def test_round_trip_through_peft_files(tmp_path):
     model = tiny_model("bert", seed=1)
     unipelt.attach(model, HYBRID)
-    randomize(model, "unipelt_")
+    randomize(model)
     expected = logits(model, "bert")
     unipelt.export_peft(model, tmp_path)
     again = tiny_model("bert", seed=1)
@@ -147,3 +148,36 @@ def test_round_trip_through_peft_files(tmp_path):
     # and the imported model can be merged like any LoRA
     unipelt.merge(again)
     torch.testing.assert_close(logits(again, "bert"), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_adalora_exports_as_lora_with_its_pruned_ranks(tmp_path, family):
+    model = tiny_model(family, seed=1)
+    unipelt.attach(model, "adalora")
+    randomize(model)
+    with torch.no_grad():
+        for slot in state_of(model).slots.values():
+            slot.form.rank_mask[::3] = False  # as the rank allocator would: triplets 0, 3, 6, 9 pruned
+    expected = logits(model, family)
+    unipelt.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8  # 12 initial triplets, 4 pruned
+    assert config["lora_alpha"] == 16  # the preset's scale 2
+    # float rounding only: diag(λ)·Q is formed before the product (observed ~1e-7)
+    torch.testing.assert_close(logits(peft_from(tmp_path, family), family), expected, atol=ATOL, rtol=0)
+
+
+def test_two_modules_on_one_projection_export_as_one_lora(tmp_path):
+    # A hybrid with two LoRA modules on W_q (ranks 2 and 3, scales 2 and 0.5): one PEFT LoRA of rank 5 on query.
+    two = {"name": "two", "modules": [
+        {**HYBRID["modules"][0], "name": "a", "at": "attn.q", "dim": 2},
+        {**HYBRID["modules"][0], "name": "b", "at": "attn.q", "dim": 3, "scale": 0.5},
+    ]}
+    model = tiny_model("llama", seed=1)
+    unipelt.attach(model, two)
+    randomize(model)
+    unipelt.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj"] and config["r"] == 5 and config["lora_alpha"] == 5
+    torch.testing.assert_close(logits(peft_from(tmp_path, "llama"), "llama"), logits(model, "llama"),
+                               atol=ATOL, rtol=0)

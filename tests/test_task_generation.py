@@ -34,17 +34,22 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def memorize(model, task, steps: int = 80, lr: float = 3e-2):
+def memorize(model, task, steps: int = 60, lr: float = 1e-2):
     """Fit the tiny model to the training set so that evaluate() has something exact to find."""
     torch.manual_seed(0)
     batch = task.collate(list(task.train))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add overhead on a shared 2-core machine
     model.train()
-    for _ in range(steps):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    try:
+        for _ in range(steps):
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return loss.item()
 
@@ -57,7 +62,7 @@ def xsum_dir(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("family", ["bart"])  # T5 runs the same path in the translation test
 def test_encoder_decoder_summarization_generates_and_scores_rouge(family, xsum_dir):
     tokenizer = word_tokenizer(family, *[t for pair in ARTICLES for t in pair])
     task = prepare_task(local("xsum", xsum_dir), tokenizer, model_type=family, max_length=32)
@@ -72,9 +77,10 @@ def test_encoder_decoder_summarization_generates_and_scores_rouge(family, xsum_d
     assert task.evaluate(model, "validation", batch_size=2) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
 
 
-def test_decoder_summarization_masks_the_prompt_and_generates_after_it(xsum_dir):
-    tokenizer = word_tokenizer("gpt2", *[t for pair in ARTICLES for t in pair], "TL ; DR :")
-    task = prepare_task(local("xsum", xsum_dir), tokenizer, model_type="gpt2", max_length=24)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama's tokenizer also puts BOS before the prompt
+def test_decoder_summarization_masks_the_prompt_and_generates_after_it(family, xsum_dir):
+    tokenizer = word_tokenizer(family, *[t for pair in ARTICLES for t in pair], "TL ; DR :")
+    task = prepare_task(local("xsum", xsum_dir), tokenizer, model_type=family, max_length=24)
     assert task.auto_model_class().__name__ == "AutoModelForCausalLM"
     assert task.model_kwargs() == {"pad_token_id": tokenizer.eos_token_id}
     feature = task.train[1]
@@ -82,7 +88,7 @@ def test_decoder_summarization_masks_the_prompt_and_generates_after_it(xsum_dir)
     prompt = tokenizer(ARTICLES[1][0] + "\nTL;DR:")["input_ids"]
     assert feature["input_ids"] == prompt + target
     assert feature["labels"] == [IGNORE_INDEX] * len(prompt) + target
-    model = tiny_model("gpt2")
+    model = tiny_model(family)
     memorize(model, task)
     # prompts of different lengths share a batch: left padding must not change what is generated
     assert task.evaluate(model, "validation", batch_size=3) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
@@ -106,7 +112,7 @@ def test_translation_reads_tsv_columns_or_a_translation_column(tmp_path):
     assert tokenizer.decode(from_tsv.train[2]["input_ids"], skip_special_tokens=True) == prefix + PAIRS[2][0]
     model = tiny_model("t5")
     assert set(from_tsv.evaluate(model, "validation", max_new_tokens=4)) == {"bleu"}
-    memorize(model, from_tsv)
+    memorize(model, from_tsv, steps=150)
     assert from_tsv.evaluate(model, "validation") == {"bleu": pytest.approx(100.0)}
 
 
@@ -139,7 +145,9 @@ def test_tagging_labels_first_subtokens_and_scores_entities(tmp_path):
         labelled = [(tok, names[lab]) for tok, lab in zip(tokens, feature["labels"]) if lab != IGNORE_INDEX]
         assert [t for _, t in labelled] == tags  # one label per word
         assert all(not tok.startswith("##") for tok, _ in labelled)  # on the word's first sub-token
-        assert len(tokens) > len(words) + 2  # words were split into sub-tokens that got -100
+    split_words = tokenizer.convert_ids_to_tokens(task.train[2]["input_ids"])
+    assert split_words[2:7] == ["1996", "-", "08", "-", "22"]  # one word, five sub-tokens, one label
+    assert task.train[2]["labels"][2:7] == [0] + [IGNORE_INDEX] * 4
     assert list(task.train) == list(task.eval_splits["validation"])  # .conll and .jsonl read the same
     config = _config("bert", "sdpa")
     config.vocab_size = tokenizer.vocab_size
@@ -149,7 +157,7 @@ def test_tagging_labels_first_subtokens_and_scores_entities(tmp_path):
     assert model.config.id2label[1] == "B-PER"
     scores = task.evaluate(model, "validation")
     assert set(scores) == {"seqeval_f1", "seqeval_precision", "seqeval_recall", "token_accuracy"}
-    memorize(model, task, steps=60, lr=1e-2)
+    memorize(model, task)
     assert task.evaluate(model, "validation")["seqeval_f1"] == 1.0
 
 

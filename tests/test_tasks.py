@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from unipelt.errors import DataError  # noqa: E402
 from unipelt.tasks import TaskConfig, list_tasks, load_task_config, prepare_task  # noqa: E402
 
 GLUE = "/work/shared/data/glue"
@@ -102,7 +103,7 @@ def test_rte_pairs_have_two_segments_and_evaluate_matches_unpadded_forward(minil
 
     path, tokenizer = minilm
     task = prepare_task(local("rte", f"{GLUE}/rte"), tokenizer, model_type="bert", max_train_samples=4,
-                        max_eval_samples=12, max_length=64)
+                        max_eval_samples=8, max_length=64)
     feature = task.eval_splits["validation"][0]
     assert set(feature["token_type_ids"]) == {0, 1}
     assert feature["input_ids"].count(tokenizer.sep_token_id) == 2
@@ -110,7 +111,7 @@ def test_rte_pairs_have_two_segments_and_evaluate_matches_unpadded_forward(minil
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, **task.model_kwargs()).eval()
     assert model.config.id2label == {0: "entailment", 1: "not_entailment"}
-    scores = task.evaluate(model, "validation", batch_size=5)
+    scores = task.evaluate(model, "validation", batch_size=3)
     data = task.eval_splits["validation"]
     hits = 0
     for i in range(len(data)):  # one example at a time, no padding: the reference the batched path must match
@@ -234,6 +235,20 @@ def test_hub_datasets_are_read_through_load_dataset(monkeypatch, minilm):
     task = prepare_task("sst2", tokenizer, model_type="bert")
     assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
     assert [f["labels"] for f in task.train] == [1, 0, 1]
+
+    def tagged_rows(path, name=None, split=None, **kwargs):
+        features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                      "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER"]))})
+        return datasets.Dataset.from_dict({"tokens": [["Peter", "runs"]], "ner_tags": [[1, 0]]}, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", tagged_rows)
+    # the hub's class order must be the task's: index 1 would otherwise be read as I-PER
+    with pytest.raises(DataError, match=r"label_names \['O', 'B-PER', 'I-PER', .* differ from the classes of column "
+                                        r"'ner_tags' in hub eriktks/conll2003 split 'train' \(\['O', 'B-PER'\]\)"):
+        prepare_task("conll2003", tokenizer, model_type="bert")
+    task = prepare_task({**vars(load_task_config("conll2003")), "label_names": ["O", "B-PER"]}, tokenizer,
+                        model_type="bert")
+    assert [lab for lab in task.train[0]["labels"] if lab != -100] == [1, 0]
 
     def wmt_rows(path, name=None, split=None, **kwargs):
         return datasets.Dataset.from_dict({"translation": [{"en": "hello world", "ro": "salut lume"}]})

@@ -8,7 +8,7 @@ accounting / optim (operations on an attached model, and the contract with a tra
 from .accounting import count_parameters
 from .attach import attach, detach, disabled, fold_prefixes, is_attached
 from .budget import solve_budget
-from .errors import AdapterFileError, AttachError, MethodConfigError, UnipeltError
+from .errors import AdapterFileError, AttachError, DataError, MethodConfigError, UnipeltError
 from .io import load_adapter, save_adapter
 from .merge import merge, unmerge
 from .peft_interop import export_peft, import_peft
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError",
     "AttachError",
+    "DataError",
     "MethodConfigError",
     "MethodSpec",
     "ModuleSpec",

@@ -6,7 +6,8 @@ al.'s figures do. The budget is on `added` in the paper's accounting (`unipelt.c
 2·l·d per attention module, its reparameterisation MLP is not counted; base weights a method trains are not part
 of it).
 
-What is solved: every module's size key (bottleneck `dim`, prefix / prompt `length`, svd rank) is the module's
+What is solved: every module's size key (bottleneck `dim`, prefix / prompt `length`, svd `init_r`, with `target_r`
+following in proportion) is the module's
 size in the spec times one common factor c, rounded down and at least 1, so the ratios written in the spec are
 kept (up to rounding). Among the sizes this path reaches, the solver picks the one whose added count is closest
 to the budget without exceeding it. Each size is capped where it stops making sense: a bottleneck / rank at the
@@ -35,6 +36,8 @@ from .spec import MethodSpec, ModuleSpec, load_method
 
 # The size key of a module is the first of these that its dataclass has and its form uses.
 SIZE_KEYS = ("dim", "length", "rank", "init_rank", "init_r", "r")
+# A key scaled along with the size key, in proportion (svd: the rank budget after pruning follows the initial rank).
+COMPANIONS = {"init_r": "target_r"}
 MAX_LENGTH = 1024  # prefix / prompt vectors: far beyond any setting in the literature
 
 
@@ -70,7 +73,12 @@ def budget_parameters(budget: str | int, base: int) -> int:
 
 def _with_sizes(spec: MethodSpec, keys: list[str], sizes: list[int]) -> MethodSpec:
     for index, (key, size) in enumerate(zip(keys, sizes)):
-        spec = spec.replace_module(index, **{key: size})
+        changes = {key: size}
+        if key in COMPANIONS:  # e.g. AdaLoRA's target_r follows init_r in proportion (and stays <= it)
+            companion = COMPANIONS[key]
+            old_size, old_companion = getattr(spec.modules[index], key), getattr(spec.modules[index], companion)
+            changes[companion] = max(1, min(size, old_companion * size // old_size))
+        spec = spec.replace_module(index, **changes)
     return spec
 
 
@@ -147,7 +155,7 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
         raise MethodConfigError(f"{where} cannot be met; {reach}")
     names = [f"{m.name}.{k}" for m, k in zip(spec.modules, keys)]
     return BudgetSolution(
-        spec=_with_sizes(unbudgeted, keys, path[chosen]),
+        spec=load_method(_with_sizes(unbudgeted, keys, path[chosen]).to_dict()),  # re-validated
         budget=target,
         added=added,
         sizes=dict(zip(names, path[chosen])),

@@ -4,13 +4,16 @@
 PEFT's LoRA computes h + s·B·A·dropout(x) on a projection, s = lora_alpha / r (or / sqrt(r) with rslora). The
 unipelt modules that say exactly this are parallel bottlenecks with no activation, no LayerNorm and no bias at a
 projection site, composed by add (s = 1) or scale (a fixed or learned s); A is `down.weight`, B is `up.weight`.
+AdaLoRA's svd form P·diag(λ)·Q exports the same way with A = diag(λ)·Q and B = P, pruned triplets dropped (so
+ranks differ per module: rank_pattern); outputs agree up to float rounding (λ is multiplied in first).
 
 Export writes lora_alpha = s·r, so PEFT's scaling is s. Per-module ranks and scales go to rank_pattern /
 alpha_pattern (keys are full module names), the trained task head to modules_to_save. A fused projection
 that unipelt modifies chunk by chunk (GPT-2's c_attn: attn.q / attn.k / attn.v) becomes one PEFT LoRA on the
 fused module whose rank is the sum of the chunks' ranks: A stacks the chunks' A matrices, B is block-diagonal
 (each chunk's B, times its scale, in its own output rows; zeros elsewhere) and lora_alpha = rank, so s = 1.
-That is the same map, so outputs are identical; in PEFT the zero blocks of B would train, too.
+That is the same map, so outputs are identical; in PEFT the zero blocks of B would train, too. Two modules on the
+same projection (a hybrid) are written the same way: one LoRA of the summed rank.
 
 Import maps PEFT's target_modules (PEFT's own matching rule: a full-match regex, or a name equal to or ending in
 `.<target>`) to unipelt sites, attaches one module per (stack, rank, scale, layer set) and copies the weights;
@@ -44,31 +47,45 @@ from .spec import PROJECTION_SITES, load_method
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
-# PEFT LoRA options that change the computation; import refuses a file that sets any of them to a non-default.
+# PEFT LoRA options that change the computation (LoRA variants, extra trained tensors, layer filters); import
+# refuses a file that sets any of them. Init-only options (init_lora_weights, loftq, eva, corda...) do not matter.
 UNSUPPORTED = {
     "use_dora": False, "lora_bias": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
     "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
     "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "modules_to_tie": None,
+    "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None,
 }
+FORWARD_CHANGING_INITS = ("mica",)  # init_lora_weights values that select a LoRA variant
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
 def _not_lora_reason(slot: nn.Module) -> str | None:
-    if not isinstance(slot, Slot):
+    if not isinstance(slot, Slot) or slot.spec.form not in ("bottleneck", "svd"):
         return f"form '{slot.spec.form}'"
     spec = slot.spec
-    for key, value, wanted in (("insertion", spec.insertion, "parallel"), ("activation", spec.activation, "none"),
-                               ("layernorm", spec.layernorm, "none")):
+    checks = [("insertion", spec.insertion, "parallel")]
+    if spec.form == "bottleneck":
+        checks += [("activation", spec.activation, "none"), ("layernorm", spec.layernorm, "none")]
+    for key, value, wanted in checks:
         if value != wanted:
             return f"{key} '{value}' (PEFT LoRA needs {key} '{wanted}')"
     if spec.compose not in ("add", "scale"):
         return f"compose '{spec.compose}' (PEFT LoRA needs add or scale)"
     if slot.site not in PROJECTION_SITES:
         return f"site '{slot.site}' (PEFT LoRA acts on projections: {', '.join(PROJECTION_SITES)})"
-    if spec.has_bias:
+    if spec.form == "bottleneck" and spec.has_bias:
         return "bias: true (PEFT LoRA has no bias in A and B)"
     return None
+
+
+def _lora_pair(slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with Δh = B·A·x before scaling. svd (AdaLoRA): A = diag(λ)·Q, B = P, kept triplets only."""
+    if slot.spec.form == "svd":
+        keep = slot.form.rank_mask.nonzero().flatten()
+        singular = slot.form.masked_singular()[keep]
+        return singular[:, None] * slot.form.right[keep], slot.form.left[:, keep]
+    return slot.form.down.weight, slot.form.up.weight
 
 
 def _scale_of(slot: Slot) -> float:
@@ -118,20 +135,25 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     for name, group in groups.items():
         host = modules[name]
+        pairs = [_lora_pair(slot) for _, slot in group]
+        if sum(a.shape[0] for a, _ in pairs) == 0:
+            continue  # every triplet pruned: this projection is not modified
         if len(group) == 1 and group[0][0].chunk is None:
-            slot = group[0][1]
-            a, b = slot.form.down.weight, slot.form.up.weight
+            (a, b), slot = pairs[0], group[0][1]
             ranks[name], alphas[name] = a.shape[0], _scale_of(slot) * a.shape[0]
-        else:  # chunks of a fused projection: stacked A, block-diagonal B with each chunk's scale folded in
-            out_features = host.weight.shape[1] if type(host).__name__ == "Conv1D" else host.weight.shape[0]
-            a = torch.cat([slot.form.down.weight for _, slot in group])
+        else:  # chunks of a fused projection, or several modules on one projection: stacked A, block B with
+            # each module's B (times its scale) in its own output rows (a chunk's, or all) and its own columns
+            out_features = _dims(host)[1]
+            a = torch.cat([a for a, _ in pairs])
             b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
             column = 0
-            for placement, slot in group:
-                index, count = placement.chunk
-                width, rank = out_features // count, slot.form.down.weight.shape[0]
-                b[index * width:(index + 1) * width, column:column + rank] = slot.form.up.weight * _scale_of(slot)
-                column += rank
+            for (placement, slot), (part_a, part_b) in zip(group, pairs):
+                rows = slice(None)
+                if placement.chunk is not None:
+                    index, count = placement.chunk
+                    rows = slice(index * out_features // count, (index + 1) * out_features // count)
+                b[rows, column:column + part_a.shape[0]] = part_b * _scale_of(slot)
+                column += part_a.shape[0]
             ranks[name], alphas[name] = a.shape[0], float(a.shape[0])
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
@@ -140,6 +162,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     head_modules = sorted({n.rpartition(".")[0] for n in state.trained_head})
     for name in state.trained_head:
         tensors[f"{KEY_PREFIX}{name}"] = params[name]
+    if not ranks:
+        raise AdapterFileError(f"export_peft: method '{state.method.name}' has every rank pruned to 0; nothing to export")
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     alpha = int(alpha) if float(alpha).is_integer() else alpha
@@ -150,11 +174,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropouts[0] if dropouts else 0.0,
-        "target_modules": _target_suffixes(set(groups), list(modules)),
+        "target_modules": _target_suffixes(set(ranks), list(modules)),
         "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
         "modules_to_save": head_modules or None,
-        "fan_in_fan_out": any(type(modules[n]).__name__ == "Conv1D" for n in groups),
+        "fan_in_fan_out": any(type(modules[n]).__name__ == "Conv1D" for n in ranks),
         "bias": "none",
         "use_dora": False,
         "use_rslora": False,
@@ -227,6 +251,11 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             raise AdapterFileError(
                 f"import_peft: {key}={config[key]!r} has no exact unipelt equivalent (supported: {key}={default!r})"
             )
+    if config.get("init_lora_weights") in FORWARD_CHANGING_INITS:
+        raise AdapterFileError(
+            f"import_peft: init_lora_weights={config['init_lora_weights']!r} selects a LoRA variant with no exact "
+            "unipelt equivalent"
+        )
     try:
         tensors = load_file(str(src / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -261,26 +290,36 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                 raise AdapterFileError(f"import_peft: tensor '{key}' missing in {WEIGHTS_FILE}")
             if tuple(tensors[key].shape) != shape:
                 raise AdapterFileError(
-                    f"import_peft: tensor '{key}' has shape {tuple(tensors[key].shape)}, expected {shape}"
+                    f"import_peft: tensor '{key}' has shape {tuple(tensors[key].shape)} in the file, {shape} for r={rank}"
                 )
             pair.append(tensors[key])
         layout[name] = (rank, scale, pair[0], pair[1])
+    # modules_to_save (the trained task head): PEFT's name rule again; every parameter under a matched module
     params = dict(model.named_parameters())
-    heads = [m for m in (config.get("modules_to_save") or [])]
-    head_tensors = {}
+    heads = list(config.get("modules_to_save") or [])
+    head_params: dict[str, str] = {}  # parameter name -> the modules_to_save entry it belongs to
+    for head in heads:
+        matched = [m for m in modules if m and (m == head or m.endswith(f".{head}"))]
+        if not matched:
+            raise AdapterFileError(f"import_peft: modules_to_save '{head}' matches no module here")
+        head_params.update({n: head for n in params if any(n.startswith(f"{m}.") for m in matched)})
     used = {f"{KEY_PREFIX}{n}.{p}.weight" for n in layout for p in ("lora_A", "lora_B")}
+    head_tensors = {}
     for key, tensor in tensors.items():
         if key in used:
             continue
         name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        owner = name.rpartition(".")[0]
-        if name not in params or not any(owner == h or owner.endswith(f".{h}") for h in heads):
+        if name not in head_params:
             raise AdapterFileError(f"import_peft: unexpected tensor '{key}' (not a LoRA weight of a target module "
                                    f"nor a parameter of modules_to_save {heads})")
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise AdapterFileError(f"import_peft: tensor '{key}' has shape {tuple(tensor.shape)}, "
+            raise AdapterFileError(f"import_peft: tensor '{key}' has shape {tuple(tensor.shape)} in the file, "
                                    f"{tuple(params[name].shape)} in the model")
         head_tensors[name] = tensor
+    missing = sorted(set(head_params) - set(head_tensors))
+    if missing:
+        raise AdapterFileError(f"import_peft: tensor '{KEY_PREFIX}{missing[0]}' of modules_to_save "
+                               f"'{head_params[missing[0]]}' missing in {WEIGHTS_FILE}")
     return layout, head_tensors, index
 
 

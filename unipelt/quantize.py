@@ -57,7 +57,7 @@ def quantize_module(module: nn.Module, spec: MethodSpec) -> nn.Module:
     if bias is not None:
         # A copy: bitsandbytes casts its bias to the compute dtype in place, and detach() must give back the
         # original bit for bit.
-        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     # bitsandbytes repacks the weight in place for CPU inference (eval, no grad) when AVX512-BF16 is present; that
     # layout breaks merge and small layers (in_features < block size), so keep the standard one.
     layer.support_avx512bf16_for_cpu = False

@@ -22,8 +22,8 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, open_dict
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import (JobReturn, JobRuntime, JobStatus, configure_log, filter_overrides, run_job,
+                              setup_globals)
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 
@@ -55,11 +55,13 @@ def visible_gpus(gpus: Optional[Sequence[Any]]) -> list[str]:
     return [str(i) for i in range(count)]
 
 
-def _run_in_child(gpu: str, singleton_state: Any, hydra_context: HydraContext, task_function: TaskFunction,
+def _run_in_child(gpu: str, job_name: str, hydra_context: HydraContext, task_function: TaskFunction,
                   config: DictConfig, conn: Any) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this fresh process touches CUDA
-    Singleton.set_state(singleton_state)
+    # A fresh process: Hydra's resolvers and job name are set again here (the parent's resolvers are closures,
+    # which plain pickling cannot send); the app's own registrations ran when the task function was imported.
     setup_globals()
+    JobRuntime.instance().set("name", job_name)
     try:
         ret = run_job(hydra_context=hydra_context, task_function=task_function, config=config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
@@ -113,14 +115,14 @@ class GpuLauncher(Launcher):
         for gpu in gpus:
             free.put(gpu)
         context = multiprocessing.get_context("spawn")
-        state = Singleton.get_state()
+        job_name = JobRuntime.instance().get("name")
 
         def run_one(index: int) -> JobReturn:
             gpu = free.get()  # blocks until a GPU is free: the queue is the lock
             try:
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_run_in_child, name=f"job{index}-gpu{gpu}",
-                                          args=(gpu, state, self.hydra_context, self.task_function,
+                                          args=(gpu, job_name, self.hydra_context, self.task_function,
                                                 configs[index], send))
                 process.start()
                 send.close()

@@ -145,8 +145,9 @@ def run(cfg: DictConfig) -> float:
         "status": "failed", "name": cfg.name, "seed": int(cfg.seed), "task": choices.get("task"),
         "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
         "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
-        "host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
     }
     trackers: list[Tracker] = []
     start = time.perf_counter()
@@ -158,7 +159,7 @@ def run(cfg: DictConfig) -> float:
         raise
     finally:
         record["time_s"] = round(time.perf_counter() - start, 3)
-        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         if int(os.environ.get("RANK", "0")) == 0:
             append_record(job.results_path, record)
         for tracker in trackers:

@@ -56,7 +56,9 @@ def _mutable_copy(cls: type, name: str) -> type:
         default = (field(default_factory=f.default_factory) if f.default_factory is not dataclasses.MISSING
                    else field(default=MISSING if f.default is dataclasses.MISSING else f.default))
         fields.append((f.name, hints[f.name], default))
-    return dataclasses.make_dataclass(name, fields)
+    copy = dataclasses.make_dataclass(name, fields)
+    copy.__module__ = __name__  # picklable by reference (launchers send composed configs to other processes)
+    return copy
 
 
 TaskSchema = _mutable_copy(TaskConfig, "TaskSchema")  # unipelt.tasks.load_task_config validates it again
@@ -91,6 +93,12 @@ def register() -> None:
     """Schemas, the `package_path` resolver and every experiment file (as group `experiment`, package _global_)."""
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
+    # hydra/launcher=gpus. Hydra finds plugins by listing the hydra_plugins namespace package, which misses a
+    # package mapped by an editable install (pip install -e .): importing and registering it works for every install.
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.unipelt_launcher.gpus import GpuLauncher
+
+    Plugins.instance().register(GpuLauncher)
     store = ConfigStore.instance()
     schema = OmegaConf.structured(TrainAppConfig)
     schema.task = OmegaConf.structured(TaskSchema)  # a dataclass built at run time cannot be a field annotation

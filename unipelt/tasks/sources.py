@@ -8,6 +8,7 @@ line, the tag in the last column, a blank line between sentences, -DOCSTART- lin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -38,15 +39,21 @@ def load_split(cfg: TaskConfig, split: str) -> RawSplit:
     """Load and check one split; raises DataError naming the file (or hub split), row and column at fault."""
     if cfg.data_dir is not None:
         path = _local_path(cfg, split)
-        columns, row_name = _read_local(path, cfg, split)
+        table, row_name = _read_local(path, cfg, split)
         origin = str(path)
     else:
-        columns, origin = _read_hub(cfg, split)
+        table, origin = _read_hub(cfg, split)
         row_name = lambda i: f"row {i}"  # noqa: E731 - the hub has no lines; rows count from 0 as in datasets
     where = f"task '{cfg.name}'"
-    columns = _flatten_translation(cfg, columns, origin, where)
-    found = list(columns)
+    found = list(table.column_names) if hasattr(table, "column_names") else list(table)
     needed = list(cfg.text_columns) + ([cfg.label_column] if cfg.label_column else [])
+    # only the columns the task reads are copied out of the (memory-mapped) table
+    wanted = [c for c in found if c in needed or c == cfg.translation_column]
+    if isinstance(table, dict):
+        columns = {c: table[c] for c in wanted}
+    else:  # a datasets.Dataset: one columnar read, not a Python loop over rows
+        columns = dict(table.select_columns(wanted)[:]) if wanted else {}
+    columns = _flatten_translation(cfg, columns, origin, where)
     for column in needed:
         if column not in columns:
             raise DataError(f"{where}: column '{column}' not found in {origin} (columns: {allowed(found)})")
@@ -85,7 +92,8 @@ def _local_path(cfg: TaskConfig, split: str) -> Path:
     return present[0]
 
 
-def _read_local(path: Path, cfg: TaskConfig, split: str) -> tuple[dict[str, list], Callable[[int], str]]:
+def _read_local(path: Path, cfg: TaskConfig, split: str) -> tuple[Any, Callable[[int], str]]:
+    """The file as a `datasets.Dataset` (or a dict of columns for .conll) and how to name its rows."""
     where = f"task '{cfg.name}'"
     with open(path, encoding="utf-8", errors="replace") as handle:
         blank = not handle.read(1 << 16).strip()
@@ -99,22 +107,47 @@ def _read_local(path: Path, cfg: TaskConfig, split: str) -> tuple[dict[str, list
     if suffix in (".tsv", ".csv"):
         delimiter = "\t" if suffix == ".tsv" else ","
         with open(path, newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle, delimiter=delimiter))
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader)
+            has_rows = any(row for row in reader)
         if len(set(header)) != len(header):
             raise DataError(f"{where}: {path} has a repeated column name in its header ({allowed(header)})")
+        if not has_rows:
+            raise DataError(f"{where}: split '{split}' in {path} is empty (no data rows)")
         # every cell as text: labels are parsed below, and words such as "NA" must not become missing values
         features = datasets.Features({name: datasets.Value("string") for name in header})
-        data = datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, features=features,
-                                     keep_default_na=False, na_filter=False, split="train")
-        return {c: list(data[c]) for c in data.column_names}, lambda i: f"line {i + 2}"
+        try:
+            with _quiet():
+                data = datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, features=features,
+                                             keep_default_na=False, na_filter=False, split="train")
+        except Exception as exc:  # malformed rows: pandas' reason, on one line
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{where}: cannot read {path} as {suffix[1:].upper()} with a header row ({first})") \
+                from None
+        return data, lambda i: f"line {i + 2}"
     if suffix in (".jsonl", ".json"):
         try:
-            data = datasets.load_dataset("json", data_files=str(path), split="train")
+            with _quiet():
+                data = datasets.load_dataset("json", data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps the parser's error; keep its first line
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(f"{where}: cannot read {path} as JSON lines ({first})") from None
-        return {c: list(data[c]) for c in data.column_names}, lambda i: f"line {i + 1}"
+        return data, lambda i: f"line {i + 1}"
     raise DataError(f"{where}: unsupported data file type '{suffix}' for {path} (allowed: {allowed(EXTENSIONS)})")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No "Generating train split" progress bar per local file (the hub's download bars stay)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def _read_conll(path: Path, cfg: TaskConfig) -> tuple[dict[str, list], Callable[[int], str]]:
@@ -146,7 +179,7 @@ def _read_conll(path: Path, cfg: TaskConfig) -> tuple[dict[str, list], Callable[
     return {words_column: sentences, tags_column: tags}, lambda i: f"sentence {i + 1} (line {starts[i]})"
 
 
-def _read_hub(cfg: TaskConfig, split: str) -> tuple[dict[str, list], str]:
+def _read_hub(cfg: TaskConfig, split: str) -> tuple[Any, str]:
     import datasets
 
     origin = f"hub {cfg.hub}" + (f" ({cfg.hub_subset})" if cfg.hub_subset else "") + f" split '{split}'"
@@ -156,7 +189,22 @@ def _read_hub(cfg: TaskConfig, split: str) -> tuple[dict[str, list], str]:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(f"task '{cfg.name}': cannot load {origin} ({type(exc).__name__}: {first}); "
                         f"for local files set task.data_dir") from None
-    return {c: list(data[c]) for c in data.column_names}, origin
+    _check_class_names(cfg, data, origin)
+    return data, origin
+
+
+def _check_class_names(cfg: TaskConfig, data: Any, origin: str) -> None:
+    """Hub labels are stored as indices of a ClassLabel; the task's label_names must list the same classes in
+    the same order, or every index would silently mean another class."""
+    import datasets
+
+    feature = data.features.get(cfg.label_column) if cfg.label_column else None
+    if not isinstance(feature, datasets.ClassLabel) and hasattr(feature, "feature"):  # tagging: a list of them
+        feature = feature.feature
+    if isinstance(feature, datasets.ClassLabel) and cfg.label_names is not None and \
+            list(feature.names) != list(cfg.label_names):
+        raise DataError(f"task '{cfg.name}': label_names {cfg.label_names} differ from the classes of column "
+                        f"'{cfg.label_column}' in {origin} ({feature.names}); list them in the hub's order")
 
 
 def _flatten_translation(cfg: TaskConfig, columns: dict[str, list], origin: str, where: str) -> dict[str, list]:

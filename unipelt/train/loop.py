@@ -204,8 +204,9 @@ class _Loop:
         self.model.train()
         while self.step < self.total_steps and not self.stopped_early:
             batches = _micro_batches(len(self.task.train), self.seed, self.epoch, cfg, self.info)
+            # its own generator: creating the iterator draws a seed, which must not move the global RNG (dropout)
             loader = DataLoader(self.task.train, batch_sampler=batches[self.micro :], collate_fn=self.task.collate,
-                                num_workers=cfg.num_workers)
+                                num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(self.epoch))
             accumulated, start = 0.0, self.micro
             for offset, batch in enumerate(loader):
                 index = start + offset

@@ -1,0 +1,114 @@
+"""UniPELT: prefix + sequential adapter + LoRA, each behind its own gate σ(W_g·x) (compose sigmoid_gate)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import unipelt
+from unipelt.attach import state_of
+from tiny_models import tiny_batch, tiny_model
+
+GATED_FAMILIES = ("bert", "llama", "t5")  # encoder, decoder with grouped KV heads, encoder-decoder
+
+
+def _gates(model):
+    return [m for _, slot in state_of(model).slots.items() for m in slot.modules()
+            if isinstance(m, torch.nn.Linear) and "gate" in [n for n, c in slot.named_children()] + [""]
+            and m is getattr(slot, "gate", None) or m is getattr(getattr(slot, "composer", None), "gate", None)]
+
+
+def _set_gates(model, bias: float) -> None:
+    with torch.no_grad():
+        for gate in _gates(model):
+            gate.weight.zero_()
+            gate.bias.fill_(bias)
+
+
+def _perturb(model) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "unipelt_" in name and "gate" not in name:
+                param.add_(torch.randn_like(param) * 0.2)
+
+
+@pytest.mark.parametrize("family", GATED_FAMILIES)
+def test_closed_gates_give_exactly_the_base_model(family):
+    model, batch = tiny_model(family), tiny_batch(family)
+    with torch.no_grad():
+        base = model(**batch).logits
+    unipelt.attach(model, "unipelt")
+    assert len(_gates(model)) == len(state_of(model).slots)  # every module is gated
+    _perturb(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, base)
+        _set_gates(model, -math.inf)  # σ(−∞) = 0: every gate closed
+        assert torch.equal(model(**batch).logits, base)
+
+
+def test_open_prefix_gate_is_he_et_al_gated_prefix():
+    """g = 1 gives exactly the softmax-gated prefix (compose gate) with the same key/value vectors."""
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    prefix = dict(form="prefix", name="p", at="attn.heads", insertion="parallel", length=4)
+    unipelt.attach(model, {"name": "gated", "modules": [{**prefix, "compose": "sigmoid_gate"}]})
+    _perturb(model)
+    _set_gates(model, math.inf)
+    vectors = {n: p.detach().clone() for n, p in model.named_parameters() if "prefix." in n}
+    with torch.no_grad():
+        gated = model(**batch).logits
+    unipelt.detach(model)
+    unipelt.attach(model, {"name": "he", "modules": [{**prefix, "compose": "gate"}]})
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in vectors.items():
+            params[name].copy_(value)
+        torch.testing.assert_close(model(**batch).logits, gated, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_values_are_logged_per_module_kind():
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    unipelt.attach(model, "unipelt")
+    _set_gates(model, math.log(0.3 / 0.7))  # σ = 0.3 for every example
+    model(**batch)
+    metrics = unipelt.training_metrics(model)
+    for kind in ("prefix", "adapter", "lora"):
+        assert metrics[f"mean/{kind}/gate"] == pytest.approx(0.3, abs=1e-6)
+    per_slot = [k for k in metrics if k.endswith("/gate") and not k.startswith("mean/")]
+    assert len(per_slot) == len(state_of(model).slots)
+
+
+def test_gate_is_one_scalar_per_example():
+    """Example 0 of a batch gets the same output as when run alone: the gate is not pooled over the batch."""
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", padded=False)
+    unipelt.attach(model, "unipelt")
+    _perturb(model)
+    with torch.no_grad():
+        for gate in _gates(model):
+            gate.weight.normal_(std=1.0)
+        together = model(**batch).logits
+        alone = model(**{k: v[:1] for k, v in batch.items()}).logits
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_gates_are_counted_and_saved(tmp_path):
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    unipelt.attach(model, "unipelt")
+    d, layers = 32, 2
+    gate = d + 1
+    prefix = 2 * 10 * d + gate
+    adapter = (d * 48 + 48) + (48 * d + d) + gate
+    lora = 2 * (d * 8 + 8 * d + gate)
+    assert unipelt.count_parameters(model)["added"] == layers * (prefix + adapter + lora)
+    _perturb(model)
+    with torch.no_grad():
+        for gate_layer in _gates(model):
+            gate_layer.weight.normal_(std=1.0)
+        out = model(**batch).logits
+    unipelt.save_adapter(model, tmp_path)
+    fresh = tiny_model("bert")
+    unipelt.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, out, rtol=0, atol=1e-6)
