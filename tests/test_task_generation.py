@@ -20,10 +20,19 @@ from unipelt.tasks import IGNORE_INDEX, load_task_config, prepare_task  # noqa: 
 ARTICLES = [
     ("the storm closed roads in the north on monday .", "storm closes northern roads"),
     ("the city council voted to build a new bridge .", "council backs new bridge"),
-    ("a local team won the cup after extra time .", "local team wins cup"),
+    ("a local team won the cup .", "local team wins cup"),  # a shorter prompt: batches need padding
 ]
 PAIRS = [("the house is green .", "casa este verde ."), ("i like tea .", "imi place ceaiul ."),
          ("good morning .", "buna dimineata .")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run faster on one thread, and the 2-core test machine is shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def local(name: str, data_dir, **changes) -> dict:
@@ -39,17 +48,12 @@ def memorize(model, task, steps: int = 60, lr: float = 1e-2):
     torch.manual_seed(0)
     batch = task.collate(list(task.train))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: extra threads only add overhead on a shared 2-core machine
     model.train()
-    try:
-        for _ in range(steps):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     model.eval()
     return loss.item()
 
@@ -112,7 +116,7 @@ def test_translation_reads_tsv_columns_or_a_translation_column(tmp_path):
     assert tokenizer.decode(from_tsv.train[2]["input_ids"], skip_special_tokens=True) == prefix + PAIRS[2][0]
     model = tiny_model("t5")
     assert set(from_tsv.evaluate(model, "validation", max_new_tokens=4)) == {"bleu"}
-    memorize(model, from_tsv, steps=150)
+    memorize(model, from_tsv, steps=80, lr=2e-2)
     assert from_tsv.evaluate(model, "validation") == {"bleu": pytest.approx(100.0)}
 
 

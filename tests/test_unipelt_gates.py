@@ -14,10 +14,14 @@ from tiny_models import tiny_batch, tiny_model
 GATED_FAMILIES = ("bert", "llama", "t5")  # encoder, decoder with grouped KV heads, encoder-decoder
 
 
-def _gates(model):
-    return [m for _, slot in state_of(model).slots.items() for m in slot.modules()
-            if isinstance(m, torch.nn.Linear) and "gate" in [n for n, c in slot.named_children()] + [""]
-            and m is getattr(slot, "gate", None) or m is getattr(getattr(slot, "composer", None), "gate", None)]
+def _gates(model) -> list[torch.nn.Linear]:
+    """Every gate W_g: on a prefix slot itself, on a bottleneck slot's composer."""
+    gates = []
+    for slot in state_of(model).slots.values():
+        gate = getattr(slot, "gate", None) or getattr(getattr(slot, "composer", None), "gate", None)
+        if gate is not None:
+            gates.append(gate)
+    return gates
 
 
 def _set_gates(model, bias: float) -> None:

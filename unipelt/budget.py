@@ -32,7 +32,7 @@ from torch import nn
 from .accounting import build_meta_model, count_parameters
 from .errors import MethodConfigError
 from .sites import resolve
-from .spec import MethodSpec, ModuleSpec, load_method
+from .spec import FORM_KEYS, MethodSpec, ModuleSpec, load_method
 
 # The size key of a module is the first of these that its dataclass has and its form uses.
 SIZE_KEYS = ("dim", "length", "rank", "init_rank", "init_r", "r")
@@ -55,8 +55,6 @@ class BudgetSolution:
 
 def size_key(module: ModuleSpec) -> str:
     """The key that sets a module's size (dim for bottlenecks, length for prefixes and prompts, svd rank)."""
-    from .spec import FORM_KEYS
-
     fields = {f.name for f in dataclasses.fields(module)}
     usable = FORM_KEYS.get(module.form, fields)
     for key in SIZE_KEYS:
@@ -99,6 +97,16 @@ def _describe(keys: list[str], spec: MethodSpec, sizes: list[int]) -> str:
     return ", ".join(f"{m.name}.{k}={s}" for m, k, s in zip(spec.modules, keys, sizes))
 
 
+def _validated(resized: MethodSpec, original: MethodSpec) -> MethodSpec:
+    """The resized spec through the spec checks (dataclasses.replace skips them), or why it cannot be resized."""
+    try:
+        return load_method(resized.to_dict())
+    except MethodConfigError as exc:
+        raise MethodConfigError(
+            f"method '{original.name}': budget {original.budget!r} cannot resize its modules ({exc})"
+        ) from None
+
+
 def solve(method: Any, model_or_config: Any) -> BudgetSolution:
     """Solve the sizes of `method` (which carries a budget) for a model or its config; see the module docstring."""
     spec = load_method(method)
@@ -107,9 +115,10 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
     config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
     keys = [size_key(m) for m in spec.modules]
     base_sizes = [getattr(m, k) for m, k in zip(spec.modules, keys)]
+    unbudgeted = dataclasses.replace(spec, budget=None)
+    _validated(_with_sizes(unbudgeted, keys, [2] * len(keys)), spec)  # sizes that something else pins (a template)
     with torch.device("meta"):
         meta = build_meta_model(config)
-        unbudgeted = dataclasses.replace(spec, budget=None)
 
         def count(sizes: list[int]) -> int:
             return count_parameters(meta, _with_sizes(unbudgeted, keys, sizes))["added"]
@@ -155,7 +164,7 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
         raise MethodConfigError(f"{where} cannot be met; {reach}")
     names = [f"{m.name}.{k}" for m, k in zip(spec.modules, keys)]
     return BudgetSolution(
-        spec=load_method(_with_sizes(unbudgeted, keys, path[chosen]).to_dict()),  # re-validated
+        spec=_validated(_with_sizes(unbudgeted, keys, path[chosen]), spec),
         budget=target,
         added=added,
         sizes=dict(zip(names, path[chosen])),

@@ -259,6 +259,8 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise MethodConfigError(f"{where}: module name '{duplicate}' is used twice; names must be unique")
+    if sum(m.form == "prompt" for m in modules) > 1:  # one input sequence: all virtual tokens go in one template
+        raise MethodConfigError(f"{where}: more than one 'prompt' module; put all virtual tokens in one template")
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
     budget = _budget(raw.get("budget"), f"{where}: budget")

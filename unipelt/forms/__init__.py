@@ -2,5 +2,6 @@
 
 from .bottleneck import Bottleneck, HeadBottleneck
 from .prefix import Prefix, PrefixReparam
+from .prompt import PromptEncoder, VirtualTokens
 
-__all__ = ["Bottleneck", "HeadBottleneck", "Prefix", "PrefixReparam"]
+__all__ = ["Bottleneck", "HeadBottleneck", "Prefix", "PrefixReparam", "PromptEncoder", "VirtualTokens"]

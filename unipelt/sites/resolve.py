@@ -22,7 +22,7 @@ class Placement:
     site: str
     stack: str
     layer: int
-    kind: str  # "projection", "sublayer" or "heads"
+    kind: str  # "projection", "sublayer", "heads" or "embeddings" (a prompt at the input)
     h_name: str  # module whose output (projection, sub-layer) or input (heads) is h
     x_name: str  # module whose input is x (the same as h_name for projections)
     chunk: tuple[int, int] | None

@@ -53,7 +53,7 @@ def load_split(cfg: TaskConfig, split: str) -> RawSplit:
         columns = {c: table[c] for c in wanted}
     else:  # a datasets.Dataset: one columnar read, not a Python loop over rows
         columns = dict(table.select_columns(wanted)[:]) if wanted else {}
-    columns = _flatten_translation(cfg, columns, origin, where)
+    columns = _flatten_translation(cfg, columns, origin, row_name, where)
     for column in needed:
         if column not in columns:
             raise DataError(f"{where}: column '{column}' not found in {origin} (columns: {allowed(found)})")
@@ -207,7 +207,8 @@ def _check_class_names(cfg: TaskConfig, data: Any, origin: str) -> None:
                         f"'{cfg.label_column}' in {origin} ({feature.names}); list them in the hub's order")
 
 
-def _flatten_translation(cfg: TaskConfig, columns: dict[str, list], origin: str, where: str) -> dict[str, list]:
+def _flatten_translation(cfg: TaskConfig, columns: dict[str, list], origin: str, row_name, where: str
+                         ) -> dict[str, list]:
     """WMT on the hub stores {'en': ..., 'ro': ...} dicts in one column; lift the languages into columns."""
     name = cfg.translation_column
     if name is None or name not in columns or all(c in columns for c in cfg.text_columns):
@@ -217,7 +218,8 @@ def _flatten_translation(cfg: TaskConfig, columns: dict[str, list], origin: str,
         values = []
         for i, pair in enumerate(columns[name]):
             if not isinstance(pair, dict) or language not in pair:
-                raise DataError(f"{where}: column '{name}' at {i} of {origin} has no '{language}' text: {pair!r}")
+                raise DataError(f"{where}: column '{name}' at {row_name(i)} of {origin} has no '{language}' "
+                                f"text: {pair!r}")
             values.append(pair[language])
         out[language] = values
     return out

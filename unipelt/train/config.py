@@ -8,8 +8,7 @@ from typing import Optional
 
 from ..errors import UnipeltError
 
-SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-             "inverse_sqrt")
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")  # transformers' curves
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -1,5 +1,5 @@
-"""The training loop: AdamW over unipelt.param_groups, a transformers schedule, autocast, accumulation, clipping,
-periodic evaluation, best adapter, early stopping, resumable checkpoints, NaN/inf detection, data parallelism.
+"""The training loop: AdamW over unipelt.param_groups, a learning-rate schedule (transformers' curves), autocast, accumulation,
+clipping, periodic evaluation, best adapter, early stopping, resumable checkpoints, NaN/inf detection, data parallelism.
 
 The loop talks to the method only through unipelt.optim (param_groups, regularization_loss, on_optimizer_step,
 training_metrics) and to the task only through the PreparedTask interface (train, eval_splits, collate,
@@ -22,6 +22,7 @@ from ..errors import UnipeltError
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, check
+from .schedules import make_schedule
 from .seeding import epoch_order, rng_state, set_rng_state
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -90,11 +91,8 @@ class _Loop:
         for group in groups:
             group.pop("names", None)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        from transformers import get_scheduler
-
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = get_scheduler(cfg.scheduler, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = make_schedule(cfg.scheduler, self.optimizer, warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         # bookkeeping that a checkpoint carries
         self.step = self.epoch = self.micro = self.best_step = self.bad_evals = 0

@@ -1,0 +1,127 @@
+"""The training loop in-process on a tiny BERT: the optim contract (per-module lr, on_optimizer_step before the
+gradients are cleared), gradient accumulation, early stopping, NaN detection, schedules equal transformers' curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import unipelt
+from app_fixtures import make_small_sst2, make_tiny_model
+from unipelt.errors import UnipeltError
+from unipelt.train import TrainConfig, TrainingDiverged, fit, set_seed
+from unipelt.train.schedules import SCHEDULES, make_schedule
+
+LORA_WITH_OWN_LR = {"name": "lora2", "modules": [
+    {"form": "bottleneck", "name": "q", "at": "attn.q", "insertion": "parallel", "compose": "scale", "scale": 2.0,
+     "dim": 4, "activation": "none", "init": "lora", "lr": 0.05},
+    {"form": "bottleneck", "name": "v", "at": "attn.v", "insertion": "parallel", "compose": "scale", "scale": 2.0,
+     "dim": 4, "activation": "none", "init": "lora"}]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from unipelt.tasks import prepare_task
+
+    root = tmp_path_factory.mktemp("loop")
+    model_dir, data_dir = make_tiny_model(root / "model"), make_small_sst2(root / "sst2", n_train=64, n_eval=32)
+    task = prepare_task({"name": "sst2", "kind": "classification", "data_dir": str(data_dir),
+                         "text_columns": ["sentence"], "label_column": "label", "label_names": ["neg", "pos"],
+                         "metrics": ["accuracy"]}, AutoTokenizer.from_pretrained(model_dir), model_type="bert",
+                        max_length=32)
+
+    def build(method="lora"):
+        set_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        return unipelt.attach(model, method)
+
+    return build, task
+
+
+def cfg(**changes) -> TrainConfig:
+    base = dict(lr=1e-2, batch_size=8, progress=False, save_best=False, device="cpu", log_every=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def test_per_module_lr_and_on_optimizer_step_before_zero_grad(tiny, tmp_path, monkeypatch):
+    build, task = tiny
+    model = build(LORA_WITH_OWN_LR)
+    seen = []
+    original = unipelt.optim.on_optimizer_step
+
+    def spy(m, step, total):
+        grads = [p.grad for p in m.parameters() if p.requires_grad]
+        seen.append((step, total, all(g is not None for g in grads)))
+        original(m, step, total)
+
+    monkeypatch.setattr("unipelt.train.loop.optim.on_optimizer_step", spy)
+    logged = []
+    result = fit(model, task, cfg(lr=1e-3, warmup_ratio=0.0, scheduler="constant"), tmp_path,
+                 log=lambda metrics, step: logged.append(metrics))
+    assert seen == [(s, 8, True) for s in range(1, 9)]  # 64 examples / 8, every step, gradients still there
+    assert result.steps == 8 and 0 <= result.score <= 1
+    # the module with its own lr moved with 0.05, the other with the trainer's 1e-3 (Adam: |step| ~ lr)
+    q = dict(model.named_parameters())
+    q_up = next(p for n, p in q.items() if "unipelt_q" in n and "up" in n)
+    v_up = next(p for n, p in q.items() if "unipelt_v" in n and "up" in n)
+    assert q_up.abs().max() > 10 * v_up.abs().max() > 0
+    assert any("train/loss" in m for m in logged) and any("validation/accuracy" in m for m in logged)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny, tmp_path):
+    build, task = tiny
+    full, accumulated = build(), build()
+    fit(full, task, cfg(batch_size=8), tmp_path / "a")
+    fit(accumulated, task, cfg(batch_size=4, grad_accum=2), tmp_path / "b")
+    a, b = dict(full.named_parameters()), dict(accumulated.named_parameters())
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n, p in a.items() if p.requires_grad)
+
+
+def test_early_stopping_after_patience_evaluations(tiny, tmp_path):
+    build, task = tiny
+    # a vanishing lr: the score never improves after the first evaluation
+    result = fit(build(), task, cfg(lr=1e-12, eval_every=1, early_stopping_patience=2), tmp_path)
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+
+
+def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(tiny, tmp_path):
+    build, task = tiny
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        fit(build(), task, cfg(lr=1e30, checkpoint_every=1), tmp_path)
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["step"] >= 1 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+
+
+def test_gpu_only_settings_are_clear_errors_on_cpu(tiny, tmp_path):
+    build, task = tiny
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(UnipeltError, match="precision 'bf16' needs a CUDA device"):
+        fit(build(), task, cfg(precision="bf16"), tmp_path)
+    with pytest.raises(UnipeltError, match="no CUDA device"):
+        fit(build(), task, cfg(device="cuda"), tmp_path)
+    with pytest.raises(UnipeltError, match="trainer.scheduler: unknown value 'cosine_restart'"):
+        fit(build(), task, cfg(scheduler="cosine_restart"), tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedules_follow_transformers(name):
+    from transformers.optimization import get_scheduler
+
+    def lrs(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = make(optimizer)
+        out = []
+        for _ in range(40):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    ours = lrs(lambda o: make_schedule(name, o, 7, 30))
+    theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=7, num_training_steps=30))
+    assert all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15) for x, y in zip(ours, theirs))
