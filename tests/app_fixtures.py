@@ -51,14 +51,14 @@ def make_small_sst2(directory: Path, n_train: int = 256, n_eval: int = 64) -> Pa
     return directory
 
 
-def tiny_overrides(model_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    """A tiny, fast job: the tiny model, 64 SST-2 training sentences, 32 dev sentences, no W&B."""
-    return [f"model.name_or_path={model_dir}", f"task.data_dir={data_dir}", "method=lora", "logger=none",
+def tiny_overrides(model_dir: Path, data_dir: Path, *extra: str, logger: str = "none") -> list[str]:
+    """A tiny, fast job: the tiny model, 64 SST-2 training sentences, 32 dev sentences, no W&B by default."""
+    return [f"model.name_or_path={model_dir}", f"task.data_dir={data_dir}", "method=lora", f"logger={logger}",
             "trainer.max_train_samples=64", "trainer.max_eval_samples=32", "trainer.batch_size=8",
             "trainer.max_length=32", "trainer.lr=1e-2", "trainer.progress=false", *extra]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, **OFFLINE_ENV}
     proc = subprocess.run([sys.executable, "-m", "unipelt.app.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

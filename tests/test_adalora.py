@@ -168,3 +168,33 @@ def test_bad_options_are_refused_before_anything_changes():
         unipelt.attach(model, _method(rank_pattern={"encoder.9.attn.q": 1}))
     assert not unipelt.is_attached(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_importance_is_smoothed_sensitivity_times_uncertainty_and_masking_keeps_the_top_triplets():
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    unipelt.attach(model, _method(tinit=100))  # no masking during the schedule's warm-up
+    forms = _svd_forms(model)
+    with torch.no_grad():
+        for form in forms.values():
+            form.singular.normal_()  # λ = 0 at init would make every sensitivity of P and Q zero
+    model.train()
+    model(**batch).loss.backward()
+    unipelt.on_optimizer_step(model, 1, TOTAL_STEPS + 200)
+    allocator = state_of(model).controllers["unipelt_m0_rank_allocator"]
+    beta1, beta2 = 0.85, 0.85
+    hand = []
+    for form in forms.values():
+        def score(param):
+            sensitivity = (param * param.grad).abs()
+            smoothed = (1 - beta1) * sensitivity  # Ī after one step from zero
+            uncertainty = (1 - beta2) * (sensitivity - smoothed).abs()
+            return smoothed * uncertainty
+        triplet = score(form.singular) + score(form.left).mean(dim=0) + score(form.right).mean(dim=1)
+        torch.testing.assert_close(allocator.triplet_scores(form), triplet.detach(), rtol=1e-5, atol=0)
+        hand.append(triplet.detach())
+    budget = 7
+    allocator.mask_to(budget)
+    flat = torch.cat(hand)
+    kept = torch.cat([form.rank_mask for form in forms.values()])
+    assert int(kept.sum()) == budget
+    assert flat[kept].min() >= flat[~kept].max()

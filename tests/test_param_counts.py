@@ -284,7 +284,7 @@ def test_cli_table(preset, model, conf_name, capsys):
     want = expected_counts(preset, model)
     assert rows["method"] == preset
     assert rows["added (paper accounting)"] == f"{want['added']:,}"
-    assert rows["prefix reparam MLP (training only)"] == f"{want['reparam']:,}"
+    assert rows["reparam: prefix MLP, prompt encoder (training only)"] == f"{want['reparam']:,}"
     assert rows["base model"] == f"{PUBLISHED_BASE[model]:,}"
     percent = 100.0 * (want["added"] + want["trained_base"]) / PUBLISHED_BASE[model]
     assert rows["percent of base"] == f"{percent:.4f}%"

@@ -90,7 +90,8 @@ def test_gpt2_fused_projection_becomes_one_block_lora(tmp_path):
     assert config["target_modules"] == ["c_attn"] and config["r"] == 16 and config["lora_alpha"] == 16
     from safetensors.torch import load_file
 
-    b = load_file(str(tmp_path / "adapter_model.safetensors"))["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     assert b.shape == (96, 16) and torch.count_nonzero(b[32:64]) == 0  # no update on the keys
     torch.testing.assert_close(logits(peft_from(tmp_path, "gpt2"), "gpt2"), logits(model, "gpt2"), atol=ATOL, rtol=0)
 
@@ -115,6 +116,9 @@ IMPORT_CASES = {
                   rank_pattern={"o_proj": 8}),
     "gpt2": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
     "t5": dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
+    # PEFT's layer filter and exclusion: layer 1 of each stack only, and not the cross-attention's q_proj
+    "bart": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], layers_to_transform=[1],
+                 exclude_modules=["encoder_attn.q_proj"]),
 }
 
 
@@ -129,6 +133,10 @@ def test_import_of_a_peft_checkpoint_gives_identical_outputs(tmp_path, family):
     torch.testing.assert_close(logits(model, family), expected, atol=ATOL, rtol=0)
     # The imported method is an ordinary unipelt method: disabled() gives the base back (head excepted).
     assert state_of(model).method.name == "peft_lora"
+    if family == "bart":
+        placed = {(p.stack, p.layer, p.site) for p in state_of(model).placements}
+        assert {layer for _, layer, _ in placed} == {1} and ("decoder", 1, "cross_attn.q") not in placed
+        assert ("decoder", 1, "cross_attn.v") in placed
     if family == "llama":
         scales = sorted({m.scale for m in state_of(model).method.modules})
         assert scales == pytest.approx([16 / 8 ** 0.5, 16 / 4 ** 0.5])  # rslora: alpha / sqrt(r)

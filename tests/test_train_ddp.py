@@ -23,7 +23,7 @@ def test_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "unipelt.app.main", *args, "trainer.batch_size=4", f"hydra.run.dir={ddp}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (one,) = records(single / "results.jsonl")
     (two,) = records(ddp / "results.jsonl")  # rank 0 alone writes the record

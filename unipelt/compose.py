@@ -42,10 +42,14 @@ class Composer(nn.Module):
             return self.learned_scale
         return self.fixed_scale
 
+    def fixed_factor(self) -> float | None:
+        """The multiplier of Δh when it is a constant (add, fixed scale), else None."""
+        return self.fixed_scale if self.gate is None and self.learned_scale is None else None
+
     def forward(self, h: torch.Tensor, delta: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         factor = self.factor(x)
-        if isinstance(factor, float) and factor == 1.0:
-            return h + delta.to(h.dtype)
+        if isinstance(factor, float):  # one multiply-add kernel, no scaled copy of Δh
+            return torch.add(h, delta.to(h.dtype), alpha=factor)
         return h + (factor * delta).to(h.dtype)
 
 
@@ -72,6 +76,10 @@ class Slot(nn.Module):
         parallel = self.spec.insertion == "parallel"
         if self.chunk is None:
             source = x if parallel else h
+            scale = self.composer.fixed_factor()
+            fusable = getattr(self.form, "can_add_into", None)
+            if scale is not None and fusable is not None and fusable(h):  # up-projection, scale and add: one GEMM
+                return self.form.add_scaled_into(h, source, scale)
             return self.composer(h, self.form(source), source)
         index, count = self.chunk
         pieces = list(h.chunk(count, dim=-1))

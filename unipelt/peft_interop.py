@@ -18,7 +18,8 @@ same projection (a hybrid) are written the same way: one LoRA of the summed rank
 Import maps PEFT's target_modules (PEFT's own matching rule: a full-match regex, or a name equal to or ending in
 `.<target>`) to unipelt sites, attaches one module per (stack, rank, scale, layer set) and copies the weights;
 a LoRA on a fused module becomes one module per chunk (A shared by copy, B split by rows). Options that change
-the computation and have no exact unipelt equivalent (DoRA, LoRA bias, layer filters, ...) are refused.
+the computation and have no exact unipelt equivalent (DoRA, LoRA bias, other variants, ...) are refused;
+layers_to_transform / layers_pattern / exclude_modules follow PEFT's own matching rules.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,20 +40,21 @@ from .attach import attach, detach, is_attached, state_of
 from .compose import Slot
 from .errors import AdapterFileError, AttachError
 from .io import _atomic_write
+from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
 from .sites.resolve import base_prefix, family_of
-from .sites.table import Projection
 from .spec import PROJECTION_SITES, load_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
-# PEFT LoRA options that change the computation (LoRA variants, extra trained tensors, layer filters); import
-# refuses a file that sets any of them. Init-only options (init_lora_weights, loftq, eva, corda...) do not matter.
+# PEFT LoRA options that change the computation (LoRA variants, extra trained tensors, replicated layers); import
+# refuses a file that sets any of them. Layer filters, exclude_modules and rslora are handled exactly; init-only
+# options (init_lora_weights, loftq, eva, corda...) do not matter for loading.
 UNSUPPORTED = {
-    "use_dora": False, "lora_bias": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
-    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
-    "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "modules_to_tie": None,
-    "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None,
+    "use_dora": False, "lora_bias": False, "bias": "none", "target_parameters": None,
+    "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "use_bdlora": None, "modules_to_tie": None, "arrow_config": None, "kasa_config": None,
+    "monteclora_config": None, "velora_config": None,
 }
 FORWARD_CHANGING_INITS = ("mica",)  # init_lora_weights values that select a LoRA variant
 
@@ -93,21 +94,6 @@ def _scale_of(slot: Slot) -> float:
     return float(factor.detach()) if isinstance(factor, torch.Tensor) else float(factor)
 
 
-def _target_suffixes(targets: set[str], all_names: list[str]) -> list[str]:
-    """The shortest name suffixes that PEFT's list matching maps to exactly `targets` (e.g. ['query', 'value'])."""
-    chosen = set()
-    for name in sorted(targets):
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):
-            if k < len(parts) and parts[-k].isdigit():
-                continue  # 'layer.1.output.dense' reads better than '1.output.dense'
-            suffix = ".".join(parts[-k:])
-            if all(n in targets for n in all_names if n == suffix or n.endswith("." + suffix)):
-                chosen.add(suffix)
-                break
-    return sorted(chosen)
-
-
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write the attached LoRA-type method as a PEFT LoRA adapter; refuses (one line) what PEFT LoRA cannot say."""
     state = state_of(model)
@@ -127,7 +113,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         groups.setdefault(placement.h_name, []).append((placement, slot))
     dropouts = sorted({p.spec.dropout for group in groups.values() for p, _ in group})
     if len(dropouts) > 1:
-        raise AdapterFileError(f"export_peft: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout")
+        raise AdapterFileError(
+            f"export_peft: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout"
+        )
 
     modules = dict(model.named_modules())
     tensors: dict[str, torch.Tensor] = {}
@@ -143,7 +131,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             ranks[name], alphas[name] = a.shape[0], _scale_of(slot) * a.shape[0]
         else:  # chunks of a fused projection, or several modules on one projection: stacked A, block B with
             # each module's B (times its scale) in its own output rows (a chunk's, or all) and its own columns
-            out_features = _dims(host)[1]
+            out_features = linear_in_out(host)[1]
             a = torch.cat([a for a, _ in pairs])
             b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
             column = 0
@@ -163,7 +151,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     for name in state.trained_head:
         tensors[f"{KEY_PREFIX}{name}"] = params[name]
     if not ranks:
-        raise AdapterFileError(f"export_peft: method '{state.method.name}' has every rank pruned to 0; nothing to export")
+        raise AdapterFileError(
+            f"export_peft: method '{state.method.name}' has every rank pruned to 0; nothing to export"
+        )
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     alpha = int(alpha) if float(alpha).is_integer() else alpha
@@ -174,7 +164,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropouts[0] if dropouts else 0.0,
-        "target_modules": _target_suffixes(set(ranks), list(modules)),
+        "target_modules": target_suffixes(set(ranks), list(modules)),
         "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
         "modules_to_save": head_modules or None,
@@ -195,42 +185,24 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 # ---- import ---------------------------------------------------------------------------------------------------
 
-def projection_index(model: nn.Module) -> dict[str, list[tuple[str, int, str, tuple[int, int] | None]]]:
-    """Every projection module of the model -> its unipelt sites as (stack, layer, site, chunk)."""
-    family = family_of(model.config)
-    modules = dict(model.named_modules())
-    root = base_prefix(model)
-    index: dict[str, list] = {}
-    for stack_name, stack in family.stacks.items():
-        layers = modules.get(".".join(p for p in (root, stack.path) if p))
-        for layer in range(len(layers) if layers is not None else 0):
-            prefix = ".".join(p for p in (root, stack.path, str(layer)) if p)
-            for site, entry in stack.sites.items():
-                if not isinstance(entry, Projection):
-                    continue
-                name = next((f"{prefix}.{path}" for path in entry.path.split("|") if f"{prefix}.{path}" in modules),
-                            None)
-                if name is not None:
-                    index.setdefault(name, []).append((stack_name, layer, site, entry.chunk))
-    return index
-
-
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    for key, value in patterns.items():  # PEFT's rule: the first key that matches the end of the name
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _targeted(config: dict[str, Any], names: list[str]) -> list[str]:
     targets = config.get("target_modules")
     if targets == "all-linear":
         raise AdapterFileError("import_peft: target_modules 'all-linear' is not supported; list the module names")
-    if isinstance(targets, str):
-        return [n for n in names if re.fullmatch(targets, n)]
-    if not isinstance(targets, list) or not targets:
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
         raise AdapterFileError(f"import_peft: target_modules must be a list of names or a regex, got {targets!r}")
-    return [n for n in names if n in targets or any(n.endswith(f".{t}") for t in targets)]
+    exclude = config.get("exclude_modules") or []
+    layers = config.get("layers_to_transform")
+    chosen = []
+    for name in names:
+        if name_matches(exclude, name) or not name_matches(targets, name):
+            continue
+        if layers not in (None, []):
+            index = layer_index(name, config.get("layers_pattern"))
+            if index is None or (index != layers if isinstance(layers, int) else index not in layers):
+                continue
+        chosen.append(name)
+    return chosen
 
 
 def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -279,10 +251,10 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                 f"import_peft: target module '{name}' ({type(modules[name]).__name__}) is not a projection site "
                 "unipelt can modify"
             )
-        rank = int(_pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank  # PEFT's expressions, for identical floats
-        d_in, d_out = _dims(modules[name])
+        d_in, d_out = linear_in_out(modules[name])
         pair = []
         for part, shape in (("lora_A", (rank, d_in)), ("lora_B", (d_out, rank))):
             key = f"{KEY_PREFIX}{name}.{part}.weight"
@@ -290,7 +262,8 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                 raise AdapterFileError(f"import_peft: tensor '{key}' missing in {WEIGHTS_FILE}")
             if tuple(tensors[key].shape) != shape:
                 raise AdapterFileError(
-                    f"import_peft: tensor '{key}' has shape {tuple(tensors[key].shape)} in the file, {shape} for r={rank}"
+                    f"import_peft: tensor '{key}' has shape {tuple(tensors[key].shape)} in the file, "
+                    f"{shape} for r={rank}"
                 )
             pair.append(tensors[key])
         layout[name] = (rank, scale, pair[0], pair[1])
@@ -321,12 +294,6 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
         raise AdapterFileError(f"import_peft: tensor '{KEY_PREFIX}{missing[0]}' of modules_to_save "
                                f"'{head_params[missing[0]]}' missing in {WEIGHTS_FILE}")
     return layout, head_tensors, index
-
-
-def _dims(module: nn.Module) -> tuple[int, int]:
-    if type(module).__name__ == "Conv1D":
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return int(module.in_features), int(module.out_features)
 
 
 def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict[str, Any]:
@@ -387,4 +354,4 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     return model
 
 
-__all__ = ["export_peft", "import_peft", "projection_index"]
+__all__ = ["export_peft", "import_peft", "read_peft"]

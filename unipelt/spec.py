@@ -178,8 +178,8 @@ FORM_SITES = {"bottleneck": SITES + (ALL_LINEAR,), "prefix": HEAD_SITES, "svd": 
               "prompt": INPUT_SITES}
 # A prompt is computed from nothing in the model (parallel) and meets h through attention (gate).
 FORM_INSERTIONS = {"bottleneck": INSERTIONS, "prefix": ("parallel",), "svd": ("parallel",), "prompt": ("parallel",)}
-FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale", "sigmoid_gate"), "svd": ("add", "scale"),
-                     "prompt": ("gate",)}
+FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale", "sigmoid_gate"),
+                     "svd": ("add", "scale"), "prompt": ("gate",)}
 
 
 def preset_dir() -> Path:

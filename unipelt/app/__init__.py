@@ -1,0 +1,1 @@
+"""unipelt-train, unipelt-report: the Hydra app (schemas, tracking, results, report) above unipelt.train."""

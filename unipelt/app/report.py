@@ -67,7 +67,7 @@ def format_table(rows: list[Row], failed: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.task} | {r.method} | {r.metric} | {r.mean:.4f} ± {r.std:.4f} | {r.n} | "
-                     f"{r.percent:.3f} | {r.added:,} | {r.failed} |")
+                     f"{r.percent:.4f} | {r.added:,} | {r.failed} |")
     if failed:
         lines += ["", f"Failed jobs ({len(failed)}):", ""]
         for record in failed:

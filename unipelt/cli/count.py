@@ -52,7 +52,7 @@ def format_table(counts: dict[str, Any], model: str) -> str:
         ("method", counts["method"]),
         ("model", model),
         ("added (paper accounting)", f"{counts['added']:,}"),
-        ("prefix reparam MLP (training only)", f"{counts['reparam']:,}"),
+        ("reparam: prefix MLP, prompt encoder (training only)", f"{counts['reparam']:,}"),
         ("base weights trained", f"{counts['trained_base']:,}"),
         ("trainable (no task head)", f"{counts['trainable']:,}"),
         ("base model", f"{counts['base']:,}"),

@@ -36,6 +36,20 @@ def init_down_up(down_weight: torch.Tensor, up_weight: torch.Tensor, init: str, 
             raise ValueError(f"unknown init {init!r}")
 
 
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter's matrix products run in: autocast's where it is on, else the adapter weights'."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x ready for the adapter's matmuls. Under autocast they cast for themselves: an up-cast here would only
+    copy the activation (bf16 → fp32, which autocast then casts back to bf16)."""
+    if x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 class Bottleneck(nn.Module):
     """down (d_in→r) → activation → up (r→d_out), with optional LayerNorm on the input or output and dropout."""
 
@@ -52,16 +66,33 @@ class Bottleneck(nn.Module):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.down.weight.dtype)
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """act(down(x)), after the optional input LayerNorm and dropout: everything before the up projection."""
+        x = matmul_input(x, self.down.weight)
         if self.norm_in is not None:
             x = self.norm_in(x)
         if self.dropout is not None:
             x = self.dropout(x)
-        delta = self.up(self.act(self.down(x)))
+        return self.act(self.down(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.up(self.hidden(x))
         if self.norm_out is not None:
             delta = self.norm_out(delta)
         return delta
+
+    def can_add_into(self, h: torch.Tensor) -> bool:
+        """True when add_scaled_into applies: no output LayerNorm, and h already in the matmul's dtype."""
+        return self.norm_out is None and h.dtype == _matmul_dtype(h, self.up.weight)
+
+    def add_scaled_into(self, h: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """h + scale·Δh with the up projection, the scale and the add done by one GEMM (addmm's C input), instead
+        of a GEMM, a multiply and an add that each read and write an activation-sized tensor."""
+        z = self.hidden(x)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), self.up.weight.t(), alpha=scale)
+        if self.up.bias is not None:
+            out = out.add(self.up.bias, alpha=scale)
+        return out.view(h.shape)
 
     def linear_delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ΔW, Δb) with Δh = ΔW x + Δb; only valid for a linear bottleneck (no activation, no LayerNorm)."""
@@ -90,7 +121,7 @@ class HeadBottleneck(nn.Module):
             nn.init.zeros_(self.down.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.down.weight.dtype)
+        x = matmul_input(x, self.down.weight)
         if self.norm_in is not None:
             x = self.norm_in(x)
         if self.dropout is not None:

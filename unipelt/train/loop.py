@@ -1,5 +1,6 @@
-"""The training loop: AdamW over unipelt.param_groups, a learning-rate schedule (transformers' curves), autocast, accumulation,
-clipping, periodic evaluation, best adapter, early stopping, resumable checkpoints, NaN/inf detection, data parallelism.
+"""The training loop: AdamW over unipelt.param_groups, a learning-rate schedule (transformers' curves), autocast,
+gradient accumulation and clipping, periodic evaluation, best adapter, early stopping, resumable checkpoints,
+NaN/inf detection, data parallelism.
 
 The loop talks to the method only through unipelt.optim (param_groups, regularization_loss, on_optimizer_step,
 training_metrics) and to the task only through the PreparedTask interface (train, eval_splits, collate,
