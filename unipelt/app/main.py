@@ -119,7 +119,10 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
         record["wandb_dir"] = tracker.run_dir
     else:
         tracker = Tracker()
-    result = fit(model, task, train_cfg, output_dir, seed=seed, log=tracker.log, info=info)
+    try:
+        result = fit(model, task, train_cfg, output_dir, seed=seed, log=tracker.log, info=info)
+    finally:
+        distributed.teardown(info)
     record.update(status="completed", metrics=result.metrics, score=result.score, best_step=result.best_step,
                   steps=result.steps, train_loss=result.train_loss, stopped_early=result.stopped_early,
                   resumed_from=result.resumed_from)
