@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+               "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1"}  # tiny models run fastest on one thread, and jobs often run two at a time
 
 
 def make_tiny_model(directory: Path, dropout: float = 0.0, seed: int = 0) -> Path:
@@ -58,8 +59,9 @@ def tiny_overrides(model_dir: Path, data_dir: Path, *extra: str, logger: str = "
             "trainer.max_length=32", "trainer.lr=1e-2", "trainer.progress=false", *extra]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, **OFFLINE_ENV}
+def run_cli(args: list[str], cwd: Path, timeout: float = 600, check: bool = True,
+            threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-m", "unipelt.app.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -25,7 +25,7 @@ def test_minilm_sst2_end_to_end_with_offline_wandb(tmp_path):
         pytest.skip("SST-2 data not found in ../shared/data")
     run_dir = tmp_path / "run"
     proc = run_cli([f"task.data_dir={SST2}", "trainer.max_train_samples=256", "trainer.max_eval_samples=128",
-                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path, threads=2)
     assert "final metrics (mam_glue on sst2" in proc.stdout
     assert "validation/accuracy" in proc.stdout
     (record,) = records(run_dir / "results.jsonl")

@@ -20,7 +20,7 @@ def test_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
     single = tmp_path / "single"
     run_cli([*args, "trainer.batch_size=8", f"hydra.run.dir={single}"], cwd=tmp_path)
     ddp = tmp_path / "ddp"
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **OFFLINE_ENV}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "unipelt.app.main", *args, "trainer.batch_size=4", f"hydra.run.dir={ddp}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -18,6 +18,17 @@ import yaml
 
 from .errors import MethodConfigError, allowed
 from .prompt_grammar import PROMPT_KEYS, prompt_options, template_to_yaml
+from .spec_values import (
+    budget_value,
+    choice_value,
+    expect_value,
+    layers_value,
+    positive_float_value,
+    positive_int_value,
+    probability_value,
+    scale_value,
+    svd_options,
+)
 
 FORMS = ("bottleneck", "prefix", "svd", "prompt")
 INSERTIONS = ("sequential", "parallel")
@@ -245,13 +256,13 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     unknown = sorted(set(raw) - set(METHOD_KEYS))
     if unknown:
         raise MethodConfigError(f"method: unknown key '{unknown[0]}' (allowed: {allowed(METHOD_KEYS)})")
-    name = _expect(raw.get("name", "custom"), str, "method.name")
+    name = expect_value(raw.get("name", "custom"), str, "method.name")
     where = f"method '{name}'"
     modules_raw = raw.get("modules") or []
     if not isinstance(modules_raw, (list, tuple)):
         raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
-    train_base = _choice(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
-    train_head = _expect(raw.get("train_head", True), bool, f"{where}: train_head")
+    train_base = choice_value(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
+    train_head = expect_value(raw.get("train_head", True), bool, f"{where}: train_head")
     modules = []
     for index, module_raw in enumerate(modules_raw):
         modules.append(_build_module(module_raw, f"{where} module {index}", index))
@@ -263,12 +274,12 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: more than one 'prompt' module; put all virtual tokens in one template")
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
-    budget = _budget(raw.get("budget"), f"{where}: budget")
-    quantize = _choice(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
-    compute_dtype = _choice(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
-    double_quant = _expect(raw.get("double_quant", True), bool, f"{where}: double_quant")
+    budget = budget_value(raw.get("budget"), f"{where}: budget")
+    quantize = choice_value(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
+    compute_dtype = choice_value(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
+    double_quant = expect_value(raw.get("double_quant", True), bool, f"{where}: double_quant")
     optimizer = raw.get("optimizer")
-    optimizer = None if optimizer is None else _choice(optimizer, OPTIMIZERS, f"{where}: optimizer")
+    optimizer = None if optimizer is None else choice_value(optimizer, OPTIMIZERS, f"{where}: optimizer")
     if quantize != "none" and train_base != "none":
         raise MethodConfigError(f"{where}: quantize '{quantize}' freezes the base; train_base must be 'none'")
     if budget is not None and not modules:
@@ -284,7 +295,7 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     raw = dict(raw)
     if "form" not in raw:
         raise MethodConfigError(f"{where}: missing key 'form' (allowed: {allowed(FORMS)})")
-    form = _choice(raw["form"], FORMS, f"{where}: form")
+    form = choice_value(raw["form"], FORMS, f"{where}: form")
     unknown = sorted(set(raw) - FORM_KEYS[form])
     if unknown:
         raise MethodConfigError(
@@ -296,43 +307,43 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
     if not at_raw:
         raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
-    at = tuple(_choice(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at") for site in at_raw)
-    insertion = _choice(raw["insertion"], INSERTIONS, f"{where}: insertion")
-    compose = _choice(raw["compose"], COMPOSITIONS, f"{where}: compose")
+    at = tuple(choice_value(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at") for site in at_raw)
+    insertion = choice_value(raw["insertion"], INSERTIONS, f"{where}: insertion")
+    compose = choice_value(raw["compose"], COMPOSITIONS, f"{where}: compose")
     values: dict[str, Any] = {"form": form, "at": at, "insertion": insertion, "compose": compose}
-    values["name"] = _expect(raw.get("name", f"m{index}"), str, f"{where}: name")
+    values["name"] = expect_value(raw.get("name", f"m{index}"), str, f"{where}: name")
     if not values["name"].isidentifier():
         raise MethodConfigError(f"{where}: name '{values['name']}' must be a Python identifier")
 
     _check_combination(form, at, insertion, compose, where)
-    values["scale"] = _scale(raw, compose, where)
-    values["layers"] = _layers(raw.get("layers", "all"), where)
+    values["scale"] = scale_value(raw, compose, where)
+    values["layers"] = layers_value(raw.get("layers", "all"), where)
     stacks = raw.get("stacks", list(STACKS))
     stacks = stacks if isinstance(stacks, (list, tuple)) else [stacks]
-    values["stacks"] = tuple(_choice(s, STACKS, f"{where}: stacks") for s in stacks)
+    values["stacks"] = tuple(choice_value(s, STACKS, f"{where}: stacks") for s in stacks)
     if not values["stacks"]:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
-    values["lr"] = None if lr is None else _positive_float(lr, f"{where}: lr")
+    values["lr"] = None if lr is None else positive_float_value(lr, f"{where}: lr")
     if form == "prompt":
         values.update(prompt_options(raw, where))
         return ModuleSpec(**values)
     if form == "svd":
-        values.update(_svd_options(raw, where))
+        values.update(svd_options(raw, where))
         return ModuleSpec(**values)
 
     if form == "bottleneck":
-        values["dim"] = _positive_int(raw.get("dim", 64), f"{where}: dim")
-        values["activation"] = _choice(raw.get("activation", "relu"), ACTIVATIONS, f"{where}: activation")
-        values["init"] = _choice(raw.get("init", "bert"), INITS, f"{where}: init")
-        values["layernorm"] = _choice(raw.get("layernorm", "none"), LAYERNORMS, f"{where}: layernorm")
-        values["dropout"] = _probability(raw.get("dropout", 0.0), f"{where}: dropout")
+        values["dim"] = positive_int_value(raw.get("dim", 64), f"{where}: dim")
+        values["activation"] = choice_value(raw.get("activation", "relu"), ACTIVATIONS, f"{where}: activation")
+        values["init"] = choice_value(raw.get("init", "bert"), INITS, f"{where}: init")
+        values["layernorm"] = choice_value(raw.get("layernorm", "none"), LAYERNORMS, f"{where}: layernorm")
+        values["dropout"] = probability_value(raw.get("dropout", 0.0), f"{where}: dropout")
         bias = raw.get("bias")
-        values["bias"] = None if bias is None else _expect(bias, bool, f"{where}: bias")
+        values["bias"] = None if bias is None else expect_value(bias, bool, f"{where}: bias")
     else:
-        values["length"] = _positive_int(raw.get("length", 30), f"{where}: length")
+        values["length"] = positive_int_value(raw.get("length", 30), f"{where}: length")
         mlp_dim = raw.get("mlp_dim")
-        values["mlp_dim"] = None if mlp_dim is None else _positive_int(mlp_dim, f"{where}: mlp_dim")
+        values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
     return ModuleSpec(**values)
 
 
@@ -345,42 +356,6 @@ def _prompt_entry(entry: dict[str, Any]) -> None:
         entry["init_text"] = list(entry["init_text"])
     if "template" in entry:
         entry["template"] = template_to_yaml(entry["template"])
-
-
-def _svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    out["init_r"] = _positive_int(raw.get("init_r", 12), f"{where}: init_r")
-    out["target_r"] = _positive_int(raw.get("target_r", 8), f"{where}: target_r")
-    if out["target_r"] > out["init_r"]:
-        raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
-    for key, default in (("tinit", 0.1), ("tfinal", 0.3)):
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                isinstance(value, float) and value >= 1):
-            raise MethodConfigError(f"{where}: {key} must be a step count (int >= 0) or a fraction of the run "
-                                    f"(float in [0, 1)), got {value!r}")
-        out[key] = value
-    if all(isinstance(out[k], float) for k in ("tinit", "tfinal")) and out["tinit"] + out["tfinal"] >= 1:
-        raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
-                                f"{out['tinit']} + {out['tfinal']} >= 1)")
-    out["delta_t"] = _positive_int(raw.get("delta_t", 10), f"{where}: delta_t")
-    for key in ("beta1", "beta2"):
-        out[key] = _probability(raw.get(key, 0.85), f"{where}: {key}")
-    weight = raw.get("orth_reg_weight", 0.1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
-    out["orth_reg_weight"] = float(weight)
-    pattern = raw.get("rank_pattern")
-    if pattern is not None:
-        if not isinstance(pattern, Mapping):
-            raise MethodConfigError(f"{where}: rank_pattern must map 'stack.layer.site' to a rank, got {pattern!r}")
-        for key, rank in pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= out["init_r"]:
-                raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
-                                        f"({out['init_r']}), got {rank!r}")
-        pattern = tuple(sorted((str(k), int(v)) for k, v in pattern.items()))
-    out["rank_pattern"] = pattern
-    return out
 
 
 def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:
@@ -399,83 +374,6 @@ def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: 
             f"{where}: form '{form}' cannot use compose '{compose}' "
             f"(allowed compose: {allowed(FORM_COMPOSITIONS[form])})"
         )
-
-
-def _scale(raw: Mapping[str, Any], compose: str, where: str) -> float | str:
-    if "scale" not in raw:
-        return 1.0
-    if compose != "scale":
-        raise MethodConfigError(f"{where}: key 'scale' needs compose 'scale' (got compose '{compose}')")
-    value = raw["scale"]
-    if value == "learned":
-        return "learned"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MethodConfigError(f"{where}: scale must be a number or 'learned', got {value!r}")
-    return float(value)
-
-
-def _layers(value: Any, where: str) -> str | tuple[int, ...]:
-    if value == "all":
-        return "all"
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise MethodConfigError(f"{where}: layers must be 'all' or a non-empty list of layer indices, got {value!r}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise MethodConfigError(f"{where}: layers must hold integers, got {item!r}")
-    return tuple(value)
-
-
-def _budget(value: Any, where: str) -> str | int | None:
-    """None, a positive added-parameter count, or a percentage string like '0.5%' in (0, 100]."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    if isinstance(value, str) and value.endswith("%"):
-        try:
-            percent = float(value[:-1])
-        except ValueError:
-            percent = -1.0
-        if 0.0 < percent <= 100.0:
-            return value
-    raise MethodConfigError(
-        f"{where}: expected a percentage of the base model like '0.5%' or a positive parameter count, got {value!r}"
-    )
-
-
-def _choice(value: Any, options: tuple[str, ...], where: str) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise MethodConfigError(f"{where}: unknown value {value!r} (allowed: {allowed(options)})")
-    return value
-
-
-def _expect(value: Any, kind: type, where: str) -> Any:
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise MethodConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def _positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise MethodConfigError(f"{where}: expected a positive integer, got {value!r}")
-    return value
-
-
-def _positive_float(value: Any, where: str) -> float:
-    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise MethodConfigError(f"{where}: expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _probability(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise MethodConfigError(f"{where}: expected a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 __all__ = ["ModuleSpec", "MethodSpec", "load_method", "list_presets"]
