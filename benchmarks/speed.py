@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import os
 import statistics
@@ -179,7 +180,10 @@ def prepare(name: str, model: torch.nn.Module, steps: int) -> tuple[torch.nn.Mod
         if name in ("peft_lora_qv", "peft_lora_all"):
             return wrapped, wrapped.merge_adapter
         return wrapped, None
-    unipelt.attach(model, EXTRA_METHODS.get(name, name))
+    spec = unipelt.load_method(EXTRA_METHODS.get(name, name))
+    if spec.train_base != "all":  # the LM head here is the pretrained one, not a new task head: PEFT freezes it too
+        spec = dataclasses.replace(spec, train_head=False)
+    unipelt.attach(model, spec)
     state = state_of(model)
     mergeable = bool(state.slots) and all(
         getattr(slot.spec, "is_linear", False) and slot.spec.insertion == "parallel" for slot in state.slots.values()
@@ -208,11 +212,23 @@ def measure(name: str, args, shape: dict, dtype: torch.dtype, device: torch.devi
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
 
+    total = args.steps + args.warmup
+    taken = [0]
+    adalora_allocate = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
+
     def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = forward(input_ids=ids, labels=ids).loss
+            if unipelt.is_attached(model):  # the method/trainer contract (e.g. AdaLoRA's regulariser)
+                extra = unipelt.regularization_loss(model)
+                loss = loss if extra is None else loss + extra
         loss.backward()
         optimizer.step()
+        taken[0] += 1
+        if unipelt.is_attached(model):
+            unipelt.on_optimizer_step(model, min(taken[0], total), total)
+        elif name.startswith("peft_") and adalora_allocate is not None:
+            adalora_allocate(min(taken[0], total))
         optimizer.zero_grad(set_to_none=True)
 
     row.step_ms = median_ms(train_step, args.steps, args.warmup, device)
@@ -287,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="bf16: weights and adapters in bf16; fp32; autocast: fp32 weights under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if cuda else "cpu")
     if args.shape == "gpu1b" and not cuda:

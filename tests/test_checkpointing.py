@@ -9,6 +9,7 @@ import torch
 
 import unipelt
 from unipelt.attach import state_of
+from unipelt.compose import Slot
 from tiny_models import tiny_batch, tiny_model
 
 METHODS = ("lora", "mam", "houlsby", "pa")
@@ -29,15 +30,15 @@ def _perturbed(family: str, method: str):
 
 
 def _count_slot_calls(model) -> list[int]:
-    """Count forward calls of every bottleneck or prefix-form slot (a re-run layer calls them again)."""
+    """Count forward calls of every bottleneck slot (a re-run layer calls them again)."""
     calls = [0]
 
     def bump(*_):
         calls[0] += 1
 
     for slot in state_of(model).slots.values():
-        form = getattr(slot, "form", None) or getattr(slot, "prefix", None)
-        form.register_forward_hook(bump)
+        if isinstance(slot, Slot):
+            slot.register_forward_hook(bump)
     return calls
 
 

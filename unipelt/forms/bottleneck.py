@@ -91,7 +91,7 @@ class Bottleneck(nn.Module):
         z = self.hidden(x)
         out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), self.up.weight.t(), alpha=scale)
         if self.up.bias is not None:
-            out = out.add(self.up.bias, alpha=scale)
+            out = out.add(self.up.bias.to(out.dtype), alpha=scale)  # fp32 bias must not promote bf16 h
         return out.view(h.shape)
 
     def linear_delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
