@@ -3,7 +3,6 @@ jobs are listed with their reasons, the PNG exists; the notebook runs the same o
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
