@@ -12,7 +12,8 @@ import unipelt
 from app_fixtures import make_small_sst2, make_tiny_model
 from unipelt.errors import UnipeltError
 from unipelt.train import TrainConfig, TrainingDiverged, fit, set_seed
-from unipelt.train.schedules import SCHEDULES, make_schedule
+from unipelt.train.config import SCHEDULES
+from unipelt.train.schedules import make_schedule
 
 LORA_WITH_OWN_LR = {"name": "lora2", "modules": [
     {"form": "bottleneck", "name": "q", "at": "attn.q", "insertion": "parallel", "compose": "scale", "scale": 2.0,
@@ -109,19 +110,18 @@ def test_gpu_only_settings_are_clear_errors_on_cpu(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_schedules_follow_transformers(name):
-    from transformers.optimization import get_scheduler
-
-    def lrs(make):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        schedule = make(optimizer)
-        out = []
-        for _ in range(40):
-            out.append(schedule.get_last_lr()[0])
-            optimizer.step()
-            schedule.step()
-        return out
-
-    ours = lrs(lambda o: make_schedule(name, o, 7, 30))
-    theirs = lrs(lambda o: get_scheduler(name, o, num_warmup_steps=7, num_training_steps=30))
-    assert all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15) for x, y in zip(ours, theirs))
+def test_schedule_scales_every_group_by_the_same_curve(name):
+    # Per-module learning rates (prefix vs adapter) must keep their ratio all along the schedule.
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1},
+              {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.03}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    schedule = make_schedule(name, optimizer, 7, 30)
+    seen = []
+    for _ in range(40):
+        first, second = schedule.get_last_lr()
+        assert math.isclose(second, 0.3 * first, rel_tol=1e-12, abs_tol=1e-15)
+        seen.append(first)
+        optimizer.step()
+        schedule.step()
+    if name != "constant":
+        assert seen[0] == 0.0 and max(seen) == pytest.approx(0.1)  # warm-up from zero to the peak rate

@@ -1,4 +1,4 @@
-"""The training loop: AdamW over unipelt.param_groups, a learning-rate schedule (transformers' curves), autocast,
+"""The training loop: AdamW over unipelt.param_groups, a learning-rate schedule from transformers, autocast,
 gradient accumulation and clipping, periodic evaluation, best adapter, early stopping, resumable checkpoints,
 NaN/inf detection, data parallelism.
 
