@@ -125,3 +125,22 @@ def test_schedule_scales_every_group_by_the_same_curve(name):
         schedule.step()
     if name != "constant":
         assert seen[0] == 0.0 and max(seen) == pytest.approx(0.1)  # warm-up from zero to the peak rate
+
+def test_the_optimizer_the_method_asks_for_is_built(tiny, tmp_path, monkeypatch):
+    # QLoRA asks for bitsandbytes' paged 8-bit AdamW (it runs on CPU too); a method that names none gets AdamW.
+    bnb = pytest.importorskip("bitsandbytes")
+    from unipelt.train import loop
+    from unipelt.train.optimizers import make_optimizer
+
+    build, task = tiny
+    built = []
+    monkeypatch.setattr(loop, "make_optimizer", lambda *a, **k: built.append(make_optimizer(*a, **k)) or built[-1])
+    model = build({**LORA_WITH_OWN_LR, "optimizer": "paged_adamw_8bit"})
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fit(model, task, cfg(max_steps=2), tmp_path)
+    assert type(built[-1]) is bnb.optim.PagedAdamW8bit
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+    fit(build(LORA_WITH_OWN_LR), task, cfg(max_steps=1), tmp_path / "plain")
+    assert type(built[-1]) is torch.optim.AdamW
+    with pytest.raises(UnipeltError, match="method.optimizer: unknown value 'sgd'"):
+        make_optimizer("sgd", [], 1e-3)

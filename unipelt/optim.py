@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attach import state_of
+from .spec import MethodSpec
 
 
 def _participants(model: nn.Module) -> Iterator[tuple[str, Any]]:
@@ -33,6 +34,11 @@ def _participants(model: nn.Module) -> Iterator[tuple[str, Any]]:
 def _no_decay(param: torch.Tensor) -> bool:
     # Biases, LayerNorm weights and scalars (learned scales, gates' biases) are not decayed, as is customary.
     return param.dim() < 2
+
+
+def method_of(model: nn.Module) -> MethodSpec:
+    """The attached method's spec (what a trainer reads method-level choices from, e.g. `optimizer`)."""
+    return state_of(model).method
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -98,4 +104,4 @@ def training_metrics(model: nn.Module) -> dict[str, float]:
     return out
 
 
-__all__ = ["param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]
+__all__ = ["method_of", "param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]

@@ -23,6 +23,7 @@ from ..errors import UnipeltError
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, check
+from .optimizers import make_optimizer
 from .schedules import make_schedule
 from .seeding import epoch_order, rng_state, set_rng_state
 
@@ -91,7 +92,7 @@ class _Loop:
         groups = optim.param_groups(model, cfg.lr, cfg.weight_decay)
         for group in groups:
             group.pop("names", None)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.optimizer = make_optimizer(optim.method_of(model).optimizer, groups, cfg.lr)
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_schedule(cfg.scheduler, self.optimizer, warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
