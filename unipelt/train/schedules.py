@@ -6,6 +6,8 @@ the config checks and `--cfg job` should not pay for.
 
 from __future__ import annotations
 
+import logging
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -14,6 +16,9 @@ from .config import SCHEDULES
 
 def make_schedule(name: str, optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LRScheduler:
     """transformers' schedule `name`; it scales each parameter group's own rate, so per-module rates keep their ratio."""
+    # transformers.optimization imports peft, and peft bitsandbytes, whose CPU backend warns once that the optional
+    # `kernels` package is absent: noise for a run that uses no 4-bit layer, so that one logger is quietened.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from transformers.optimization import get_scheduler
 
     if name not in SCHEDULES:  # trainer config validation makes this unreachable from the app
