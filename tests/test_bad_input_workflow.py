@@ -112,3 +112,16 @@ def test_a_config_error_writes_nothing(tmp_path):
     assert result.returncode != 0
     assert "Could not override 'trainer.lr_rate'." in result.stderr
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_a_bad_value_in_a_single_run_is_one_line_and_no_record(tmp_path):
+    # Composition succeeds (lr is a float) but the value is refused: one line on stderr, exit 2, no results record.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "unipelt.app.main", "trainer.lr=-1", "logger=none",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: trainer.lr must be positive, got -1.0"
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "results.jsonl").exists()

@@ -86,12 +86,17 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
     return model, task
 
 
-def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
-    # Everything cheap is checked first: a bad method, task or trainer key fails before any model is loaded.
+def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
+    """The cheap checks: a bad method, task or trainer value fails here, before anything is loaded or written."""
     spec = load_method(cfg.method)
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
     check_trainer(train_cfg)
+    return spec, task_cfg, train_cfg
+
+
+def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
+    spec, task_cfg, train_cfg = validate(cfg)
     info = distributed.setup(train_cfg.device)
     # every process writes checkpoints into rank 0's folder (torchrun starts each with its own clock)
     output_dir = Path(distributed.broadcast(str(job.output_dir), info))
@@ -143,6 +148,14 @@ def _run_name(record: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> float:
     """The task function (module-level and undecorated, so launchers can pickle it)."""
     job = _job(cfg)
+    if job.number is None:
+        # A single run with a bad config: one line and exit status 2, no traceback and no results record. In a
+        # sweep the job is recorded as failed instead (below), so that the report shows it and the others run on.
+        try:
+            validate(cfg)
+        except UnipeltError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
     choices = job.choices
     record: dict[str, Any] = {
         "status": "failed", "name": cfg.name, "seed": int(cfg.seed), "task": choices.get("task"),
@@ -159,6 +172,9 @@ def run(cfg: DictConfig) -> float:
     except BaseException as exc:
         record.update(status="failed", reason=_one_line(exc))
         log.error(f"job failed: {record['reason']}")
+        if job.number is None and isinstance(exc, UnipeltError):  # e.g. a data error: one line, not a traceback
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         raise
     finally:
         record["time_s"] = round(time.perf_counter() - start, 3)
