@@ -80,3 +80,17 @@ def test_launchers_compose(hydra_module):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     slurm = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.gpus_per_node == 1
+
+
+def test_each_method_gets_its_own_learning_rate_in_a_comparison(hydra_module):
+    from unipelt.app.main import validate
+
+    def lr_for(*overrides: str) -> float:
+        cfg = compose("train", overrides=["+experiment=minilm_sst2", *overrides], return_hydra_config=True)
+        return validate(cfg)[2].lr
+
+    assert lr_for("method=lora") == 5e-3
+    assert lr_for("method=glue/mam") == 3e-3
+    assert lr_for("method=full") == 5e-5
+    assert lr_for("method=adalora") == 3e-3  # not listed: the trainer's own rate
+    assert lr_for("method=lora", "lr_by_method.lora=1e-4") == 1e-4

@@ -91,6 +91,9 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     spec = load_method(cfg.method)
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    own_lr = (cfg.get("lr_by_method") or {}).get(spec.name)
+    if own_lr is not None:
+        train_cfg = dataclasses.replace(train_cfg, lr=float(own_lr))
     check_trainer(train_cfg)
     return spec, task_cfg, train_cfg
 
@@ -108,7 +111,7 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
     counts = count_parameters(model)
     record.update(method=attached.name, method_spec=attached.to_dict(), params=counts,
                   main_metric=f"{train_cfg.eval_split or next(iter(task.eval_splits))}/{task.main_metric}",
-                  greater_is_better=task.greater_is_better, world_size=info.world_size)
+                  greater_is_better=task.greater_is_better, world_size=info.world_size, lr=train_cfg.lr)
     log.info(f"{attached.name} on {cfg.model.name_or_path}: {counts['added']:,} added parameters "
              f"({counts['percent']:.3f}% of the base), {counts['trainable']:,} trainable")
     if info.is_main:

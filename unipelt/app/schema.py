@@ -74,6 +74,9 @@ class TrainAppConfig:
     name: str = "default"  # experiment / sweep name: W&B group, output folder
     seed: int = 0
     results_file: str = "results.jsonl"  # in the sweep dir (multirun) or the run's output dir
+    # Learning rate per method name (the `name` in the method file), over trainer.lr: a sweep over methods gives
+    # each method its own rate, as method comparisons do (a Hydra sweep cannot pair two swept lists).
+    lr_by_method: Dict[str, float] = field(default_factory=dict)
 
 
 def _package_path(package: str, fallback: str) -> str:
