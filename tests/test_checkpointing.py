@@ -10,7 +10,7 @@ import torch
 import unipelt
 from unipelt.attach import state_of
 from unipelt.compose import Slot
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import perturb_adapters, tiny_batch, tiny_model
 
 METHODS = ("lora", "mam", "houlsby", "pa")
 FAMILIES = ("llama", "bert", "bart")
@@ -19,14 +19,7 @@ CASES = [(family, method) for family in FAMILIES for method in METHODS]
 
 def _perturbed(family: str, method: str):
     """A tiny model with the method attached and every adapter parameter moved off its (often zero) init."""
-    model = tiny_model(family)
-    unipelt.attach(model, method)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "unipelt_" in name:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+    return perturb_adapters(unipelt.attach(tiny_model(family), method))
 
 
 def _count_slot_calls(model) -> list[int]:

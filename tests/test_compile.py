@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import unipelt
 from unipelt.attach import state_of
-from tiny_models import tiny_batch, tiny_model
+from tiny_models import perturb_adapters, tiny_batch, tiny_model
 
 CASES = [(family, method) for family in ("llama", "bert") for method in ("lora", "mam")]
 
@@ -23,12 +23,7 @@ def _prepared(family: str, method: str | None):
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     if method is not None:
-        unipelt.attach(model, method)
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "unipelt_" in name:
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
+        perturb_adapters(unipelt.attach(model, method))
     return model
 
 

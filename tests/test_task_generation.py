@@ -26,14 +26,6 @@ PAIRS = [("the house is green .", "casa este verde ."), ("i like tea .", "imi pl
          ("good morning .", "buna dimineata .")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread, and the 2-core test machine is shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def local(name: str, data_dir, **changes) -> dict:
     return {**vars(load_task_config(name)), "data_dir": str(data_dir), **changes}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from unipelt.errors import DataError  # noqa: E402
 from unipelt.tasks import TaskConfig, list_tasks, load_task_config, prepare_task  # noqa: E402
 
-GLUE = "/work/shared/data/glue"
+GLUE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")  # ../shared beside the repo
 needs_glue = pytest.mark.skipif(not os.path.isdir(GLUE), reason="shared GLUE data not present")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run faster on one thread, and the 2-core test machine is shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
