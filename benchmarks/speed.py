@@ -49,7 +49,7 @@ PEFT_EQUIVALENT = {"lora": "peft_lora_qv", "lora_all": "peft_lora_all", "prefix"
 CUDA_ONLY = {"qlora"}
 
 
-def peft_config(name: str, steps: int):
+def peft_config(name: str, steps: int) -> Any:
     """PEFT configurations matching the presets: LoRA q,v r8; LoRA all-linear r16; prefix 30 with the MLP of
     width 800; prompt tuning 30 tokens; AdaLoRA (initial rank 12, target 8)."""
     import peft
@@ -197,7 +197,8 @@ def prepare(name: str, model: torch.nn.Module, steps: int) -> tuple[torch.nn.Mod
     return model, (merge if mergeable else None)
 
 
-def measure(name: str, args, shape: dict, dtype: torch.dtype, device: torch.device, memory: Memory) -> Row:
+def measure(name: str, args: argparse.Namespace, shape: dict, dtype: torch.dtype, device: torch.device,
+            memory: Memory) -> Row:
     row = Row(name)
     ids = make_batch(shape, device)
     autocast = args.dtype == "autocast"
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     peft_available = importlib.util.find_spec("peft") is not None
     if peft_available:  # imported now, so its import does not count in the first PEFT method's CPU memory
         importlib.import_module("peft")
-    known = set(default_methods(peft_available)) | set(PEFT_METHODS if peft_available else ())
+    known = set(default_methods(peft_available))  # includes the PEFT methods when peft is installed
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or default_methods(peft_available)
     unknown = [m for m in methods if m not in known and m not in CUDA_ONLY]
     if unknown:

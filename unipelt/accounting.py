@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import attach, is_attached, state_of
-from .attention import PrefixSlot
+from .attach import attach, detach, is_attached, state_of
 from .prompting import PromptSlot
 from .quantize import element_count
 
@@ -26,17 +25,9 @@ def _count(module: nn.Module) -> int:
 
 def _model_counts(model: nn.Module) -> dict[str, Any]:
     state = state_of(model)
-    added = 0
-    for slot in state.slots.values():
-        if isinstance(slot, PrefixSlot):
-            prefix = slot.prefix
-            added += 2 * prefix.length * prefix.kv_heads * prefix.head_dim
-            # learned scale, UniPELT gate W_g (the prefix vectors themselves are counted just above)
-            added += sum(p.numel() for n, p in slot.named_parameters() if not n.startswith("prefix."))
-        elif hasattr(slot, "exported_parameters"):  # AdaLoRA counts the triplets it keeps (P, Λ, Q)
-            added += sum(p.numel() for p in slot.exported_parameters().values())
-        else:
-            added += _count(slot)
+    # Counted as saved and served: a prefix's 2·l·d vectors per attention module (its MLP folded), AdaLoRA's kept
+    # triplets (P, Λ, Q), a prompt's l vectors, plus scales and gates.
+    added = sum(p.numel() for slot in state.slots.values() for p in slot.exported_parameters().values())
     reparam = sum(_count(r) for r in state.reparams.values())
     # A P-tuning prompt encoder is a training aid like the prefix MLP: reported as reparam, not added.
     reparam += sum(s.reparam_count() for s in state.slots.values() if isinstance(s, PromptSlot))
@@ -85,8 +76,6 @@ def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]
             return _model_counts(model_or_config)
         if is_attached(model_or_config):
             raise ValueError("count_parameters: the model already has a method attached; pass method=None")
-        from .attach import detach
-
         attach(model_or_config, method)
         try:
             return _model_counts(model_or_config)

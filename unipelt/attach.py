@@ -1,9 +1,9 @@
 """attach / detach / disabled: put a method's modules into any supported transformers model, in place.
 
 Order of work: load and validate the spec, resolve every placement and build every new module (nothing on the
-model changes yet), then register slots as child modules of the modules they modify, add forward hooks, route
-prefixed attention modules, and freeze the base. All of it is recorded on `model._unipelt` so detach() can
-undo it exactly.
+model changes yet), then quantize the base (QLoRA), register slots as child modules of the modules they modify,
+add forward hooks, route prefixed attention modules, and freeze the base. All of it is recorded on
+`model._unipelt` so detach() can undo it exactly.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
     built, reparams = _build(placements, modules, model)
     controllers = _rank_allocators(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
-    _install(model, spec, placements, built, reparams, dict(model.named_modules()))
+    _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
     state_of(model).controllers.update(controllers)
     state_of(model).quantized.extend(quantized)
     return model
@@ -138,7 +138,8 @@ def _like(module: nn.Module) -> dict[str, Any]:
     return {"device": weight.device, "dtype": dtype}
 
 
-def _build(placements: list[Placement], modules: dict, model: nn.Module):
+def _build(placements: list[Placement], modules: dict,
+           model: nn.Module) -> tuple[list[nn.Module], dict[str, PrefixReparam]]:
     """Create every new module without touching the model."""
     reparams: dict[str, PrefixReparam] = {}
     built: list[nn.Module] = []
@@ -314,17 +315,13 @@ def fold_prefixes(model: nn.Module) -> None:
     state.method = state.method.folded()
 
 
-def _all_slots(model: nn.Module) -> list[nn.Module]:
-    return list(state_of(model).slots.values())
-
-
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first)."""
     state = state_of(model)
     if state.merged:
         raise AttachError("disabled: modules are merged into the weights; call unipelt.unmerge(model) first")
-    slots = _all_slots(model)
+    slots = list(state.slots.values())
     previous = [slot.active for slot in slots]
     for slot in slots:
         slot.active = False

@@ -72,6 +72,13 @@ class PrefixSlot(nn.Module):
     def training_metrics(self) -> dict[str, float]:
         return {} if self.last_gate is None else {"gate": float(self.last_gate)}
 
+    def exported_parameters(self) -> dict[str, torch.Tensor]:
+        """What is saved and counted as added: the prefix as plain key/value vectors (a reparameterisation MLP's
+        output, folded), the learned scale and the UniPELT gate."""
+        keys, values = self.prefix.key_values()
+        own = {name: param for name, param in self.named_parameters() if not name.startswith("prefix.")}
+        return {"prefix.keys": keys, "prefix.values": values, **own}
+
     def inner_attention(self) -> Callable:
         name = self._base_config[0]._attn_implementation or "eager"
         return ALL_ATTENTION_FUNCTIONS.get_interface(name, self._eager_fn)
@@ -108,10 +115,6 @@ def install_prefix_config(attention: nn.Module) -> Any:
     return original
 
 
-def _prefix_slots(module: nn.Module) -> list[PrefixSlot]:
-    return [child for child in module.children() if isinstance(child, PrefixSlot) and child.active]
-
-
 def _batched(t: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
     return t.to(dtype=like.dtype).unsqueeze(0).expand(batch, -1, -1, -1)
 
@@ -142,9 +145,9 @@ def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.
 
 
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any):
-    slots = _prefix_slots(module)
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     every = [child for child in module.children() if isinstance(child, PrefixSlot)]
+    slots = [slot for slot in every if slot.active]
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)

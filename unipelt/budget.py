@@ -7,9 +7,8 @@ al.'s figures do. The budget is on `added` in the paper's accounting (`unipelt.c
 of it).
 
 What is solved: every module's size key (bottleneck `dim`, prefix / prompt `length`, svd `init_r`, with `target_r`
-following in proportion) is the module's
-size in the spec times one common factor c, rounded down and at least 1, so the ratios written in the spec are
-kept (up to rounding). Among the sizes this path reaches, the solver picks the one whose added count is closest
+following in proportion) is the module's size in the spec times one common factor c, rounded down and at least 1,
+so the ratios written in the spec are kept (up to rounding). Among the sizes this path reaches, the solver picks the one whose added count is closest
 to the budget without exceeding it. Each size is capped where it stops making sense: a bottleneck / rank at the
 width of its narrowest site (a wider one is no longer low-rank), a prefix or prompt at MAX_LENGTH vectors.
 A budget below the count at size 1 everywhere, or above the count at the caps, is refused with both limits.

@@ -16,7 +16,6 @@ class Composer(nn.Module):
 
     def __init__(self, spec: ModuleSpec, d_gate_in: int) -> None:
         super().__init__()
-        self.kind = spec.compose
         self.fixed_scale = 1.0
         self.learned_scale = None
         self.gate = None
@@ -51,6 +50,15 @@ class Composer(nn.Module):
         if isinstance(factor, float):  # one multiply-add kernel, no scaled copy of Δh
             return torch.add(h, delta.to(h.dtype), alpha=factor)
         return h + (factor * delta).to(h.dtype)
+
+
+def chunk_rows(chunk: tuple[int, int] | None, out_features: int) -> slice:
+    """The output rows a slot modifies: all, or its (index, count) chunk of a fused projection (GPT-2's c_attn)."""
+    if chunk is None:
+        return slice(None)
+    index, count = chunk
+    width = out_features // count
+    return slice(index * width, (index + 1) * width)
 
 
 class Slot(nn.Module):

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .attach import attach, detach, fold_prefixes, is_attached, state_of
-from .attention import PrefixSlot
 from .errors import AdapterFileError
 from .rank_allocator import with_rank_patterns
 from .spec import load_method
@@ -66,15 +65,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = state_of(model)
     tensors: dict[str, torch.Tensor] = {}
     for slot_name, slot in state.slots.items():
-        if isinstance(slot, PrefixSlot) and slot.prefix.reparameterised:
-            keys, values = slot.prefix.key_values()
-            tensors[f"{slot_name}.prefix.keys"] = keys
-            tensors[f"{slot_name}.prefix.values"] = values
-            for name, param in slot.named_parameters():  # learned scale, UniPELT gate
-                tensors[f"{slot_name}.{name}"] = param
-            continue
-        exported = getattr(slot, "exported_parameters", None)
-        for name, param in (exported() if exported else dict(slot.named_parameters())).items():
+        for name, param in slot.exported_parameters().items():
             tensors[f"{slot_name}.{name}"] = param
     params = dict(model.named_parameters())
     for name in state.trained_base + state.trained_head:
@@ -126,12 +117,16 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
             f"load_adapter: format_version {meta.get('format_version')!r} in {src / CONFIG_FILE} "
             f"(this unipelt reads {FORMAT_VERSION})"
         )
+    return meta, read_tensors(src / WEIGHTS_FILE, "load_adapter")
+
+
+def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or one AdapterFileError line naming the caller and the file."""
     try:
-        tensors = load_file(str(src / WEIGHTS_FILE))
+        return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AdapterFileError(f"load_adapter: {src / WEIGHTS_FILE} is corrupt or unreadable ({first})") from None
-    return meta, tensors
+        raise AdapterFileError(f"{caller}: {path} is corrupt or unreadable ({first})") from None
 
 
 def _check_identity(saved: dict[str, Any], config: Any) -> None:

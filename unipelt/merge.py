@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .attach import state_of
-from .compose import Slot
+from .compose import Slot, chunk_rows
 from .quantize import add_to_4bit, is_4bit, restore_4bit
 from .spec import PROJECTION_SITES
 
@@ -26,12 +26,13 @@ def _mergeable(slot: nn.Module) -> bool:
     )
 
 
-def _delta(slot: Slot, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _delta(slot: Slot, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s·ΔW, s·Δb) in `dtype`, s the slot's fixed or learned scale."""
     delta_w, delta_b = slot.form.linear_delta()
     factor = slot.composer.factor(None)
     factor = factor.detach() if isinstance(factor, torch.Tensor) else factor
-    delta_w = (delta_w * factor).to(weight.dtype)
-    delta_b = None if delta_b is None else (delta_b * factor).to(weight.dtype)
+    delta_w = (delta_w * factor).to(dtype)
+    delta_b = None if delta_b is None else (delta_b * factor).to(dtype)
     return delta_w, delta_b
 
 
@@ -42,14 +43,9 @@ def _apply(host: nn.Module, slot: Slot, sign: float) -> float | None:
     weight = host.weight
     if is_4bit(host):
         return _apply_4bit(host, slot, sign)
-    delta_w, delta_b = _delta(slot, weight)
+    delta_w, delta_b = _delta(slot, weight.dtype)
     transposed = type(host).__name__ == "Conv1D"  # Conv1D stores [in, out]
-    out_features = weight.shape[1] if transposed else weight.shape[0]
-    rows = slice(None)
-    if slot.chunk is not None:
-        index, count = slot.chunk
-        width = out_features // count
-        rows = slice(index * width, (index + 1) * width)
+    rows = chunk_rows(slot.chunk, weight.shape[1] if transposed else weight.shape[0])
     if transposed:
         weight[:, rows] += sign * delta_w.T
     else:
@@ -59,17 +55,9 @@ def _apply(host: nn.Module, slot: Slot, sign: float) -> float | None:
     return None
 
 
-def _rows(slot: Slot, out_features: int) -> slice:
-    if slot.chunk is None:
-        return slice(None)
-    index, count = slot.chunk
-    width = out_features // count
-    return slice(index * width, (index + 1) * width)
-
-
 def _apply_4bit(host: nn.Module, slot: Slot, sign: float) -> float | None:
-    rows = _rows(slot, host.out_features)
-    delta_w, delta_b = _delta(slot, host.bias if host.bias is not None else torch.empty(()))
+    rows = chunk_rows(slot.chunk, host.out_features)
+    delta_w, delta_b = _delta(slot, host.bias.dtype if host.bias is not None else torch.get_default_dtype())
     if delta_b is not None:
         host.bias[rows] += sign * delta_b
     if sign < 0:

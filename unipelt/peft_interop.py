@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .attach import attach, detach, is_attached, state_of
-from .compose import Slot
+from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
-from .io import _atomic_write
+from .io import _atomic_write, read_tensors
 from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
 from .sites.resolve import base_prefix, family_of
 from .spec import PROJECTION_SITES, load_method
@@ -136,10 +135,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
             column = 0
             for (placement, slot), (part_a, part_b) in zip(group, pairs):
-                rows = slice(None)
-                if placement.chunk is not None:
-                    index, count = placement.chunk
-                    rows = slice(index * out_features // count, (index + 1) * out_features // count)
+                rows = chunk_rows(placement.chunk, out_features)
                 b[rows, column:column + part_a.shape[0]] = part_b * _scale_of(slot)
                 column += part_a.shape[0]
             ranks[name], alphas[name] = a.shape[0], float(a.shape[0])
@@ -228,12 +224,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             f"import_peft: init_lora_weights={config['init_lora_weights']!r} selects a LoRA variant with no exact "
             "unipelt equivalent"
         )
-    try:
-        tensors = load_file(str(src / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AdapterFileError(f"import_peft: {src / WEIGHTS_FILE} is corrupt or unreadable ({first})") from None
-    return config, tensors
+    return config, read_tensors(src / WEIGHTS_FILE, "import_peft")
 
 
 def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
@@ -340,12 +331,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             for placement in state.placements:
                 slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
                 _, _, a, b = layout[placement.h_name]
-                if placement.chunk is not None:
-                    position, count = placement.chunk
-                    width = b.shape[0] // count
-                    b = b[position * width:(position + 1) * width]
                 slot.form.down.weight.copy_(a)
-                slot.form.up.weight.copy_(b)
+                slot.form.up.weight.copy_(b[chunk_rows(placement.chunk, b.shape[0])])
             for name, tensor in head_tensors.items():
                 params[name].copy_(tensor)
     except Exception:

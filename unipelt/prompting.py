@@ -76,9 +76,6 @@ class PromptSlot(nn.Module):
         """What is saved and counted as added: the l vectors as served (a P-tuning encoder's output, folded)."""
         return {"tokens.embedding": self.tokens.vectors()}
 
-    def served_count(self) -> int:
-        return self.tokens.served_count()
-
     def reparam_count(self) -> int:
         return self.tokens.reparam_count()
 
@@ -144,13 +141,18 @@ def _widen_inputs(slot: PromptSlot, kw: dict) -> Layout | None:
     return layout
 
 
+def _widened_mask(slot: PromptSlot, mask: torch.Tensor) -> torch.Tensor:
+    """A 2-D mask of a call whose prompt is already in place (cache or encoder outputs), widened to match."""
+    return widen(mask, plan(slot.template, mask, mask.shape[0], mask.shape[1], mask.device), 1)
+
+
 def _continue(slot: PromptSlot, kw: dict, past_len: int) -> None:
     """A call whose cache already holds the prompt: widen the mask, shift positions by the inserted count."""
     source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     mask = kw.get("attention_mask")
     if source is not None and mask is not None and mask.dim() == 2 and \
             mask.shape[-1] + slot.extra == past_len + source.shape[1]:
-        kw["attention_mask"] = widen(mask, plan(slot.template, mask, mask.shape[0], mask.shape[1], mask.device), 1)
+        kw["attention_mask"] = _widened_mask(slot, mask)
     for key in ("position_ids", "cache_position"):
         if kw.get(key) is not None:
             kw[key] = kw[key] + slot.extra
@@ -194,7 +196,7 @@ def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
         if encoded is not None:  # generate(): the encoder already ran (with the prompt); widen the mask it gets
             mask = kw.get("attention_mask")
             if mask is not None and mask.dim() == 2 and mask.shape[-1] + slot.extra == encoded[0].shape[1]:
-                kw["attention_mask"] = widen(mask, plan(slot.template, mask, *mask.shape, mask.device), 1)
+                kw["attention_mask"] = _widened_mask(slot, mask)
                 return (), kw
             return None
         if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \

@@ -25,8 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .. import attach, count_parameters, load_method
-from ..attach import state_of
-from ..errors import UnipeltError
+from ..errors import UnipeltError, allowed, one_line
+from ..optim import method_of
 from ..tasks import load_task_config, prepare_task
 from ..train import TrainConfig, distributed, fit, set_seed
 from ..train.config import check as check_trainer
@@ -60,7 +60,7 @@ def _job(cfg: DictConfig) -> Job:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+    return one_line(f"{type(exc).__name__}: {exc}")[:2000]
 
 
 def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: int):
@@ -70,7 +70,7 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
     path = cfg.model.name_or_path
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.model.dtype not in dtypes:
-        raise UnipeltError(f"model.dtype: unknown value '{cfg.model.dtype}' (allowed: {', '.join(dtypes)})")
+        raise UnipeltError(f"model.dtype: unknown value '{cfg.model.dtype}' (allowed: {allowed(dtypes)})")
     model_type = AutoConfig.from_pretrained(path).model_type
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
     task = prepare_task(task_cfg, tokenizer, model_type=model_type, max_length=train_cfg.max_length,
@@ -107,7 +107,7 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
     set_seed(seed, train_cfg.deterministic)
     model, task = _load_model(cfg, task_cfg, train_cfg, seed)
     attach(model, spec)
-    attached = state_of(model).method
+    attached = method_of(model)
     counts = count_parameters(model)
     record.update(method=attached.name, method_spec=attached.to_dict(), params=counts,
                   main_metric=f"{train_cfg.eval_split or next(iter(task.eval_splits))}/{task.main_metric}",

@@ -9,7 +9,7 @@ import os
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import UnipeltError
+from ..errors import UnipeltError, allowed
 from .schema import LOGGER_BACKENDS, LOGGER_MODES
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def has_api_key() -> bool:
 def resolve_mode(mode: str) -> str:
     """'auto' means online with an API key and offline without; WANDB_MODE, when set, has the last word."""
     if mode not in LOGGER_MODES:
-        raise UnipeltError(f"logger.mode: unknown value '{mode}' (allowed: {', '.join(LOGGER_MODES)})")
+        raise UnipeltError(f"logger.mode: unknown value '{mode}' (allowed: {allowed(LOGGER_MODES)})")
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if mode == "auto":
@@ -94,7 +94,7 @@ def make_tracker(logger_cfg: Any, *, config: dict[str, Any], group: str, name: s
                  main_metric: str, greater_is_better: bool) -> Tracker:
     backend = logger_cfg.backend
     if backend not in LOGGER_BACKENDS:
-        raise UnipeltError(f"logger.backend: unknown value '{backend}' (allowed: {', '.join(LOGGER_BACKENDS)})")
+        raise UnipeltError(f"logger.backend: unknown value '{backend}' (allowed: {allowed(LOGGER_BACKENDS)})")
     if backend == "none":
         return Tracker()
     mode = resolve_mode(logger_cfg.mode)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,7 +20,8 @@ def model_config(model: str) -> Any:
     """A transformers config from a conf/model entry (offline), a local directory, or a hub id."""
     from transformers import AutoConfig
 
-    entry = preset_dir().parent / "model" / f"{model}.yaml"
+    model_dir = preset_dir().parent / "model"
+    entry = model_dir / f"{model}.yaml"
     if entry.is_file():
         raw = yaml.safe_load(entry.read_text())
         arch = dict(raw.get("config") or {})
@@ -32,7 +32,7 @@ def model_config(model: str) -> Any:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        known = sorted(p.stem for p in (preset_dir().parent / "model").glob("*.yaml"))
+        known = sorted(p.stem for p in model_dir.glob("*.yaml"))
         raise UnipeltError(f"model '{model}': no config found ({first}); known names: {', '.join(known)}") from None
 
 

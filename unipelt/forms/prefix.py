@@ -16,9 +16,8 @@ class PrefixReparam(nn.Module):
 
     def __init__(self, length: int, d_model: int, mlp_dim: int, site_kv_dims: list[int]) -> None:
         super().__init__()
-        self.site_kv_dims = list(site_kv_dims)
-        self.offsets = [0]
-        for kv_dim in self.site_kv_dims:
+        self.offsets = [0]  # site i's keys-then-values are rows offsets[i]:offsets[i + 1] of W2
+        for kv_dim in site_kv_dims:
             self.offsets.append(self.offsets[-1] + 2 * kv_dim)
         self.embedding = nn.Parameter(torch.empty(length, d_model).normal_(std=0.02))
         self.hidden = nn.Linear(d_model, mlp_dim)
@@ -44,10 +43,6 @@ class Prefix(nn.Module):
         if reparam is None:
             self.keys = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
             self.values = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
-
-    @property
-    def reparameterised(self) -> bool:
-        return bool(self._reparam)
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._reparam:

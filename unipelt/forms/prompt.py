@@ -43,18 +43,10 @@ class VirtualTokens(nn.Module):
         self.embedding = nn.Parameter(init_vectors.detach().clone())
         self.encoder = None if encoder == "none" else PromptEncoder(encoder, d_model, encoder_dim or d_model)
 
-    @property
-    def reparameterised(self) -> bool:
-        return self.encoder is not None
-
     def vectors(self) -> torch.Tensor:
         if self.encoder is None:
             return self.embedding
         return self.encoder(self.embedding).to(self.embedding.dtype)
-
-    def served_count(self) -> int:
-        """What the method adds as served: l·d (the encoder and its inputs are a training aid)."""
-        return self.length * self.d_model
 
     def reparam_count(self) -> int:
         if self.encoder is None:

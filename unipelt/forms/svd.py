@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..spec import ModuleSpec
+from .bottleneck import matmul_input
 
 
 class SVDDelta(nn.Module):
@@ -40,7 +41,7 @@ class SVDDelta(nn.Module):
         return self.singular * self.rank_mask.to(self.singular.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.right.dtype)
+        x = matmul_input(x, self.right)
         return ((x @ self.right.T) * self.masked_singular()) @ self.left.T
 
     def linear_delta(self) -> tuple[torch.Tensor, None]:

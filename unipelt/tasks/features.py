@@ -5,7 +5,7 @@ padding collator. Sequences are left unpadded here; `pad_batch` pads each batch 
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from .config import TaskConfig
 from .sources import RawSplit
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 ARCHITECTURES = ("encoder", "encoder-decoder", "decoder")
@@ -48,7 +51,7 @@ class FeatureDataset(Dataset):
         return self.features[index]
 
 
-def with_pad_token(tokenizer):
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """The tokenizer itself, or a copy whose pad token is its EOS token (GPT-2 and Llama tokenizers have no pad
     token); the caller's tokenizer and files are left untouched."""
     if tokenizer.pad_token_id is not None:
@@ -81,8 +84,8 @@ def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int, side: str =
     return batch
 
 
-def tokenize(cfg: TaskConfig, raw: RawSplit, indices: Sequence[int], tokenizer, arch: str, max_length: int
-             ) -> tuple[list[dict[str, Any]], list[list[int]] | None]:
+def tokenize(cfg: TaskConfig, raw: RawSplit, indices: Sequence[int], tokenizer: PreTrainedTokenizerBase, arch: str,
+             max_length: int) -> tuple[list[dict[str, Any]], list[list[int]] | None]:
     """Features for the rows `indices`; for generation tasks also the prompts that generate() continues."""
     texts = [[column[i] for i in indices] for column in raw.texts]
     labels = None if raw.labels is None else [raw.labels[i] for i in indices]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -17,6 +17,9 @@ from .config import GENERATION_KINDS, TaskConfig, load_task_config
 from .features import IGNORE_INDEX, FeatureDataset, architecture, pad_batch, tokenize, with_pad_token
 from .metrics import compute_metrics, greater_is_better
 from .sources import RawSplit, load_split
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EVAL_SUBSET_SEED = 0  # evaluation subsets do not depend on the run's seed: every run scores the same examples
 
@@ -133,8 +136,8 @@ class PreparedTask:
         return predictions, self._references[split]
 
 
-def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer, *, model_type: str, max_length: int = 128,
-                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
+def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizerBase, *, model_type: str,
+                 max_length: int = 128, max_train_samples: int | None = None, max_eval_samples: int | None = None,
                  seed: int = 0) -> PreparedTask:
     """Load, check and tokenize a task. `cfg`: a TaskConfig, dict, DictConfig, shipped task name or YAML path.
     Every split is read and checked before anything is tokenized; all problems raise DataError."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import UnipeltError
+from ..errors import UnipeltError, allowed
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")  # transformers' curves
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -62,6 +62,6 @@ def check(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise UnipeltError(f"trainer.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.scheduler not in SCHEDULES:
-        raise UnipeltError(f"trainer.scheduler: unknown value '{cfg.scheduler}' (allowed: {', '.join(SCHEDULES)})")
+        raise UnipeltError(f"trainer.scheduler: unknown value '{cfg.scheduler}' (allowed: {allowed(SCHEDULES)})")
     if cfg.precision not in PRECISIONS:
-        raise UnipeltError(f"trainer.precision: unknown value '{cfg.precision}' (allowed: {', '.join(PRECISIONS)})")
+        raise UnipeltError(f"trainer.precision: unknown value '{cfg.precision}' (allowed: {allowed(PRECISIONS)})")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import optim
-from ..errors import UnipeltError
+from ..errors import UnipeltError, allowed
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, check
@@ -67,7 +67,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)  # fit() allows bf16 / fp16 on CUDA only
 
 
 class _Loop:
@@ -79,13 +79,12 @@ class _Loop:
         splits = list(task.eval_splits)
         self.eval_split = cfg.eval_split or (splits[0] if splits else None)
         if self.eval_split not in task.eval_splits:
-            raise UnipeltError(f"trainer.eval_split: unknown split '{cfg.eval_split}' (allowed: {', '.join(splits)})")
+            raise UnipeltError(f"trainer.eval_split: unknown split '{cfg.eval_split}' (allowed: {allowed(splits)})")
         self.main_key = f"{self.eval_split}/{task.main_metric}"
         n_micro = len(_micro_batches(len(task.train), seed, 0, cfg, info))
         if n_micro == 0:
             raise UnipeltError(f"task '{getattr(task, 'name', '?')}': {len(task.train)} training examples are fewer "
                                f"than one global batch ({cfg.batch_size} x {info.world_size} processes)")
-        self.micro_per_epoch = n_micro
         steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
         self.trainable = [p for p in model.parameters() if p.requires_grad]

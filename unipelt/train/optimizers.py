@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnipeltError
+from ..errors import UnipeltError, allowed
 
 # method.optimizer -> bitsandbytes.optim class name (None: torch.optim.AdamW)
 BNB_OPTIMIZERS = {"adamw": None, "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
@@ -18,7 +18,7 @@ def make_optimizer(name: str | None, groups: list[dict[str, Any]], lr: float) ->
     """AdamW over `groups` (each with its own lr / weight decay) in the flavour `name` (None: plain AdamW)."""
     class_name = BNB_OPTIMIZERS.get(name or "adamw", "unknown")
     if class_name == "unknown":
-        raise UnipeltError(f"method.optimizer: unknown value '{name}' (allowed: {', '.join(BNB_OPTIMIZERS)})")
+        raise UnipeltError(f"method.optimizer: unknown value '{name}' (allowed: {allowed(BNB_OPTIMIZERS)})")
     if class_name is None:
         return torch.optim.AdamW(groups, lr=lr)
     try:
