@@ -38,7 +38,7 @@ from torch import nn
 from .attach import attach, detach, is_attached, state_of
 from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
-from .io import _atomic_write, read_tensors
+from .io import atomic_write, read_tensors
 from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
 from .sites.resolve import base_prefix, family_of
 from .spec import PROJECTION_SITES, load_method
@@ -174,8 +174,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UnipeltError
+from ..io import atomic_write
 
 RESULTS_NAME = "results.jsonl"
 
@@ -28,12 +29,7 @@ def append_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
             old = path.read_text(encoding="utf-8") if path.exists() else ""
             if old and not old.endswith("\n"):
                 old += "\n"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(old + line)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: tmp.write_text(old + line, encoding="utf-8"))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path

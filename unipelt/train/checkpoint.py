@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UnipeltError
+from ..io import atomic_write, save_adapter
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -45,16 +46,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_checkpoint(output_dir: Path, state: dict[str, Any]) -> Path:
@@ -78,8 +70,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def save_best_adapter(model: nn.Module, output_dir: Path) -> Path:
     """unipelt.save_adapter into a fresh directory, then swap it in, so `best_adapter/` is always complete."""
-    from ..io import save_adapter
-
     final = Path(output_dir) / BEST_ADAPTER
     tmp = final.with_name(f".{BEST_ADAPTER}.tmp{os.getpid()}")
     old = final.with_name(f".{BEST_ADAPTER}.old{os.getpid()}")
