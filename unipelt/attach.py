@@ -57,9 +57,18 @@ def is_attached(model: nn.Module) -> bool:
     return STATE_ATTR in model.__dict__
 
 
+def refuse_wrapped(model: Any, caller: str) -> None:
+    """A PEFT PeftModel forwards attribute lookups to the model inside it, so it looks like a transformers model
+    but its module names start with base_model.model.: say so plainly instead of failing on a name later."""
+    if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
+        raise AttachError(f"{caller}: got a PEFT {type(model).__name__}; unipelt works on the transformers model "
+                          "itself: pass model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
+
+
 def attach(model: nn.Module, method: Any) -> nn.Module:
     """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place."""
     spec = load_method(method)
+    refuse_wrapped(model, "attach")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise AttachError(f"attach: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_attached(model):
@@ -83,7 +92,15 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
         check_quantization(model, spec)
         to_quantize = _all_linear_names(model, spec)
     modules = dict(model.named_modules())
-    built, reparams = _build(placements, modules, model)
+    try:
+        built, reparams = _build(placements, modules, model)
+    except (MemoryError, RuntimeError) as exc:  # e.g. dim: 1000000000000; nothing on the model has changed
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+            raise
+        sizes = sorted({f"{m.name}: " + ", ".join(f"{k}={getattr(m, k)}" for k in ("dim", "length", "init_r")
+                                                  if isinstance(getattr(m, k, None), int)) for m in spec.modules})
+        raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
+                          f"{str(exc).splitlines()[0][:200]}") from None
     controllers = _rank_allocators(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
     _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
@@ -336,4 +353,5 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
 
 
-__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes"]
+__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
+           "refuse_wrapped"]

@@ -35,10 +35,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .attach import attach, detach, is_attached, state_of
+from .attach import attach, detach, is_attached, refuse_wrapped, state_of
 from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
-from .io import atomic_write, read_tensors
+from .io import atomic_write, non_finite_tensor, read_json, read_tensors
 from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
 from .sites.resolve import base_prefix, family_of
 from .spec import PROJECTION_SITES, load_method
@@ -56,6 +56,10 @@ UNSUPPORTED = {
     "monteclora_config": None, "velora_config": None,
 }
 FORWARD_CHANGING_INITS = ("mica",)  # init_lora_weights values that select a LoRA variant
+# Head names PEFT adds to modules_to_save by itself for a task_type (whichever head the model has); import skips the
+# ones this model lacks when the file holds no tensor of theirs.
+PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                   "QUESTION_ANS": ("qa_outputs",)}
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -171,9 +175,12 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    bad = non_finite_tensor(cpu)
+    if bad is not None:
+        raise AdapterFileError(f"export_peft: tensor {bad} holds non-finite values; nothing written")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
@@ -206,10 +213,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
             raise AdapterFileError(f"import_peft: {src / name} not found")
-    try:
-        config = json.loads((src / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    config = read_json(src / CONFIG_FILE, "import_peft")
     if not isinstance(config, dict):
         raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type") != "LORA":
@@ -224,7 +228,11 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             f"import_peft: init_lora_weights={config['init_lora_weights']!r} selects a LoRA variant with no exact "
             "unipelt equivalent"
         )
-    return config, read_tensors(src / WEIGHTS_FILE, "import_peft")
+    tensors = read_tensors(src / WEIGHTS_FILE, "import_peft")
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"import_peft: tensor {bad} in {src / WEIGHTS_FILE} holds non-finite values")
+    return config, tensors
 
 
 def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
@@ -262,9 +270,13 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
     params = dict(model.named_parameters())
     heads = list(config.get("modules_to_save") or [])
     head_params: dict[str, str] = {}  # parameter name -> the modules_to_save entry it belongs to
+    auto_heads = PEFT_TASK_HEADS.get(str(config.get("task_type")), ())
     for head in heads:
         matched = [m for m in modules if m and (m == head or m.endswith(f".{head}"))]
         if not matched:
+            in_file = any(k.startswith(f"{KEY_PREFIX}{head}.") or f".{head}." in k for k in tensors)
+            if head in auto_heads and not in_file:
+                continue  # PEFT lists every head its task type may use; this model has another one
             raise AdapterFileError(f"import_peft: modules_to_save '{head}' matches no module here")
         head_params.update({n: head for n in params if any(n.startswith(f"{m}.") for m in matched)})
     used = {f"{KEY_PREFIX}{n}.{p}.weight" for n in layout for p in ("lora_A", "lora_B")}
@@ -314,6 +326,7 @@ def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach a PEFT LoRA adapter as unipelt modules with identical outputs; on any error the model is unchanged."""
+    refuse_wrapped(model, "import_peft")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise AttachError(f"import_peft: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_attached(model):

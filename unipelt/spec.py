@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import MethodConfigError, allowed
+from .errors import MethodConfigError, allowed, read_utf8
 from .prompt_grammar import PROMPT_KEYS, prompt_options, template_to_yaml
 from .spec_values import (
     budget_value,
@@ -230,7 +230,7 @@ def _resolve_yaml(source: str | Path) -> Path:
 
 def _from_yaml(path: Path) -> MethodSpec:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path, MethodConfigError, "method file"))
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise MethodConfigError(f"method file {path}: invalid YAML ({first})") from None

@@ -3,6 +3,7 @@ one line naming the key (`where`) and, where it helps, the allowed values."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from .errors import MethodConfigError, allowed
@@ -16,8 +17,8 @@ def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
     for key, default in (("tinit", 0.1), ("tfinal", 0.3)):
         value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                isinstance(value, float) and value >= 1):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+                isinstance(value, float) and not value < 1):
             raise MethodConfigError(f"{where}: {key} must be a step count (int >= 0) or a fraction of the run "
                                     f"(float in [0, 1)), got {value!r}")
         out[key] = value
@@ -28,7 +29,7 @@ def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key in ("beta1", "beta2"):
         out[key] = probability_value(raw.get(key, 0.85), f"{where}: {key}")
     weight = raw.get("orth_reg_weight", 0.1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
         raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
     out["orth_reg_weight"] = float(weight)
     pattern = raw.get("rank_pattern")
@@ -52,8 +53,8 @@ def scale_value(raw: Mapping[str, Any], compose: str, where: str) -> float | str
     value = raw["scale"]
     if value == "learned":
         return "learned"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MethodConfigError(f"{where}: scale must be a number or 'learned', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MethodConfigError(f"{where}: scale must be a finite number or 'learned', got {value!r}")
     return float(value)
 
 
@@ -110,8 +111,8 @@ def positive_float_value(value: Any, where: str) -> float:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise MethodConfigError(f"{where}: expected a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise MethodConfigError(f"{where}: expected a positive finite number, got {value!r}")
     return float(value)
 
 
