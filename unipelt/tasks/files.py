@@ -76,7 +76,11 @@ def read_delimited(path: Path, where: str, delimiter: str, quoting: str, wanted:
                 except StopIteration:
                     break
                 except csv.Error as exc:
-                    raise refuse(reader.line_num, f"has a malformed quoted field ({exc})") from None
+                    start = previous + 1
+                    if reader.line_num > start:
+                        raise refuse(start, f"starts a quoted field that runs over lines {start}-{reader.line_num} "
+                                            f"({exc})") from None
+                    raise refuse(start, f"has a malformed quoted field ({exc})") from None
                 if reader.line_num - previous > 1 and delimiter == "\t":
                     raise refuse(previous + 1, f"starts a quoted field that runs over lines {previous + 1}-"
                                                f"{reader.line_num}")
