@@ -24,7 +24,7 @@ from ..train import runfolder
 from ..train.checkpoint import CHECKPOINT_DIR, LAST
 
 # Config keys that do not change what a run computes (logging, naming, where results go, trainer conveniences).
-IGNORED_PREFIXES = ("hydra.", "logger.", "name", "results_file")
+IGNORED_PREFIXES = ("hydra.", "logger.", "name", "results_file", "method_solved.", "choices.", "run_id")
 RESULTS_NAME = "results.jsonl"
 
 
