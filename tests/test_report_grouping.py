@@ -4,8 +4,8 @@ record of a run folder win, and survives NaN scores (issue 12, items 3 and 5).""
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 
 import pytest
 

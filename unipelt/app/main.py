@@ -119,6 +119,10 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
 def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
     spec, task_cfg, train_cfg = validate(cfg)
     info = distributed.setup(train_cfg.device)
+    wanted_gpu = os.environ.get("UNIPELT_REQUIRE_GPU")  # set by hydra/launcher=gpus for the job's process
+    if wanted_gpu and info.device.type != "cuda":
+        raise UnipeltError(f"hydra/launcher=gpus gave this job GPU {wanted_gpu}, but it sees no CUDA device (device "
+                           f"'{info.device}'); check hydra.launcher.gpus")
     # every process writes checkpoints into rank 0's folder (torchrun starts each with its own clock)
     output_dir = Path(distributed.broadcast(str(job.output_dir), info))
     seed = int(cfg.seed)
@@ -187,8 +191,8 @@ def run(cfg: DictConfig) -> float:
         raise
     choices = job.choices
     record: dict[str, Any] = {
-        "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name, "seed": int(cfg.seed), "task": choices.get("task"),
-        "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
+        "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name,
+        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
         "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
         "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -198,9 +202,10 @@ def run(cfg: DictConfig) -> float:
     start = time.perf_counter()
     try:
         return train_job(cfg, job, record, trackers)
-    except TrainingInterrupted as exc:  # Ctrl-C / SIGTERM: a checkpoint and one line, never a traceback
-        record.update(status="interrupted", reason=_one_line(exc))
-        print(f"interrupted: {exc}", file=sys.stderr, flush=True)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # Ctrl-C / SIGTERM: one line, never a traceback
+        text = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted before training started"
+        record.update(status="interrupted", reason=f"{type(exc).__name__}: {text}")
+        print(f"interrupted: {text}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except BaseException as exc:
         record.update(status="failed", reason=_one_line(exc))

@@ -149,6 +149,13 @@ def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizer
     arch = architecture(model_type)
     _check_model_fits(task, model_type, arch)
     tokenizer = with_pad_token(tokenizer)
+    pair = len(task.text_columns) == 2 and task.kind in ("classification", "regression")
+    reserved = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = reserved + (2 if pair else 1)  # one token of each text at least
+    if max_length < needed:  # the tokenizer would ignore the limit (it cannot cut its special tokens) or keep no text
+        raise DataError(f"prepare_task: max_length {max_length} leaves no room for text: the tokenizer adds "
+                        f"{reserved} special tokens to {'a sentence pair' if pair else 'a text'}; use max_length >= "
+                        f"{needed}")
 
     train_raw = load_split(task, task.splits["train"]) if task.splits["train"] else None
     eval_raw = {split: load_split(task, split) for split in task.splits["eval"]}
