@@ -200,3 +200,48 @@ def test_adapter_json_with_a_bom_loads_and_non_utf8_is_one_line(tmp_path):
     with pytest.raises(unipelt.AdapterFileError, match=r"^load_adapter: .*unipelt_adapter.json is not UTF-8 text "
                                                        r"\(byte \d+\)$"):
         unipelt.load_adapter(tiny_model("bert"), tmp_path / "a")
+
+
+# ---- found by attacking the readers (issue 12: beyond the list) -------------------------------------------------
+
+@pytest.mark.parametrize("line, message", [
+    ('{"sentence": "a", "sentence": "b", "label": 1}', r"line 1 of .* has key 'sentence' twice$"),
+    ('{"sentence": {"a": 1}, "label": 1}', r"column 'sentence' at line 1 of .* must be text, got \{'a': 1\}$"),
+    ('{"sentence": NaN, "label": 1}', r"column 'sentence' at line 1 of .* must be text, got nan$"),
+    ('{"sentence": ["a"], "label": 1}', r"column 'sentence' at line 1 of .* must be text, got \['a'\]$"),
+])
+def test_json_values_that_json_would_take_in_silence_are_refused(tmp_path, line, message):
+    write(tmp_path, line + "\n", "train.jsonl")
+    with pytest.raises(DataError, match=message):
+        load_split(task(tmp_path), "train")
+
+
+def test_an_empty_json_list_is_an_empty_split(tmp_path):
+    path = write(tmp_path, "[]", "train.json")
+    with pytest.raises(DataError, match=rf"^task 'sst2': split 'train' in {path} is empty \(no data rows\)$"):
+        load_split(task(tmp_path), "train")
+
+
+def test_a_key_given_twice_in_a_method_or_task_yaml_is_refused(tmp_path):
+    method = write(tmp_path, "name: m\nmodules:\n  - form: bottleneck\n    at: ffn\n    insertion: parallel\n"
+                             "    compose: add\n    dim: 8\n    dim: 64\n", "m.yaml")
+    with pytest.raises(MethodConfigError) as info:
+        unipelt.load_method(method)
+    assert one_line_error(info) == f"method file {method}: invalid YAML (key 'dim' appears twice (line 8))"
+    task_file = write(tmp_path, "name: t\nkind: classification\nkind: regression\n", "t.yaml")
+    with pytest.raises(DataError, match=r"invalid YAML \(key 'kind' appears twice \(line 3\)\)$"):
+        load_task_config(task_file)
+    anchors = write(tmp_path, "common: &c {form: bottleneck, at: ffn}\nname: a\nmodules: []\ntrain_base: all\n"
+                              "extra:\n  <<: *c\n  at: attn\n", "a.yaml")
+    with pytest.raises(MethodConfigError, match="unknown key 'common'"):  # merge keys may be overridden: no repeat
+        unipelt.load_method(anchors)
+
+
+@pytest.mark.parametrize("key, value, shown", [("layers", [0, 0], "0"), ("at", ["attn.q", "attn.q"], "'attn.q'"),
+                                               ("stacks", ["encoder", "encoder"], "'encoder'")])
+def test_a_list_with_a_repeated_item_is_refused(key, value, shown):
+    """layers: [0, 0] placed two modules under one name; the first, replaced, kept running through its hooks."""
+    module = {"form": "bottleneck", "at": "ffn", "insertion": "parallel", "compose": "add", "dim": 2, key: value}
+    with pytest.raises(MethodConfigError) as info:
+        unipelt.load_method({"name": "x", "modules": [module]})
+    assert one_line_error(info) == f"method 'x' module 0: {key}: {shown} is listed twice"

@@ -196,3 +196,56 @@ def test_a_peft_model_is_named_as_such(tmp_path, call):
     assert str(info.value) == (f"{call}: got a PEFT PeftModel; unipelt works on the transformers model itself: pass "
                                "model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
     assert [n for n, _ in model.named_parameters()] == names
+
+
+# ---- found by attacking the operations (issue 12: beyond the list) ---------------------------------------------
+
+@pytest.mark.parametrize("family, method", [("bert", "lora"), ("bert", "unipelt"), ("gpt2", "prompt_tuning"),
+                                            ("t5", "mam")])
+def test_a_deep_copy_is_a_model_of_its_own(family, method):
+    """copy.deepcopy copied the hooks by reference: the copy kept calling the original's modules (its own adapter
+    parameters had no effect; UniPELT's gates crashed)."""
+    import copy
+
+    model = perturbed(unipelt.attach(tiny_model(family), method))
+    before = outputs(model, family)
+    clone = copy.deepcopy(model)
+    assert torch.allclose(outputs(clone, family), before, atol=1e-6)
+    perturbed(clone, seed=5)
+    assert not torch.allclose(outputs(clone, family), before, atol=1e-3)  # the copy follows its own parameters
+    assert torch.equal(outputs(model, family), before)  # and the original is untouched
+    unipelt.detach(clone)
+    assert torch.allclose(outputs(clone, family), outputs(tiny_model(family), family), atol=1e-6)
+    assert torch.equal(outputs(model, family), before)
+
+
+def test_a_compiled_model_is_refused_in_one_line():
+    compiled = torch.compile(tiny_model("bert"))
+    with pytest.raises(unipelt.AttachError) as info:
+        unipelt.attach(compiled, "lora")
+    assert str(info.value) == "attach: got a torch.compile'd model; attach the model itself, then compile it"
+
+
+def test_adapter_files_that_would_load_wrong_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = perturbed(unipelt.attach(tiny_model("bert"), "lora"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(unipelt.AdapterFileError, match=r"^save_adapter: cannot create the folder .*a_file \("):
+        unipelt.save_adapter(model, tmp_path / "a_file")
+    with pytest.raises(unipelt.AdapterFileError, match=r"^export_peft: cannot create the folder .*a_file \("):
+        unipelt.export_peft(model, tmp_path / "a_file")
+    unipelt.save_adapter(model, tmp_path / "ints")
+    weights = tmp_path / "ints" / "adapter_model.safetensors"
+    save_file({k: v.to(torch.int64) for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(unipelt.AdapterFileError, match=r"^load_adapter: tensor '.*' has dtype torch.int64 in the "
+                                                       r"file, torch.float32 in the model$"):
+        unipelt.load_adapter(tiny_model("bert"), tmp_path / "ints")
+    unipelt.save_adapter(model, tmp_path / "meta")
+    meta = tmp_path / "meta" / "unipelt_adapter.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "base_model": [1]}))
+    with pytest.raises(unipelt.AdapterFileError, match=r"^load_adapter: base_model must be a mapping of the base's "
+                                                       r"fields, got \[1\]$"):
+        unipelt.load_adapter(tiny_model("bert"), tmp_path / "meta")

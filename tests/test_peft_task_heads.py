@@ -57,3 +57,37 @@ def test_a_task_head_named_in_the_file_with_tensors_but_absent_here_is_still_ref
     with pytest.raises(unipelt.AdapterFileError, match="match no module here|matches no module here"):
         unipelt.import_peft(model, tmp_path)
     assert not unipelt.is_attached(model)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": 0}, "r must be a positive integer, got 0"),
+    ({"r": 2.5}, "r must be a positive integer, got 2.5"),
+    ({"r": "2"}, "r must be a positive integer, got '2'"),
+    ({"lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+    ({"rank_pattern": {"query": "x"}}, "rank_pattern['query'] must be a positive integer, got 'x'"),
+    ({"alpha_pattern": {"query": float("inf")}}, "alpha_pattern['query'] must be a finite number, got inf"),
+    ({"layers_to_transform": "0"}, "layers_to_transform must be a layer index or a list of them, got '0'"),
+])
+def test_hand_edited_peft_configs_are_refused_in_one_line(tmp_path, change, message):
+    """r=0 divided by zero, r=2.5 was cut to 2, a string alpha or rank crashed (found by attacking the reader)."""
+    import json
+
+    peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    model = tiny_model("bert")
+    with pytest.raises(unipelt.AdapterFileError) as info:
+        unipelt.import_peft(model, tmp_path)
+    assert str(info.value) == f"import_peft: {message}"
+    assert not unipelt.is_attached(model)
+
+
+def test_modules_to_save_as_one_string_is_one_name(tmp_path):
+    import json
+
+    peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(r=2, target_modules=["query"],
+                                                            modules_to_save=["classifier"])).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "modules_to_save": "classifier"}))
+    model = unipelt.import_peft(tiny_model("bert"), tmp_path)
+    assert state_of(model).trained_head == ["classifier.weight", "classifier.bias"]

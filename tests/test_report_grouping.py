@@ -97,3 +97,12 @@ def test_a_bad_results_file_is_one_line(tmp_path, capsys, body, message):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert re.match(message, err), err
+
+
+@pytest.mark.parametrize("field, value, shown", [("score", "abc", "score 'abc'"), ("seed", "x", "seed 'x'"),
+                                                 ("params", [1], "params [1]")])
+def test_a_record_with_a_field_that_is_not_a_number_is_one_line(tmp_path, capsys, field, value, shown):
+    path = tmp_path / "results.jsonl"
+    append_record(path, {**run(seed=1), field: value, "output_dir": "/runs/a"})
+    assert report_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: results: {path}: run /runs/a has {shown}, not a number\n"

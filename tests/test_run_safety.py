@@ -230,3 +230,11 @@ def test_checkpoints_are_written_by_time_by_default(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(loop.ckpt, "save_checkpoint", lambda d, s: saved.append(s["step"]) or real(d, s))
     fit(build(), task, cfg(max_steps=8), tmp_path)  # one evaluation, at the end
     assert saved[:-1] and saved[-1] == 8  # checkpoints before the only evaluation
+
+
+@pytest.mark.parametrize("content", [[1, 2], {}, {"trainable": {}}])
+def test_a_file_that_is_not_a_training_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "last.pt"
+    torch.save(content, path)
+    with pytest.raises(UnipeltError, match=rf"^checkpoint {path} is not a unipelt training checkpoint \(no '\w+'\)$"):
+        ckpt.load_checkpoint(path)

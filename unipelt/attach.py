@@ -9,6 +9,8 @@ add forward hooks, route prefixed attention modules, and freeze the base. All of
 from __future__ import annotations
 
 import contextlib
+import copy
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -63,6 +65,8 @@ def refuse_wrapped(model: Any, caller: str) -> None:
     if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
         raise AttachError(f"{caller}: got a PEFT {type(model).__name__}; unipelt works on the transformers model "
                           "itself: pass model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: its names start with _orig_mod.
+        raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
 
 
 def attach(model: nn.Module, method: Any) -> nn.Module:
@@ -235,6 +239,25 @@ def _heads_hook(slot: Slot):
     return hook
 
 
+class CopyableHook:
+    """A hook closure that copy.deepcopy copies with the model: its closure cells (the slot it calls, ...) are
+    deep-copied through the same memo as the module tree, so a copied model's hooks call the copied slots. (A plain
+    function is copied by reference: the copy would keep calling the original model's slots, in silence.)"""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "CopyableHook":
+        cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in self.fn.__closure__ or ())
+        fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
+                                cells or None)
+        fn.__kwdefaults__ = self.fn.__kwdefaults__
+        return CopyableHook(fn)
+
+
 def _install(model, spec, placements, built, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
     for name, reparam in reparams.items():
@@ -263,6 +286,9 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
         else:
             state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
+    for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
+        hooks = handle.hooks_dict_ref()
+        hooks[handle.id] = CopyableHook(hooks[handle.id])
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
     for module in [*state.slots.values(), *state.reparams.values()]:
         module.train(model.training)

@@ -105,6 +105,16 @@ def read_json(path: Path, caller: str) -> Any:
         raise AdapterFileError(f"{caller}: {path} is not UTF-8 text (byte {exc.start})") from None
 
 
+def make_directory(directory: str | os.PathLike, caller: str) -> Path:
+    """The output folder, created; one line when it cannot be (a file of that name, no permission)."""
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AdapterFileError(f"{caller}: cannot create the folder {out} ({exc.strerror or exc})") from None
+    return out
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = state_of(model)
     if state.merged:
@@ -113,8 +123,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     bad = non_finite_tensor(tensors)
     if bad is not None:
         raise AdapterFileError(f"save_adapter: tensor {bad} holds non-finite values; nothing written")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_directory(directory, "save_adapter")
     meta = {
         "format_version": FORMAT_VERSION,
         "method": with_rank_patterns(state.method.folded(), state.controllers).to_dict(),
@@ -155,8 +164,10 @@ def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{caller}: {path} is corrupt or unreadable ({first})") from None
 
 
-def _check_identity(saved: dict[str, Any], config: Any) -> None:
+def _check_identity(saved: Any, config: Any) -> None:
     current = base_identity(config)
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"load_adapter: base_model must be a mapping of the base's fields, got {saved!r}")
 
     def refuse(key: str, there: Any, here: Any) -> None:
         raise AdapterFileError(
@@ -213,6 +224,9 @@ def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory)
     if extra:
         raise AdapterFileError(f"load_adapter: {len(extra)} unexpected tensors in {directory}, e.g. '{extra[0]}'")
     for name, tensor in tensors.items():
+        if expected[name].dtype.is_floating_point and not tensor.dtype.is_floating_point:
+            raise AdapterFileError(f"load_adapter: tensor '{name}' has dtype {tensor.dtype} in the file, "
+                                   f"{expected[name].dtype} in the model")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise AdapterFileError(
                 f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "

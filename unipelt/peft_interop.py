@@ -38,7 +38,7 @@ from torch import nn
 from .attach import attach, detach, is_attached, refuse_wrapped, state_of
 from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
-from .io import atomic_write, non_finite_tensor, read_json, read_tensors
+from .io import atomic_write, make_directory, non_finite_tensor, read_json, read_tensors
 from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
 from .sites.resolve import base_prefix, family_of
 from .spec import PROJECTION_SITES, load_method
@@ -179,8 +179,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     bad = non_finite_tensor(cpu)
     if bad is not None:
         raise AdapterFileError(f"export_peft: tensor {bad} holds non-finite values; nothing written")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_directory(directory, "export_peft")
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
@@ -218,6 +217,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"import_peft: peft_type {config.get('peft_type')!r} is not supported (allowed: LORA)")
+    _check_shapes_of_values(config)
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, False, [], {}):
             raise AdapterFileError(
@@ -233,6 +233,34 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     if bad is not None:
         raise AdapterFileError(f"import_peft: tensor {bad} in {src / WEIGHTS_FILE} holds non-finite values")
     return config, tensors
+
+
+def _check_shapes_of_values(config: dict[str, Any]) -> None:
+    """Ranks are positive integers and alphas finite numbers (PEFT's own files always are; a hand-edited one may
+    not be: r=2.5 would be cut to 2 and r=0 divide by zero)."""
+    def refuse(key: str, value: Any, wanted: str) -> None:
+        raise AdapterFileError(f"import_peft: {key} must be {wanted}, got {value!r}")
+
+    def is_rank(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def is_alpha(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, check, wanted in (("r", is_rank, "a positive integer"), ("lora_alpha", is_alpha, "a finite number")):
+        if key in config and not check(config[key]):
+            refuse(key, config[key], wanted)
+    for key, check, wanted in (("rank_pattern", is_rank, "a positive integer"),
+                               ("alpha_pattern", is_alpha, "a finite number")):
+        for name, value in (config.get(key) or {}).items():
+            if not check(value):
+                refuse(f"{key}['{name}']", value, wanted)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        refuse("layers_to_transform", layers, "a layer index or a list of them")
+    if isinstance(config.get("modules_to_save"), str):  # PEFT accepts one name as a string
+        config["modules_to_save"] = [config["modules_to_save"]]
 
 
 def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):

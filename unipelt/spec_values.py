@@ -6,7 +6,35 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+import yaml
+
 from .errors import MethodConfigError, allowed
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    value in silence: `dim: 8` then `dim: 64` would train with 64)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a repeated key (raises yaml.YAMLError naming the key and its line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -68,7 +96,18 @@ def layers_value(value: Any, where: str) -> str | tuple[int, ...]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
             raise MethodConfigError(f"{where}: layers must hold integers, got {item!r}")
-    return tuple(value)
+    return tuple(no_repeats(value, f"{where}: layers"))
+
+
+def no_repeats(values: Any, where: str) -> Any:
+    """A list given twice the same item would place two modules under one name (the second replaces the first,
+    whose hooks would keep running): refuse it."""
+    seen = set()
+    for item in values:
+        if item in seen:
+            raise MethodConfigError(f"{where}: {item!r} is listed twice")
+        seen.add(item)
+    return values
 
 
 def budget_value(value: Any, where: str) -> str | int | None:

@@ -192,7 +192,8 @@ def run(cfg: DictConfig) -> float:
     choices = job.choices
     record: dict[str, Any] = {
         "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name,
-        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
+        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"),
+        "model": choices.get("model"), "choices": choices,
         "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
         "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

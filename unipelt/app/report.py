@@ -79,7 +79,9 @@ def _settings(record: dict[str, Any]) -> dict[str, Any]:
     if isinstance(config, dict):
         found = dict(config)
     else:
-        found = dict(o.split("=", 1) for o in record.get("overrides") or [] if "=" in o and not o.startswith("hydra"))
+        overrides = record.get("overrides")
+        overrides = overrides if isinstance(overrides, list) else []
+        found = dict(str(o).split("=", 1) for o in overrides if "=" in str(o) and not str(o).startswith("hydra"))
         found = {k.lstrip("+~"): v for k, v in found.items()}
     for key in ("seed", "task", "method"):
         found.pop(key, None)
@@ -90,6 +92,29 @@ def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _checked(record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose numbers are numbers, or one line naming its file, its run and the field."""
+    def bad(field: str, value: Any) -> UnipeltError:
+        run = record.get("output_dir") or record.get("run_id") or f"seed {record.get('seed')}"
+        return UnipeltError(f"results: {record.get('source', 'a record')}: run {run} has {field} {value!r}, not a "
+                            "number")
+
+    score = record.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise bad("score", score)
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", seed)
+    params = record.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise bad("params", params)
+    for field in ("percent", "added"):
+        value = (params or {}).get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"params.{field}", value)
+    return record
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if any(not math.isfinite(v) for v in values):  # a NaN score is shown, never averaged away, never a crash
         return math.nan, math.nan
@@ -98,7 +123,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
     """Completed runs grouped by (task, method, differing settings); returns the rows and the failed records."""
-    records = latest_per_run(records)
+    records = [_checked(r) for r in latest_per_run(records)]
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_pair[(str(record.get("task")), str(record.get("method")))].append(record)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import DataError, allowed, read_utf8
+from ..spec_values import load_yaml
 from .metrics import METRICS_BY_KIND
 
 QUOTINGS = ("csv", "none")  # of local TSV / CSV files (unipelt.tasks.files reads them)
@@ -70,7 +71,7 @@ def load_task_config(source: Any) -> TaskConfig:
     if isinstance(source, (str, Path)):
         path = _resolve_yaml(source)
         try:
-            raw = yaml.safe_load(read_utf8(path, DataError, "task file"))
+            raw = load_yaml(read_utf8(path, DataError, "task file"))
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "parse error"
             raise DataError(f"task file {path}: invalid YAML ({first})") from None

@@ -32,7 +32,8 @@ Columns = dict[str, list[Any]]
 
 
 def _lines(text: str) -> list[str]:
-    """Physical lines ("\\n" or "\\r\\n"); unlike str.splitlines, never split at \\x0b, \\x85 or U+2028 inside a text."""
+    """Physical lines ("\\n" or "\\r\\n"); unlike str.splitlines, never split inside a text at \\x0b, \\x85 or
+    U+2028."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -113,9 +114,11 @@ def read_json_rows(path: Path, where: str) -> tuple[list[str], Columns, Callable
     starts: list[str] = []
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except _RepeatedKey as exc:
+            raise DataError(f"{where}: {path} has an object with key '{exc.args[0]}' twice") from None
         for number, item in enumerate(items, start=1):
             rows.append(_object(item, f"item {number}", path, where))
             starts.append(f"item {number}")
@@ -124,15 +127,30 @@ def read_json_rows(path: Path, where: str) -> tuple[list[str], Columns, Callable
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: line {number} of {path} is not valid JSON ({exc.msg}, column "
                                 f"{exc.colno})") from None
+            except _RepeatedKey as exc:  # json keeps the last value in silence
+                raise DataError(f"{where}: line {number} of {path} has key '{exc.args[0]}' twice") from None
             rows.append(_object(item, f"line {number}", path, where))
             starts.append(f"line {number}")
     keys = list(dict.fromkeys(key for row in rows for key in row))
     columns = {key: [row.get(key) for row in rows] for key in keys}
     return keys, columns, lambda i: starts[i]
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _RepeatedKey(key)
+        found[key] = value
+    return found
 
 
 def _object(item: Any, at: str, path: Path, where: str) -> dict[str, Any]:

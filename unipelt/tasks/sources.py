@@ -110,6 +110,8 @@ def _read_local(path: Path, cfg: TaskConfig, split: str) -> tuple[Any, Callable[
         return _Table(header, columns), row_name
     if suffix in (".jsonl", ".json"):
         keys, columns, row_name = read_json_rows(path, where)
+        if not keys:
+            raise DataError(f"{where}: split '{split}' in {path} is empty (no data rows)")
         return _Table(keys, {k: v for k, v in columns.items() if k in wanted}), row_name
     raise DataError(f"{where}: unsupported data file type '{suffix}' for {path} (allowed: {allowed(EXTENSIONS)})")
 
@@ -210,6 +212,8 @@ def _texts(cfg: TaskConfig, values: list, column: str, origin: str, row_name, wh
     for i, value in enumerate(values):
         if value is None:
             raise DataError(f"{where}: column '{column}' is missing a value at {row_name(i)} of {origin}")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):  # a dict, list or NaN is no text
+            raise DataError(f"{where}: column '{column}' at {row_name(i)} of {origin} must be text, got {value!r}")
     return [v if isinstance(v, str) else str(v) for v in values]
 
 
