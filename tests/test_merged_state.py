@@ -249,3 +249,39 @@ def test_adapter_files_that_would_load_wrong_are_refused(tmp_path):
     with pytest.raises(unipelt.AdapterFileError, match=r"^load_adapter: base_model must be a mapping of the base's "
                                                        r"fields, got \[1\]$"):
         unipelt.load_adapter(tiny_model("bert"), tmp_path / "meta")
+
+
+def test_a_method_no_memory_holds_is_one_line_and_changes_nothing():
+    model = tiny_model("bert")
+    names = [n for n, _ in model.named_modules()]
+    with pytest.raises(unipelt.AttachError) as info:
+        unipelt.attach(model, {"name": "big", "modules": [{"form": "bottleneck", "at": "ffn", "insertion": "parallel",
+                                                            "compose": "add", "dim": 10**12}]})
+    assert str(info.value).startswith("attach: method 'big' does not fit in memory (m0: dim=1000000000000")
+    assert "\n" not in str(info.value)
+    assert [n for n, _ in model.named_modules()] == names and not unipelt.is_attached(model)
+
+
+def test_non_finite_adapter_tensors_are_neither_saved_nor_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = perturbed(unipelt.attach(tiny_model("bert"), "lora"))
+    unipelt.save_adapter(model, tmp_path / "good")
+    unipelt.export_peft(model, tmp_path / "peft")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.unipelt_m0_attn_q.form.up.weight[0, 0] = float("nan")
+    for call in (unipelt.save_adapter, unipelt.export_peft):
+        with pytest.raises(unipelt.AdapterFileError, match=r"^\w+: tensor '.*' \(nan\) holds non-finite values; "
+                                                           r"nothing written$"):
+            call(model, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
+    for folder, name, call in ((tmp_path / "good", "adapter_model.safetensors", unipelt.load_adapter),
+                               (tmp_path / "peft", "adapter_model.safetensors", unipelt.import_peft)):
+        tensors = load_file(str(folder / name))
+        first = sorted(tensors)[0]
+        tensors[first][0] = float("inf")
+        save_file(tensors, str(folder / name))
+        fresh = tiny_model("bert")
+        with pytest.raises(unipelt.AdapterFileError, match=rf"tensor '{first}' \(inf\) in .* holds non-finite values$"):
+            call(fresh, folder)
+        assert not unipelt.is_attached(fresh)

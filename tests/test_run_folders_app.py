@@ -120,3 +120,25 @@ def test_one_run_per_folder_interrupt_and_resume_end_to_end(tiny, tmp_path):
                          cwd=tmp_path, check=False)
     assert unwritable.returncode == 2 and "cannot be written" in unwritable.stderr
     assert not (tmp_path / "y" / "checkpoints").exists()
+
+
+def test_a_fresh_sweep_into_a_folder_with_results_is_refused(tmp_path):
+    from unipelt.app.folders import check_sweep_folder
+
+    check_sweep_folder(tmp_path, composed())
+    (tmp_path / "results.jsonl").write_text("{}\n")
+    with pytest.raises(UnipeltError, match=r"^sweep folder .* already holds results \(results.jsonl\); resume its "
+                                           r"jobs with trainer.resume=true, or choose another hydra.sweep.dir$"):
+        check_sweep_folder(tmp_path, composed())
+    check_sweep_folder(tmp_path, composed(resume=True))
+
+
+def test_a_non_finite_lr_by_method_is_named():
+    from hydra import compose, initialize_config_module
+
+    from unipelt.app.main import validate
+
+    with initialize_config_module(config_module="unipelt.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["method=lora", "+lr_by_method.lora=nan"])
+    with pytest.raises(UnipeltError, match=r"^lr_by_method.lora must be a positive finite number, got nan$"):
+        validate(cfg)

@@ -81,6 +81,13 @@ def check_run_folder(folder: Path, cfg: DictConfig) -> None:
         runfolder.refuse_changed_settings(before, now, str(saved))
 
 
+def check_sweep_folder(folder: Path, cfg: DictConfig) -> None:
+    """A fresh sweep never writes into a sweep folder that holds results (job folders 0, 1, ... would mix)."""
+    if (folder / RESULTS_NAME).exists() and not OmegaConf.select(cfg, "trainer.resume", default=False):
+        raise UnipeltError(f"sweep folder {folder} already holds results ({RESULTS_NAME}); resume its jobs with "
+                           "trainer.resume=true, or choose another hydra.sweep.dir")
+
+
 class RunFolderGuard(Callback):
     """Hydra callback: lock and check the run / sweep folder before Hydra writes into it."""
 
@@ -114,9 +121,7 @@ class RunFolderGuard(Callback):
         folder = Path(str(config.hydra.sweep.dir)).absolute()
         try:
             self.key = runfolder.lock_folder(folder, "sweep")
-            if (folder / RESULTS_NAME).exists() and not OmegaConf.select(config, "trainer.resume", default=False):
-                raise UnipeltError(f"sweep folder {folder} already holds results ({RESULTS_NAME}); resume its jobs "
-                                   "with trainer.resume=true, or choose another hydra.sweep.dir")
+            check_sweep_folder(folder, config)
         except UnipeltError as exc:
             _stop(str(exc))
 
@@ -124,4 +129,4 @@ class RunFolderGuard(Callback):
         self.on_run_end()
 
 
-__all__ = ["RunFolderGuard", "check_run_folder", "check_writable", "result_config"]
+__all__ = ["RunFolderGuard", "check_run_folder", "check_sweep_folder", "check_writable", "result_config"]

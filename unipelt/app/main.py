@@ -103,6 +103,9 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     spec = load_method(cfg.method)
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    for key, value in (cfg.get("lr_by_method") or {}).items():
+        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise UnipeltError(f"lr_by_method.{key} must be a positive finite number, got {value!r}")
     own_lr = (cfg.get("lr_by_method") or {}).get(spec.name)
     if own_lr is not None:
         train_cfg = dataclasses.replace(train_cfg, lr=float(own_lr))
@@ -110,9 +113,6 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     path = str(cfg.model.name_or_path)
     if path.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(path)).exists():
         raise UnipeltError(f"model.name_or_path '{path}' does not exist")
-    for key, value in (cfg.get("lr_by_method") or {}).items():
-        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-            raise UnipeltError(f"lr_by_method.{key} must be a positive finite number, got {value!r}")
     return spec, task_cfg, train_cfg
 
 
