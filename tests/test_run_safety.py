@@ -196,14 +196,16 @@ def test_a_folder_in_use_by_another_process_is_refused(tiny, tmp_path):
 
 def test_an_interrupt_saves_a_checkpoint_and_the_resumed_run_is_exact(tiny, tmp_path, monkeypatch):
     build, task, _, _ = tiny
-    config = cfg(max_steps=12, eval_every=4, checkpoint_minutes=0, log_every=3)
+    config = cfg(max_steps=12, eval_every=4, checkpoint_minutes=0, log_every=3, grad_accum=2)
     reference = fit(build(dropout=0.1), task, config, tmp_path / "reference")
     calls = {"n": 0}
     collate = task.collate
 
     def interrupting(rows):
         calls["n"] += 1
-        if calls["n"] == 7:  # 6 training batches and the evaluation at step 4: inside step 6, after step 5
+        # steps take two micro-batches each, step 4 ends with an evaluation (one batch): call 13 is step 6's second
+        # micro-batch, after its first one drew dropout masks; the checkpoint must hold the RNG of step 5's end
+        if calls["n"] == 13:
             raise KeyboardInterrupt
         return collate(rows)
 
