@@ -114,7 +114,8 @@ def test_one_run_per_folder_interrupt_and_resume_end_to_end(tiny, tmp_path):
     assert fresh.returncode == 2 and "does not exist; set trainer.resume=false to start afresh" in fresh.stderr
     nowhere = run_cli([*args[:-1], f"hydra.run.dir={tmp_path / 'x'}", "model.name_or_path=/nonexistent/model"],
                       cwd=tmp_path, check=False)
-    assert nowhere.returncode == 2 and nowhere.stderr == "error: model.name_or_path '/nonexistent/model' does not exist\n"
+    assert nowhere.returncode == 2
+    assert nowhere.stderr == "error: model.name_or_path '/nonexistent/model' does not exist\n"
     (tmp_path / "a_file").write_text("")
     unwritable = run_cli([*args[:-1], f"hydra.run.dir={tmp_path / 'y'}", f"results_file={tmp_path}/a_file/r.jsonl"],
                          cwd=tmp_path, check=False)

@@ -113,9 +113,9 @@ def test_an_exploding_loss_stops_the_run_beyond_nan(tiny, tmp_path):
     for _ in range(9):
         loop.check_divergence(8342.0)
         loop.step += 1
-    with pytest.raises(TrainingDiverged, match=r"^loss exploded at step 20: mean 8342 over the last 10 steps, 1.19e\+04 "
-                                               r"times the first 10 steps' 0.7 \(trainer.divergence_factor=10\); "
-                                               r"stopped \(no checkpoint was written\)$"):
+    expected = (r"^loss exploded at step 20: mean 8342 over the last 10 steps, 1.19e\+04 times the first 10 steps' "
+                r"0.7 \(trainer.divergence_factor=10\); stopped \(no checkpoint was written\)$")
+    with pytest.raises(TrainingDiverged, match=expected):
         loop.check_divergence(8342.0)
     off = _Loop(build(), task, cfg(max_steps=100, divergence_factor=0), tmp_path, 0, None, Dist())
     for loss in [0.7] * 10 + [8342.0] * 20:

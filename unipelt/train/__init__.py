@@ -7,5 +7,5 @@ from .distributed import Dist
 from .loop import TrainingDiverged, TrainingInterrupted, TrainResult, fit
 from .seeding import set_seed
 
-__all__ = ["BEST_ADAPTER", "CHECKPOINT_DIR", "Dist", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "fit",
-           "set_seed"]
+__all__ = ["BEST_ADAPTER", "CHECKPOINT_DIR", "Dist", "TrainConfig", "TrainResult", "TrainingDiverged",
+           "TrainingInterrupted", "fit", "set_seed"]
