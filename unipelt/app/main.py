@@ -34,6 +34,8 @@ from ..train import TrainConfig, TrainingInterrupted, distributed, fit, set_seed
 from ..train.config import check as check_trainer
 from ..train.config import check_max_length
 from . import folders
+from .ablation import axes_set, cell_name, with_axes
+from .method_files import method_files
 from .results import append_record
 from .schema import register
 from .tracking import Tracker, make_tracker
@@ -100,7 +102,7 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
 
 def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     """The cheap checks: a bad method, task or trainer value fails here, before anything is loaded or written."""
-    spec = load_method(cfg.method)
+    spec = load_method(with_axes(cfg).method)
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
     for key, value in (cfg.get("lr_by_method") or {}).items():
@@ -171,9 +173,42 @@ def _run_name(record: dict[str, Any]) -> str:
     return f"{record['method']}-{record['task']}-seed{record['seed']}"
 
 
+def _new_record(cfg: DictConfig, job: Job) -> dict[str, Any]:
+    choices = job.choices
+    record: dict[str, Any] = {
+        "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name,
+        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"),
+        "model": choices.get("model"), "choices": choices,
+        "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
+        "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    }
+    return record
+
+
+def _skip(cfg: DictConfig, job: Job, exc: UnipeltError) -> float:
+    """An axis combination the grammar refuses: one line in a single run; in a sweep a `skipped` record (listed by
+    unipelt-report) and NaN for the sweeper (Optuna counts the trial as failed and samples on)."""
+    if job.number is None:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    record = _new_record(cfg, job)
+    record.update(status="skipped", reason=_one_line(exc), method=cell_name(axes_set(cfg.axes), str(cfg.method.get(
+        "name", "custom"))), finished=datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    log.warning(f"skipped: {record['reason']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        append_record(job.results_path, record)
+    return math.nan
+
+
 def run(cfg: DictConfig) -> float:
     """The task function (module-level and undecorated, so launchers can pickle it)."""
     job = _job(cfg)
+    try:
+        cfg = with_axes(cfg)
+    except UnipeltError as exc:
+        return _skip(cfg, job, exc)
     if job.number is None:
         # A single run with a bad config: one line and exit status 2, no traceback and no results record. In a
         # sweep the job is recorded as failed instead (below), so that the report shows it and the others run on.
@@ -189,16 +224,7 @@ def run(cfg: DictConfig) -> float:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         raise
-    choices = job.choices
-    record: dict[str, Any] = {
-        "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name,
-        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"),
-        "model": choices.get("model"), "choices": choices,
-        "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
-        "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-    }
+    record = _new_record(cfg, job)
     trackers: list[Tracker] = []
     start = time.perf_counter()
     try:
@@ -224,7 +250,13 @@ def run(cfg: DictConfig) -> float:
             tracker.finish(failed=record["status"] != "completed")
 
 
-main = hydra.main(version_base="1.3", config_path="pkg://unipelt.conf", config_name="train")(run)
+_hydra_main = hydra.main(version_base="1.3", config_path="pkg://unipelt.conf", config_name="train")(run)
+
+
+def main() -> Any:
+    """unipelt-train; `method=<file.yaml>` takes a method file (e.g. design_search's best_method.yaml) as it is."""
+    sys.argv[1:] = method_files(sys.argv[1:])
+    return _hydra_main()
 
 if __name__ == "__main__":
     sys.exit(main())

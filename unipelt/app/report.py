@@ -168,7 +168,7 @@ def format_table(rows: list[Row], failed: list[dict[str, Any]]) -> str:
         lines += ["", f"Runs of one task and method that differ in {', '.join(swept)} are separate rows; each mean is "
                       "over seeds only."]
     if failed:
-        lines += ["", f"Failed or interrupted jobs ({len(failed)}):", ""]
+        lines += ["", f"Failed, interrupted or skipped jobs ({len(failed)}):", ""]
         for record in failed:
             setting = f" / {record['setting']}" if record.get("setting") else ""
             lines.append(f"- {record.get('task')} / {record.get('method')}{setting} / seed {record.get('seed')}: "
@@ -231,7 +231,9 @@ def wandb_records(project: str, filters: dict[str, Any] | None = None) -> list[d
     return records
 
 
-def report(sources: list[str], out: Path, wandb_project: str | None = None) -> tuple[list[Row], str]:
+def report(sources: list[str], out: Path, wandb_project: str | None = None,
+           by: list[str] | None = None) -> tuple[list[Row], str]:
+    """Writes the table, CSV and plot into `out`; with `by`, also report_by_<axis>.md/.csv/.png per axis."""
     records = read_records(sources) if sources else []
     if wandb_project:
         records += wandb_records(wandb_project)
@@ -243,6 +245,10 @@ def report(sources: list[str], out: Path, wandb_project: str | None = None) -> t
     (out / TABLE).write_text(table + "\n", encoding="utf-8")
     write_csv(rows, out / CSV)
     plot(rows, out / PLOT)
+    if by:
+        from .axes_report import report_by_axis
+
+        table += "".join("\n\n" + report_by_axis(records, axis, out) for axis in by)
     return rows, table
 
 
@@ -253,11 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where to write the table and plot "
                         "(default: the first folder given, else the current folder)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="also read runs from W&B")
+    parser.add_argument("--by", metavar="AXIS", action="append", default=None,
+                        help="also the score per value of a design axis (form, at, insertion, compose) with the "
+                             "other axes held equal: report_by_<axis>.md/.csv/.png (repeatable)")
     args = parser.parse_args(argv)
     paths = args.paths or [p for p in ("outputs", "multirun") if Path(p).is_dir()]
     out = args.out or next((Path(p) for p in paths if Path(p).is_dir()), Path("."))
     try:
-        _, table = report(paths, out, args.wandb)
+        _, table = report(paths, out, args.wandb, args.by)
     except UnipeltError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

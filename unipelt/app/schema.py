@@ -20,6 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ..tasks import TaskConfig
 from ..train import TrainConfig
+from .ablation import AxesConfig
 
 LOGGER_BACKENDS = ("wandb", "none")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
@@ -77,6 +78,8 @@ class TrainAppConfig:
     # Learning rate per method name (the `name` in the method file), over trainer.lr: a sweep over methods gives
     # each method its own rate, as method comparisons do (a Hydra sweep cannot pair two swept lists).
     lr_by_method: Dict[str, float] = field(default_factory=dict)
+    # Ablations: the method built from axis values (unipelt/app/ablation.py); all null = the method group as it is.
+    axes: AxesConfig = field(default_factory=AxesConfig)
 
 
 def _package_path(package: str, fallback: str) -> str:
@@ -102,6 +105,9 @@ def register() -> None:
     from hydra_plugins.unipelt_launcher.gpus import GpuLauncher
 
     Plugins.instance().register(GpuLauncher)
+    from hydra_plugins.unipelt_launcher.ablation_sweeper import AblationSweeper  # grid sweeps over the axes
+
+    Plugins.instance().register(AblationSweeper)
     store = ConfigStore.instance()
     schema = OmegaConf.structured(TrainAppConfig)
     schema.task = OmegaConf.structured(TaskSchema)  # a dataclass built at run time cannot be a field annotation
