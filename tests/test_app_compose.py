@@ -64,9 +64,11 @@ def test_misspelt_method_key_is_named_by_load_method(hydra_module):
 
 def test_experiments_compose(hydra_module):
     names = [p.stem for p in experiment_files()]
-    assert {"minilm_sst2", "table2_glue", "table6_xsum", "table6_en_ro", "optuna_lr"} <= set(names)
+    assert {"minilm_sst2", "table2_glue", "table6_xsum", "table6_en_ro", "optuna_lr", "design_search",
+            "ablation_insertion", "ablation_site", "ablation_composition", "ablation_mam"} <= set(names)
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:  # an optional extra
         names.remove("optuna_lr")
+        names.remove("design_search")
     for name in names:
         cfg = compose("train", overrides=[f"+experiment={name}"], return_hydra_config=True)
         unipelt.load_method(cfg.method)

@@ -114,3 +114,23 @@ def test_cli_writes_table_csv_and_png_and_lists_skipped_cells(tmp_path: Path, ca
     assert "skipped" in (tmp_path / "report.md").read_text()  # the main table lists it too
     assert report_main([str(tmp_path), "--by", "sites"]) == 2
     assert "unknown axis 'sites'" in capsys.readouterr().err
+
+
+def test_notebook_shows_the_insertion_ablation_end_to_end(tmp_path: Path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _insertion_grid()))
+    monkeypatch.setenv("UNIPELT_RESULTS", str(tmp_path / "results.jsonl"))
+    monkeypatch.setenv("UNIPELT_REPORT_DIR", str(tmp_path / "out"))
+    monkeypatch.delenv("UNIPELT_AXIS", raising=False)
+    notebook = nbformat.read(Path(__file__).resolve().parents[1] / "notebooks" / "ablation_insertion.ipynb",
+                             as_version=4)
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
+                      for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "12 records: 12 completed runs" in outputs
+    assert "**0.8800 ± 0.0200 (n=3, 0.490%)**" in outputs
+    assert "at=ffn, compose=add, method.budget=0.5%: parallel - sequential = +0.0700 (std 0.0200): agrees" in outputs
+    assert "at=attn, compose=add, method.budget=0.5%: parallel - sequential = +0.0300 (std 0.0200): agrees" in outputs
+    assert (tmp_path / "out" / "report_by_insertion.png").stat().st_size > 0

@@ -8,13 +8,13 @@ cell that builds the same method with the same settings as an earlier one (e.g. 
 skipped as a duplicate. The remaining jobs go to the configured launcher unchanged (basic, gpus, slurm...).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scan executes this module outside sys.modules, where
+# dataclasses would look string annotations up.
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -59,10 +59,10 @@ def _check_budget(cfg: DictConfig) -> None:
 class AblationSweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self.seen: dict[str, str] = {}
-        self.skipped: list[tuple[str, str]] = []
+        self.seen: Dict[str, str] = {}
+        self.skipped: List[Tuple[str, str]] = []
 
-    def _cell(self, overrides: Sequence[str]) -> str | None:
+    def _cell(self, overrides: Sequence[str]) -> Optional[str]:
         """None when the job may run, else why it is skipped."""
         assert self.hydra_context is not None and self.config is not None
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..budget import size_key
 from ..errors import MethodConfigError, allowed
-from ..spec import FORM_KEYS, load_method
+from ..spec import FORM_KEYS, load_method, preset_dir
 
 AXES = ("form", "at", "insertion", "compose")
 
@@ -67,7 +67,8 @@ def _modules_of(use: str) -> list[dict[str, Any]]:
     if not all(presets):
         raise MethodConfigError(f"axes.use: '{use}' has an empty preset name (join presets with '+')")
     for preset in presets:
-        spec = load_method(preset)
+        nested = preset_dir() / f"{preset}.yaml"  # a preset in a subfolder of conf/method (glue/mam)
+        spec = load_method(nested if "/" in preset and nested.is_file() else preset)
         for module in spec.to_dict()["modules"]:
             if len(spec.modules) == 1:  # one-module presets are named after themselves (pa, lora, prefix)
                 module["name"] = _module_name(preset)
