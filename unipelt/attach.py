@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import compat
 from .attention import PrefixSlot, check_prefix_support, install_prefix_config, model_eager_attention
 from .compose import Composer, Slot
 from .errors import AttachError
@@ -76,6 +77,10 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
     placements = resolve(model, spec) if spec.modules else []
     if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
         raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
+    modules = dict(model.named_modules())
+    # Every transformers-private name the placed forms will read is checked before anything changes.
+    compat.check_model(model, prompts=any(p.spec.form == "prompt" for p in placements),
+                       prefixed_attention=[modules[p.x_name] for p in placements if p.spec.form == "prefix"])
     if any(p.spec.form == "prefix" for p in placements):
         check_prefix_support(model)
     to_quantize = []
@@ -97,7 +102,7 @@ def _all_linear_names(model: nn.Module, spec: MethodSpec) -> list[str]:
     model keeps in float32 (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, as its own 4-bit loading does)."""
     probe = load_method({"name": spec.name, "modules": [
         {"form": "bottleneck", "at": "all_linear", "insertion": "parallel", "compose": "add"}]})
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = compat.keep_in_fp32_modules(model)
     names = dict.fromkeys(p.h_name for p in resolve(model, probe))
     return [name for name in names if name.rpartition(".")[2] not in keep]
 
@@ -183,15 +188,9 @@ def _build(placements: list[Placement], modules: dict,
     return built, reparams
 
 
-def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args:
-        return args[0]
-    return kwargs.get("hidden_states", kwargs.get("input"))
-
-
 def _capture_hook(slot: Slot):
     def hook(module, args, kwargs):
-        slot.captured_x = _input_of(args, kwargs) if slot.enabled else None
+        slot.captured_x = compat.module_input(args, kwargs) if slot.enabled else None
     return hook
 
 
@@ -200,7 +199,7 @@ def _output_hook(slot: Slot, same_module: bool):
         if not slot.enabled:
             return None
         if same_module:
-            x = _input_of(args, kwargs)
+            x = compat.module_input(args, kwargs)
         else:
             x, slot.captured_x = slot.captured_x, None
         if isinstance(output, tuple):

@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import compat
 from .attach import state_of
 from .compose import Slot, chunk_rows
 from .quantize import add_to_4bit, is_4bit, restore_4bit
@@ -44,7 +45,7 @@ def _apply(host: nn.Module, slot: Slot, sign: float) -> float | None:
     if is_4bit(host):
         return _apply_4bit(host, slot, sign)
     delta_w, delta_b = _delta(slot, weight.dtype)
-    transposed = type(host).__name__ == "Conv1D"  # Conv1D stores [in, out]
+    transposed = compat.is_transposed_linear(host)  # Conv1D stores [in, out]
     rows = chunk_rows(slot.chunk, weight.shape[1] if transposed else weight.shape[0])
     if transposed:
         weight[:, rows] += sign * delta_w.T

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import compat
 from .attach import attach, detach, is_attached, state_of
 from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
@@ -156,7 +157,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", "") or None,
+        "base_model_name_or_path": compat.name_or_path(model.config) or None,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropouts[0] if dropouts else 0.0,
@@ -164,7 +165,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
         "modules_to_save": head_modules or None,
-        "fan_in_fan_out": any(type(modules[n]).__name__ == "Conv1D" for n in ranks),
+        "fan_in_fan_out": any(compat.is_transposed_linear(modules[n]) for n in ranks),
         "bias": "none",
         "use_dora": False,
         "use_rslora": False,

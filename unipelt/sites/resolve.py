@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import compat
 from ..errors import AttachError, allowed
 from ..spec import ALL_LINEAR, PROJECTION_SITES, MethodSpec, ModuleSpec
 from .table import FAMILIES, Family, Heads, Projection, SubLayer
@@ -58,7 +59,7 @@ def linear_dims(module: nn.Module, name: str) -> tuple[int, int]:
     """(in, out) of a linear map: nn.Linear and its quantized subclasses, or GPT-2's transposed Conv1D."""
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D":
+    if compat.is_transposed_linear(module):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     raise AttachError(f"module '{name}' ({type(module).__name__}) is not a linear projection")
 
