@@ -111,14 +111,14 @@ def _bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def _bleu_ro_moses(predictions: Sequence[str], references: Sequence[str]) -> float:
     """He et al.'s reported en-ro BLEU (exps/romanian_postprocess.sh): both sides normalised, diacritics removed and
-    Moses-tokenized (unipelt.tasks.romanian), then BLEU on those tokens (sacrebleu -tok none)."""
+    Moses-tokenized (unipelt.tasks.romanian), then BLEU on those tokens without smoothing (sacrebleu -tok none -s none)."""
     import sacrebleu
 
     from .romanian import reference_tokens
 
     hypotheses = [reference_tokens(p) for p in predictions]
     golds = [reference_tokens(r) for r in references]
-    return float(sacrebleu.corpus_bleu(hypotheses, [golds], tokenize="none").score)
+    return float(sacrebleu.corpus_bleu(hypotheses, [golds], tokenize="none", smooth_method="none").score)
 
 
 def _seqeval(name: str) -> Callable[[Sequence[Sequence[str]], Sequence[Sequence[str]]], float]:
@@ -158,7 +158,9 @@ METRICS: dict[str, Callable] = {
     "seqeval_recall": _seqeval("recall"),
     "token_accuracy": _token_accuracy,
 }
-_GENERATION = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "bleu_ro_moses")
+# `loss`: the teacher-forced token cross-entropy on the eval split (PreparedTask.evaluate computes it from the model,
+# not from generated text); He et al.'s en-ro run picks its checkpoint by it.
+_GENERATION = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "bleu_ro_moses", "loss")
 METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "f1", "f1_macro", "matthews_correlation"),
     "regression": ("pearson", "spearmanr"),
@@ -166,8 +168,7 @@ METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
     "summarization": _GENERATION,
     "translation": _GENERATION,
 }
-# Every metric offered is a score (higher is better); a loss-like metric would be listed here.
-LOWER_IS_BETTER: frozenset[str] = frozenset()
+LOWER_IS_BETTER: frozenset[str] = frozenset({"loss"})
 
 
 def compute_metrics(names: Sequence[str], predictions: Sequence, references: Sequence, *,

@@ -16,6 +16,7 @@ from ..errors import DataError, allowed
 from .config import GENERATION_KINDS, TaskConfig, load_task_config
 from .features import IGNORE_INDEX, FeatureDataset, architecture, pad_batch, tokenize, with_pad_token
 from .languages import with_languages
+from .losses import token_cross_entropy
 from .metrics import check_sentence_split, compute_metrics, greater_is_better
 from .sources import RawSplit, load_split
 
@@ -86,15 +87,34 @@ class PreparedTask:
             device = next(model.parameters()).device
         was_training = model.training
         model.eval()
+        names = [m for m in self.metrics if m != "loss"]
+        out: dict[str, float] = {}
         try:
             with torch.no_grad():
                 if self.is_generation:
                     predictions, references = self._generate(model, split, batch_size, device, max_new_tokens)
                 else:
                     predictions, references = self._predict(model, split, batch_size, device)
+                if "loss" in self.metrics:
+                    out["loss"] = self._loss(model, split, batch_size, device)
         finally:
             model.train(was_training)
-        return compute_metrics(self.metrics, predictions, references, sentence_split=self.config.sentence_split)
+        out.update(compute_metrics(names, predictions, references, sentence_split=self.config.sentence_split))
+        return {m: out[m] for m in self.metrics}
+
+    def _loss(self, model, split: str, batch_size: int, device) -> float:
+        """Mean token cross-entropy of the references under teacher forcing (no label smoothing)."""
+        data = self.eval_splits[split]
+        total, tokens = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in
+                     self.collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
+            labels = batch["labels"]
+            logits = model(**batch).logits
+            causal = self.architecture == "decoder"
+            total += float(token_cross_entropy(logits, labels, causal=causal, reduction="sum"))
+            tokens += int(((labels[:, 1:] if causal else labels) != IGNORE_INDEX).sum())
+        return total / max(tokens, 1)
 
     def generation_kwargs(self, max_new_tokens: int | None = None) -> dict[str, Any]:
         """What `evaluate` passes to model.generate(): the task's beam search settings and language code."""

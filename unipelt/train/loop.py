@@ -19,11 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import optim
+from ..tasks.losses import token_cross_entropy
 from ..errors import UnipeltError, allowed
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, check
-from .losses import smoothed_loss
 from .optimizers import make_optimizer
 from .schedules import make_schedule
 from .seeding import epoch_order, rng_state, set_rng_state
@@ -203,7 +203,7 @@ class _Loop:
         outputs = wrapped(**batch)
         if not self.cfg.label_smoothing:
             return outputs.loss
-        return smoothed_loss(outputs.logits, batch["labels"], self.cfg.label_smoothing, self.causal)
+        return token_cross_entropy(outputs.logits, batch["labels"], self.cfg.label_smoothing, self.causal)
 
     def run(self, wrapped: torch.nn.Module) -> None:
         from tqdm.auto import tqdm
