@@ -105,13 +105,13 @@ class PreparedTask:
     def _loss(self, model, split: str, batch_size: int, device) -> float:
         """Mean token cross-entropy of the references under teacher forcing (no label smoothing)."""
         data = self.eval_splits[split]
+        causal = self.architecture == "decoder"  # a decoder-only LM: position t predicts label t + 1
         total, tokens = 0.0, 0
         for start in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in
                      self.collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
             labels = batch["labels"]
             logits = model(**batch).logits
-            causal = self.architecture == "decoder"
             total += float(token_cross_entropy(logits, labels, causal=causal, reduction="sum"))
             tokens += int(((labels[:, 1:] if causal else labels) != IGNORE_INDEX).sum())
         return total / max(tokens, 1)

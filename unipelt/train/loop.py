@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import optim
-from ..tasks.losses import token_cross_entropy
 from ..errors import UnipeltError, allowed
+from ..tasks.losses import token_cross_entropy
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, check
