@@ -69,6 +69,9 @@ class ModuleSpec:
     layers: str | tuple[int, ...] = "all"
     stacks: tuple[str, ...] = STACKS
     lr: float | None = None  # this module's own learning rate (e.g. prefix vs adapter); None: the trainer's
+    # under method.budget: this module's fraction of the budget, its size solved alone (He et al. size MAM's prefix
+    # and adapter separately); None: sizes scale together in the spec's ratio (unipelt.budget)
+    budget_share: float | None = None
     # bottleneck
     dim: int = 64
     activation: str = "relu"
@@ -146,7 +149,7 @@ class MethodSpec:
                 entry["layers"] = list(module.layers)
             if module.compose != "scale":
                 entry.pop("scale", None)
-            for optional in ("bias", "lr", "rank_pattern"):
+            for optional in ("bias", "lr", "rank_pattern", "budget_share"):
                 if entry.get(optional, False) is None:
                     entry.pop(optional)
             if entry.get("rank_pattern") is not None:
@@ -174,7 +177,7 @@ class MethodSpec:
         return dataclasses.replace(self, modules=tuple(modules))
 
 
-_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr"}
+_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr", "budget_share"}
 FORM_KEYS = {
     "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
     "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
@@ -275,6 +278,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
     budget = budget_value(raw.get("budget"), f"{where}: budget")
+    _check_shares(modules, where)
     quantize = choice_value(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
     compute_dtype = choice_value(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
     double_quant = expect_value(raw.get("double_quant", True), bool, f"{where}: double_quant")
@@ -325,6 +329,10 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
     values["lr"] = None if lr is None else positive_float_value(lr, f"{where}: lr")
+    share = raw.get("budget_share")
+    values["budget_share"] = None if share is None else probability_value(share, f"{where}: budget_share")
+    if share is not None and values["budget_share"] <= 0:
+        raise MethodConfigError(f"{where}: budget_share must be in (0, 1), got {share!r}")
     if form == "prompt":
         values.update(prompt_options(raw, where))
         return ModuleSpec(**values)
@@ -345,6 +353,16 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         mlp_dim = raw.get("mlp_dim")
         values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
     return ModuleSpec(**values)
+
+
+def _check_shares(modules: list[ModuleSpec], where: str) -> None:
+    shared = [m for m in modules if m.budget_share is not None]
+    if shared and len(shared) != len(modules):
+        missing = next(m.name for m in modules if m.budget_share is None)
+        raise MethodConfigError(f"{where}: module '{missing}' has no budget_share; give every module one or none")
+    total = sum(m.budget_share for m in shared)
+    if total > 1 + 1e-9:
+        raise MethodConfigError(f"{where}: budget_share values sum to {total:g}, more than the whole budget (1)")
 
 
 def _prompt_entry(entry: dict[str, Any]) -> None:
