@@ -120,7 +120,7 @@ SPEC_CASES = [
     ("dropout-too-big", method(dropout=1.5), r"dropout: expected a number in \[0, 1\), got 1.5"),
     ("layers-string", method(layers="first"), r"layers must be 'all' or a non-empty list .*got 'first'"),
     ("layers-not-ints", method(layers=[0, "1"]), r"layers must hold integers, got '1'"),
-    ("scale-string", method(compose="scale", scale="big"), r"scale must be a number or 'learned', got 'big'"),
+    ("scale-string", method(compose="scale", scale="big"), r"scale must be a finite number or 'learned', got 'big'"),
     ("train-head-string", {"name": "bad", "modules": [ADAPTER], "train_head": "yes"},
      r"train_head: expected bool, got 'yes'"),
     ("bias-string", method(bias="no"), r"bias: expected bool, got 'no'"),

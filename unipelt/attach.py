@@ -9,6 +9,8 @@ add forward hooks, route prefixed attention modules, and freeze the base. All of
 from __future__ import annotations
 
 import contextlib
+import copy
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -58,9 +60,20 @@ def is_attached(model: nn.Module) -> bool:
     return STATE_ATTR in model.__dict__
 
 
+def refuse_wrapped(model: Any, caller: str) -> None:
+    """A PEFT PeftModel forwards attribute lookups to the model inside it, so it looks like a transformers model
+    but its module names start with base_model.model.: say so plainly instead of failing on a name later."""
+    if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
+        raise AttachError(f"{caller}: got a PEFT {type(model).__name__}; unipelt works on the transformers model "
+                          "itself: pass model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: its names start with _orig_mod.
+        raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
+
+
 def attach(model: nn.Module, method: Any) -> nn.Module:
     """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place."""
     spec = load_method(method)
+    refuse_wrapped(model, "attach")
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise AttachError(f"attach: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_attached(model):
@@ -88,7 +101,15 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
         check_quantization(model, spec)
         to_quantize = _all_linear_names(model, spec)
     modules = dict(model.named_modules())
-    built, reparams = _build(placements, modules, model)
+    try:
+        built, reparams = _build(placements, modules, model)
+    except (MemoryError, RuntimeError) as exc:  # e.g. dim: 1000000000000; nothing on the model has changed
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+            raise
+        sizes = sorted({f"{m.name}: " + ", ".join(f"{k}={getattr(m, k)}" for k in ("dim", "length", "init_r")
+                                                  if isinstance(getattr(m, k, None), int)) for m in spec.modules})
+        raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
+                          f"{str(exc).splitlines()[0][:200]}") from None
     controllers = _rank_allocators(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
     _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
@@ -217,6 +238,25 @@ def _heads_hook(slot: Slot):
     return hook
 
 
+class CopyableHook:
+    """A hook closure that copy.deepcopy copies with the model: its closure cells (the slot it calls, ...) are
+    deep-copied through the same memo as the module tree, so a copied model's hooks call the copied slots. (A plain
+    function is copied by reference: the copy would keep calling the original model's slots, in silence.)"""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "CopyableHook":
+        cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in self.fn.__closure__ or ())
+        fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
+                                cells or None)
+        fn.__kwdefaults__ = self.fn.__kwdefaults__
+        return CopyableHook(fn)
+
+
 def _install(model, spec, placements, built, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
     for name, reparam in reparams.items():
@@ -245,6 +285,9 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
         else:
             state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
+    for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
+        hooks = handle.hooks_dict_ref()
+        hooks[handle.id] = CopyableHook(hooks[handle.id])
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
     for module in [*state.slots.values(), *state.reparams.values()]:
         module.train(model.training)
@@ -335,4 +378,5 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
 
 
-__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes"]
+__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
+           "refuse_wrapped"]

@@ -16,13 +16,15 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import MethodConfigError, allowed
+from .errors import MethodConfigError, allowed, read_utf8
 from .prompt_grammar import PROMPT_KEYS, prompt_options, template_to_yaml
 from .spec_values import (
     budget_value,
     choice_value,
     expect_value,
     layers_value,
+    load_yaml,
+    no_repeats,
     positive_float_value,
     positive_int_value,
     probability_value,
@@ -233,7 +235,7 @@ def _resolve_yaml(source: str | Path) -> Path:
 
 def _from_yaml(path: Path) -> MethodSpec:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(read_utf8(path, MethodConfigError, "method file"))
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise MethodConfigError(f"method file {path}: invalid YAML ({first})") from None
@@ -311,7 +313,8 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
     if not at_raw:
         raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
-    at = tuple(choice_value(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at") for site in at_raw)
+    at = tuple(choice_value(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at")
+               for site in no_repeats(at_raw, f"{where}: at"))
     insertion = choice_value(raw["insertion"], INSERTIONS, f"{where}: insertion")
     compose = choice_value(raw["compose"], COMPOSITIONS, f"{where}: compose")
     values: dict[str, Any] = {"form": form, "at": at, "insertion": insertion, "compose": compose}
@@ -324,7 +327,8 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     values["layers"] = layers_value(raw.get("layers", "all"), where)
     stacks = raw.get("stacks", list(STACKS))
     stacks = stacks if isinstance(stacks, (list, tuple)) else [stacks]
-    values["stacks"] = tuple(choice_value(s, STACKS, f"{where}: stacks") for s in stacks)
+    values["stacks"] = tuple(choice_value(s, STACKS, f"{where}: stacks")
+                             for s in no_repeats(stacks, f"{where}: stacks"))
     if not values["stacks"]:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
