@@ -19,7 +19,7 @@ from .attention import PrefixSlot, check_prefix_support, install_prefix_config, 
 from .compose import Composer, Slot
 from .errors import AttachError
 from .forms import Bottleneck, HeadBottleneck, Prefix, PrefixReparam
-from .forms.svd import SVDDelta
+from .forms.svd import OrthogonalRegulariser, SVDDelta
 from .prompting import PromptSlot, build_prompt_slot, install_prompt_hooks, resolve_prompt_texts
 from .quantize import check_quantization, quantize_base, restore_base
 from .rank_allocator import RankAllocator
@@ -84,7 +84,7 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
         to_quantize = _all_linear_names(model, spec)
     modules = dict(model.named_modules())
     built, reparams = _build(placements, modules, model)
-    controllers = _rank_allocators(placements, built)
+    controllers = _svd_controllers(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
     _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
     state_of(model).controllers.update(controllers)
@@ -117,15 +117,22 @@ def _svd_rank(p: Placement, known: dict[str, set[str]]) -> int:
     return pattern.get(_svd_key(p), p.spec.init_r)
 
 
-def _rank_allocators(placements: list[Placement], built: list[nn.Module]) -> dict[str, RankAllocator]:
-    """One allocator (one global budget) per svd module spec still to be pruned (no rank_pattern yet)."""
+def _svd_controllers(placements: list[Placement], built: list[nn.Module]) -> dict[str, Any]:
+    """Per svd module spec: its orthogonal regulariser (a mean over all its matrices, so it sees them all) and,
+    while it is still to be pruned (no rank_pattern yet), its rank allocator (one global budget)."""
     groups: dict[str, dict[str, SVDDelta]] = {}
     specs = {}
     for p, slot in zip(placements, built):
-        if p.spec.form == "svd" and p.spec.rank_pattern is None:
+        if p.spec.form == "svd":
             groups.setdefault(p.spec.name, {})[_svd_key(p)] = slot.form
             specs[p.spec.name] = p.spec
-    return {f"unipelt_{name}_rank_allocator": RankAllocator(specs[name], forms) for name, forms in groups.items()}
+    controllers: dict[str, Any] = {}
+    for name, forms in groups.items():
+        controllers[f"unipelt_{name}_orthogonal_regulariser"] = OrthogonalRegulariser(
+            specs[name].orth_reg_weight, list(forms.values()))
+        if specs[name].rank_pattern is None:
+            controllers[f"unipelt_{name}_rank_allocator"] = RankAllocator(specs[name], forms)
+    return controllers
 
 
 def _like(module: nn.Module) -> dict[str, Any]:

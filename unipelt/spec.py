@@ -89,12 +89,13 @@ class ModuleSpec:
     init_r: int = 12
     target_r: int = 8
     tinit: int | float = 0.1
-    tfinal: int | float = 0.3
-    delta_t: int = 10
+    tfinal: int | float = 0.5
+    delta_t: int = 100
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
     rank_pattern: tuple[tuple[str, int], ...] | None = None
+    alpha: float | None = None  # svd: the scale is alpha / init_r (the reference's lora_alpha / ranknum)
 
     @property
     def has_bias(self) -> bool:
@@ -146,7 +147,9 @@ class MethodSpec:
                 entry["layers"] = list(module.layers)
             if module.compose != "scale":
                 entry.pop("scale", None)
-            for optional in ("bias", "lr", "rank_pattern"):
+            if entry.get("alpha") is not None:
+                entry.pop("scale", None)  # alpha / init_r gives it back
+            for optional in ("bias", "lr", "rank_pattern", "alpha"):
                 if entry.get(optional, False) is None:
                     entry.pop(optional)
             if entry.get("rank_pattern") is not None:
@@ -180,7 +183,7 @@ FORM_KEYS = {
     "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
     "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
     "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
-                           "rank_pattern"},
+                           "rank_pattern", "alpha"},
 }
 METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantize", "compute_dtype", "double_quant",
                "optimizer")
@@ -330,6 +333,11 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         return ModuleSpec(**values)
     if form == "svd":
         values.update(svd_options(raw, where))
+        if values["alpha"] is not None:
+            if "scale" in raw or compose != "scale":
+                raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
+                                        f"'scale' and without 'scale'")
+            values["scale"] = values["alpha"] / values["init_r"]
         return ModuleSpec(**values)
 
     if form == "bottleneck":
