@@ -9,6 +9,7 @@ add forward hooks, route prefixed attention modules, and freeze the base. All of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -76,6 +77,7 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
     placements = resolve(model, spec) if spec.modules else []
     if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
         raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
+    _listed_module_ids(model, spec)  # an unknown train_modules name fails here, before anything changes
     if any(p.spec.form == "prefix" for p in placements):
         check_prefix_support(model)
     to_quantize = []
@@ -180,14 +182,21 @@ def _build(placements: list[Placement], modules: dict,
             if p.spec.form == "svd":
                 form = SVDDelta(p.spec, p.d_in, p.d_out, _svd_rank(p, svd_keys))
             elif p.kind == "heads":
-                form = HeadBottleneck(p.spec, p.d_in, p.n_heads, p.head_dim)
+                form = HeadBottleneck(_sized(p.spec, p.d_in), p.d_in, p.n_heads, p.head_dim)
             else:
-                form = Bottleneck(p.spec, p.d_in, p.d_out)
+                form = Bottleneck(_sized(p.spec, p.d_in), p.d_in, p.d_out)
             # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
             # sequential adapter).
             slot = Slot(p.spec, form, Composer(p.spec, p.d_in), p.site, p.chunk)
         built.append(slot.to(**like))
     return built, reparams
+
+
+def _sized(spec, d_in: int):
+    """The bottleneck width d / reduction_factor where the spec gives a factor (UniPELT's adapter: d/16)."""
+    if spec.reduction_factor is None:
+        return spec
+    return dataclasses.replace(spec, dim=max(1, d_in // spec.reduction_factor))
 
 
 def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -225,6 +234,17 @@ def _heads_hook(slot: Slot):
     return hook
 
 
+def _norm_hook(slot: Slot):
+    """Pfeiffer placement at a post-LN layer's output LayerNorm: its input is z = h + residual; Δ (and a gate) read
+    LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ (AdapterHub reuses the layer's own)."""
+    def hook(module, args, output):
+        if not slot.enabled:
+            return None
+        composed = slot.composer(args[0], slot.form(output), output)
+        return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+    return hook
+
+
 def _install(model, spec, placements, built, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
     for name, reparam in reparams.items():
@@ -251,6 +271,8 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             state.handles.append(modules[p.x_name].register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
         if p.kind == "heads":
             state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
+        elif p.kind == "norm":
+            state.handles.append(h_module.register_forward_hook(_norm_hook(slot)))
         else:
             state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
@@ -260,9 +282,34 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
     model.__dict__[STATE_ATTR] = state
 
 
+def _pretrained_head_ids(model: nn.Module) -> set[int]:
+    """Parameters of a pretrained LM head outside the base model (an untied lm_head, BERT's MLM head): a model with
+    output embeddings is a language model whose head came with its weights. Any other head (classifier, score,
+    tagger, QA span head) is newly initialised for the task."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None or get() is None:
+        return set()
+    return {id(p) for p in model.parameters()}
+
+
+def _listed_module_ids(model: nn.Module, spec: MethodSpec) -> set[int]:
+    """Parameters of the modules the method names in train_modules (a name or a '.'-separated name suffix)."""
+    ids: set[int] = set()
+    modules = list(model.named_modules())
+    for entry in spec.train_modules:
+        found = [m for name, m in modules if name == entry or name.endswith(f".{entry}")]
+        if not found:
+            raise AttachError(f"method '{spec.name}': train_modules entry '{entry}' matches no module of this "
+                              f"{type(model).__name__}")
+        ids |= {id(p) for m in found for p in m.parameters()}
+    return ids
+
+
 def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
+    pretrained_head = _pretrained_head_ids(model) - base_ids
+    listed = _listed_module_ids(model, spec)
     for name, param in model.named_parameters():
         if ".unipelt_" in f".{name}":
             param.requires_grad_(True)
@@ -271,12 +318,12 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
             continue
         state.requires_grad[name] = param.requires_grad
         in_base = id(param) in base_ids
-        if spec.train_base == "all":
+        if spec.train_base == "all" or id(param) in listed:
             train = True
         elif in_base:
             train = spec.train_base == "bias" and name.endswith("bias")
         else:
-            train = spec.train_head
+            train = spec.train_head and id(param) not in pretrained_head
         param.requires_grad_(train)
         if train:
             (state.trained_base if in_base else state.trained_head).append(name)

@@ -42,10 +42,13 @@ TRAIN_BASE = ("none", "all", "bias")
 ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
 CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
 FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn")
-SITES = ATTN_SITES + CROSS_SITES + FFN_SITES
+# The FFN's output LayerNorm of a post-LN layer (BERT, BART): Δ reads LN(h + residual) and is added before that
+# LayerNorm, which is applied again (AdapterHub's Pfeiffer placement, which UniPELT's adapter uses).
+NORM_SITES = ("ffn.ln",)
+SITES = ATTN_SITES + CROSS_SITES + FFN_SITES + NORM_SITES
 HEAD_SITES = ("attn.heads", "cross_attn.heads")
 # Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
-PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads"))
+PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads") and s not in NORM_SITES)
 # The input sequence itself: where prompt tuning / P-tuning put their virtual tokens.
 INPUT_SITES = ("embeddings",)
 # `at: all_linear` (QLoRA's "all linear layers"): every projection site the model has, expanded per model.
@@ -76,9 +79,13 @@ class ModuleSpec:
     layernorm: str = "none"
     dropout: float = 0.0
     bias: bool | None = None  # None: on for adapters, off for LoRA-style inits (the papers' choices)
+    reduction_factor: int | None = None  # bottleneck width d / reduction_factor (AdapterHub's; overrides dim)
     # prefix
     length: int = 30
     mlp_dim: int | None = None
+    # sigmoid_gate on a prefix: "kv" multiplies P_K and P_V by the gate (Mao et al.'s code); "delta" scales the
+    # prefix's whole change to the attention output (g = 0: base attention exactly; our earlier variant)
+    prefix_gate: str = "kv"
     # prompt (prompt tuning / P-tuning; `length` above is the number of virtual tokens): see prompt_grammar.py
     init_text: str | tuple[int, ...] | None = None
     encoder: str = "none"
@@ -121,7 +128,10 @@ class MethodSpec:
     name: str
     modules: tuple[ModuleSpec, ...] = ()
     train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
-    train_head: bool = True  # the task head (classifier, LM head on a new vocabulary...) stays trainable
+    # A newly initialised task head (classifier, regression, tagging) trains; a pretrained LM head stays frozen.
+    train_head: bool = True
+    # Extra trainable modules, by name or name suffix (PEFT's modules_to_save), e.g. ["lm_head"] or ["embed_tokens"]
+    train_modules: tuple[str, ...] = ()
     # Equal-budget comparisons: "0.5%" of the base model's parameters or an added-parameter count. attach()
     # solves the module sizes for it (unipelt.budget) and the attached spec carries the sizes, budget None.
     budget: str | int | None = None
@@ -149,12 +159,14 @@ class MethodSpec:
                 entry.pop("scale", None)
             if entry.get("alpha") is not None:
                 entry.pop("scale", None)  # alpha / init_r gives it back
-            for optional in ("bias", "lr", "rank_pattern", "alpha"):
+            for optional in ("bias", "lr", "rank_pattern", "alpha", "reduction_factor"):
                 if entry.get(optional, False) is None:
                     entry.pop(optional)
             if entry.get("rank_pattern") is not None:
                 entry["rank_pattern"] = dict(entry["rank_pattern"])
             out["modules"].append(entry)
+        if self.train_modules:
+            out["train_modules"] = list(self.train_modules)
         if self.budget is not None:
             out["budget"] = self.budget
         if self.quantize != "none":
@@ -179,13 +191,13 @@ class MethodSpec:
 
 _COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr"}
 FORM_KEYS = {
-    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
-    "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
+    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias", "reduction_factor"},
+    "prefix": _COMMON_KEYS | {"length", "mlp_dim", "prefix_gate"},
     "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
     "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
                            "rank_pattern", "alpha"},
 }
-METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantize", "compute_dtype", "double_quant",
+METHOD_KEYS = ("name", "modules", "train_base", "train_head", "train_modules", "budget", "quantize", "compute_dtype", "double_quant",
                "optimizer")
 # What each form can do on each axis; anything else is a combination that cannot work.
 FORM_SITES = {"bottleneck": SITES + (ALL_LINEAR,), "prefix": HEAD_SITES, "svd": PROJECTION_SITES + (ALL_LINEAR,),
@@ -266,6 +278,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
     train_base = choice_value(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
     train_head = expect_value(raw.get("train_head", True), bool, f"{where}: train_head")
+    train_modules = _train_modules(raw.get("train_modules", []), where)
     modules = []
     for index, module_raw in enumerate(modules_raw):
         modules.append(_build_module(module_raw, f"{where} module {index}", index))
@@ -287,8 +300,16 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: quantize '{quantize}' freezes the base; train_base must be 'none'")
     if budget is not None and not modules:
         raise MethodConfigError(f"{where}: budget {budget!r} needs a module with a size to solve; this method has none")
-    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head, budget=budget,
+    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head,
+                      train_modules=train_modules, budget=budget,
                       quantize=quantize, compute_dtype=compute_dtype, double_quant=double_quant, optimizer=optimizer)
+
+
+def _train_modules(value: Any, where: str) -> tuple[str, ...]:
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise MethodConfigError(f"{where}: train_modules must be a list of module names, got {value!r}")
+    return tuple(value)
 
 
 def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
@@ -348,10 +369,13 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         values["dropout"] = probability_value(raw.get("dropout", 0.0), f"{where}: dropout")
         bias = raw.get("bias")
         values["bias"] = None if bias is None else expect_value(bias, bool, f"{where}: bias")
+        factor = raw.get("reduction_factor")
+        values["reduction_factor"] = None if factor is None else positive_int_value(factor, f"{where}: reduction_factor")
     else:
         values["length"] = positive_int_value(raw.get("length", 30), f"{where}: length")
         mlp_dim = raw.get("mlp_dim")
         values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
+        values["prefix_gate"] = choice_value(raw.get("prefix_gate", "kv"), ("kv", "delta"), f"{where}: prefix_gate")
     return ModuleSpec(**values)
 
 
