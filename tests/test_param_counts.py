@@ -161,10 +161,10 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
     if preset == "qlora":  # LoRA r = 64 on every linear projection (self- and cross-attention, FFN up and down)
         attention = (s.self_attn + s.cross_attn) * 4 * lora(64, s.d, s.d)
         return {**zero, "added": attention + s.ffns * (lora(64, s.d, s.ffn) + lora(64, s.ffn, s.d))}
-    if preset == "unipelt":  # gated prefix l = 10 (MLP 512), gated adapter r = 48 on the FFN, gated LoRA r = 8 on q, v
+    if preset == "unipelt":  # gated prefix l = 10 (MLP 512), gated adapter r = d/16 on the FFN, gated LoRA r = 8 on q, v
         gate = s.d + 1  # W_g: d → 1 with a bias, one per gated module
         vectors = s.self_attn * prefix(10, s.d)
-        added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, 48, bias=True) + gate) \
+        added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, s.d // 16, bias=True) + gate) \
             + 2 * s.self_attn * (lora(8, s.d, s.d) + gate)
         return {**zero, "added": added, "prefix_vectors": vectors, "reparam": prefix_mlp(10, s.d, 512, s.self_attn)}
     raise KeyError(preset)

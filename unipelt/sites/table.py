@@ -31,9 +31,14 @@ class Heads:
 
 
 @dataclass(frozen=True)
+class Norm:
+    ln: str  # the sub-layer's output LayerNorm (post-LN layers): its input is h + residual
+
+
+@dataclass(frozen=True)
 class Stack:
     path: str  # the ModuleList of layers, relative to model.base_model
-    sites: dict[str, Projection | SubLayer | Heads] = field(default_factory=dict)
+    sites: dict[str, Projection | SubLayer | Heads | Norm] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ _BERT = Family(
             {
                 **attention_sites("attn", "attention.self", "query", "key", "value", "attention.output.dense"),
                 **ffn_sites("intermediate", "intermediate.dense", "output.dense"),
+                "ffn.ln": Norm("output.LayerNorm"),
             },
         )
     },
@@ -118,7 +124,7 @@ _LLAMA = Family(
     inputs=Inputs("embed_tokens"),
 )
 
-_BART_FFN = ffn_sites("fc1", "fc1", "fc2")
+_BART_FFN = {**ffn_sites("fc1", "fc1", "fc2"), "ffn.ln": Norm("final_layer_norm")}
 _BART = Family(
     stacks={
         "encoder": Stack(
