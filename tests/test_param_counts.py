@@ -101,13 +101,6 @@ def lstm_prompt_encoder(d: int, h: int) -> int:
     return 2 * (layer1 + layer2) + (2 * h * h + h) + (h * d + d)
 
 
-def multi_head_pa(d: int, heads: int, r: int, bias: bool) -> int:
-    """One bottleneck per head, reading the full attention input x (width d), r per head:
-    down d·(H·r) [+ H·r bias], up H·r·d_h [+ H·d_h bias]."""
-    d_h = d // heads
-    return d * heads * r + heads * r * d_h + ((heads * r + heads * d_h) if bias else 0)
-
-
 def bert_biases(s: Shape) -> int:
     """BERT / RoBERTa biases: per layer q, k, v, o (4d), attention LayerNorm (d), intermediate (ffn),
     output (d), output LayerNorm (d); plus the embedding LayerNorm and the pooler (d each)."""
@@ -138,16 +131,19 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         return {**zero, "added": s.ffns * bottleneck(s.d, 512, bias=True)}
     if preset == "lora":  # W_q and W_v of every self-attention module, r = 8
         return {**zero, "added": 2 * s.self_attn * lora(8, s.d, s.d)}
-    if preset == "mh_pa":  # r = 16 per head; LoRA init and no `bias` key, so no biases
-        return {**zero, "added": s.self_attn * multi_head_pa(s.d, s.heads, 16, bias=False)}
-    if preset == "prefix":  # l = 30, MLP width 800
-        vectors = s.self_attn * prefix(30, s.d)
+    if preset == "mh_pa":  # He et al.'s ReLU prefix: l = 200 at every attention, MLP 800, plus its LayerNorm (2d)
+        modules = s.self_attn + s.cross_attn
+        vectors = modules * prefix(200, s.d)
+        return {**zero, "added": vectors + modules * 2 * s.d, "prefix_vectors": vectors,
+                "reparam": prefix_mlp(200, s.d, 800, modules)}
+    if preset == "prefix":  # l = 30, MLP width 800, at every attention (self and, on BART, cross)
+        vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors, "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn)}
-    if preset == "mam":  # prefix l = 30 on attention + scaled parallel adapter r = 512 (with biases) on the FFN
-        vectors = s.self_attn * prefix(30, s.d)
+                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
+    if preset == "mam":  # prefix l = 30 at every attention + scaled parallel adapter r = 512 (with biases) on the FFN
+        vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors + s.ffns * bottleneck(s.d, 512, bias=True), "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn)}
+                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
     if preset == "prompt_tuning":  # l = 20 virtual tokens of width d at the input (Lester et al.)
         return {**zero, "added": prompt(20, s.d)}
     if preset == "p_tuning":  # the served l = 20 vectors; the LSTM encoder that produces them is reparam
@@ -211,6 +207,28 @@ def test_preset_counts(preset, model):
     assert counts["percent"] == pytest.approx(100.0 * (want["added"] + want["trained_base"]) / base)
     # The optimizer trains the MLP, not the prefix vectors it produces (those exist only once folded).
     assert counts["trainable"] == want["added"] - want["prefix_vectors"] + want["reparam"] + want["trained_base"]
+
+
+# He et al. Table 6 (BART-large; the percent of the base model each row prints), from the configs alone.
+TABLE6 = [
+    ("prefix", {0: {"length": 200}}, 3.6),
+    ("mam", {}, 6.7),
+    ("pfeiffer", {0: {"dim": 600}}, 7.2),
+    ("mh_pa", {}, 3.6),
+    ({"name": "lora_ffn", "modules": [dict(form="bottleneck", at=["ffn.up", "ffn.down"], insertion="parallel",
+                                           compose="scale", scale=4.0, dim=102, activation="none", init="lora")]},
+     {}, 6.2),  # 10·r·d per layer; the 7.2% beside it in He et al.'s plotting script is LoRA on attention r = 200
+]
+
+
+@pytest.mark.parametrize("method, changes, percent", TABLE6, ids=["prefix", "mam", "pfeiffer", "mh_pa", "lora_ffn"])
+def test_table6_percentages_on_bart_large(method, changes, percent):
+    spec = unipelt.load_method(method)
+    for index, values in changes.items():
+        spec = spec.replace_module(index, **values)
+    counts = unipelt.count_parameters(CONFIGS["bart-large"], spec)
+    # The table prints one decimal (truncated or rounded: 6.75% prints as 6.7, 6.17% as 6.2): within 0.1 of it
+    assert abs(counts["percent"] - percent) < 0.1
 
 
 def test_full_is_one_hundred_percent():
