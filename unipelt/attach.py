@@ -175,7 +175,8 @@ def _build(placements: list[Placement], modules: dict,
             reparam = reparams.get(f"unipelt_{p.spec.name}_reparam")
             prefix = Prefix(p.spec.length, p.kv_heads, p.head_dim, reparam, index)
             attention = modules[p.x_name]
-            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x)
+            query = (modules[p.q_name], p.q_chunk) if p.spec.score == "relu" else None
+            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x, query)
         elif p.spec.form == "prompt":
             slot = build_prompt_slot(p, modules, model)
         else:
@@ -259,7 +260,7 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             if id(host) not in routed:
                 routed.add(id(host))
                 state.attention_configs.append((host, install_prefix_config(host)))
-            if slot.gate is not None:  # UniPELT's prefix gate reads the attention input x
+            if slot.reads_input:  # UniPELT's prefix gate, He et al.'s ReLU prefix read the attention input x
                 state.handles.append(host.register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
             continue
         if isinstance(slot, PromptSlot):

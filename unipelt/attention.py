@@ -36,12 +36,16 @@ class PrefixSlot(nn.Module):
     """A prefix placed on one attention module, with its composition (gate, add or scale)."""
 
     def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
-                 eager_fn: Callable, d_gate_in: int = 0) -> None:
+                 eager_fn: Callable, d_gate_in: int = 0, query: tuple[nn.Module, Any] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.site = site
         self.prefix = prefix
         self.active = True
+        # score relu (He et al.'s multi-head parallel adapter): the LayerNorm it adds, and the attention's own query
+        # projection (module, fused chunk), kept as a plain reference so it stays the base model's.
+        self.norm = nn.LayerNorm(d_gate_in) if spec.score == "relu" else None
+        self._query = [query] if query is not None else []
         self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
         self.gate = sigmoid_gate_linear(d_gate_in) if spec.compose == "sigmoid_gate" else None
         self.captured_x: torch.Tensor | None = None  # the attention input, captured by a pre-hook (attach.py)
@@ -59,6 +63,11 @@ class PrefixSlot(nn.Module):
         if self.learned_scale is not None:
             return self.learned_scale
         return float(self.spec.scale)
+
+    @property
+    def reads_input(self) -> bool:
+        """True when the slot needs the attention input x (a sigmoid gate, or the ReLU prefix's own query)."""
+        return self.gate is not None or self.norm is not None
 
     @property
     def concatenated(self) -> bool:
@@ -157,6 +166,26 @@ def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.
     return (weights @ values).transpose(1, 2)
 
 
+def relu_prefix_attention(slot: PrefixSlot, query_like: torch.Tensor, dropout: float) -> torch.Tensor:
+    """He et al.'s cross_attn_relu: ReLU(W_q·LN(x) P_kᵀ) P_v per head, unscaled, [batch, q, heads, head_dim]."""
+    x, slot.captured_x = slot.captured_x, None
+    if x is None:
+        raise RuntimeError("relu prefix: the attention input was not captured")
+    projection, chunk = slot._query[0]
+    query = projection(slot.norm(x.to(slot.norm.weight.dtype)))
+    if chunk is not None:
+        query = query.chunk(chunk[1], dim=-1)[chunk[0]]
+    batch, length = query.shape[:2]
+    heads, head_dim = query_like.shape[1], query_like.shape[-1]
+    query = query.view(batch, length, heads, head_dim).transpose(1, 2).to(query_like.dtype)
+    keys, values = (_batched(t, batch, query_like) for t in slot.prefix.key_values())
+    if heads > keys.shape[1]:  # grouped key/value heads
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        values = values.repeat_interleave(heads // values.shape[1], dim=1)
+    weights = nn.functional.dropout(torch.relu(query @ keys.transpose(-1, -2)), p=dropout, training=dropout > 0)
+    return (weights @ values).transpose(1, 2)
+
+
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     every = [child for child in module.children() if isinstance(child, PrefixSlot)]
@@ -174,6 +203,9 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
             with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
             output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
+        elif slot.spec.score == "relu":
+            extra = relu_prefix_attention(slot, query, float(kwargs.get("dropout") or 0.0))
+            output = output + (slot.scale() * extra).to(output.dtype)
         else:
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),

@@ -86,6 +86,10 @@ class ModuleSpec:
     # sigmoid_gate on a prefix: "kv" multiplies P_K and P_V by the gate (Mao et al.'s code); "delta" scales the
     # prefix's whole change to the attention output (g = 0: base attention exactly; our earlier variant)
     prefix_gate: str = "kv"
+    # softmax: the prefix joins the attention (gate) or is attended apart (add / scale); relu: He et al.'s
+    # multi-head parallel adapter (attn_option cross_attn_relu): the query q_proj(LN(x)) with a new LayerNorm,
+    # ReLU(q·P_kᵀ)·P_v per head, unscaled, beside the attention (compose add / scale)
+    score: str = "softmax"
     # prompt (prompt tuning / P-tuning; `length` above is the number of virtual tokens): see prompt_grammar.py
     init_text: str | tuple[int, ...] | None = None
     encoder: str = "none"
@@ -192,7 +196,7 @@ class MethodSpec:
 _COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr"}
 FORM_KEYS = {
     "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias", "reduction_factor"},
-    "prefix": _COMMON_KEYS | {"length", "mlp_dim", "prefix_gate"},
+    "prefix": _COMMON_KEYS | {"length", "mlp_dim", "prefix_gate", "score"},
     "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
     "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
                            "rank_pattern", "alpha"},
@@ -376,6 +380,10 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         mlp_dim = raw.get("mlp_dim")
         values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
         values["prefix_gate"] = choice_value(raw.get("prefix_gate", "kv"), ("kv", "delta"), f"{where}: prefix_gate")
+        values["score"] = choice_value(raw.get("score", "softmax"), ("softmax", "relu"), f"{where}: score")
+        if values["score"] == "relu" and compose not in ("add", "scale"):
+            raise MethodConfigError(f"{where}: score 'relu' (attended beside the attention) needs compose 'add' or "
+                                    f"'scale', got '{compose}'")
     return ModuleSpec(**values)
 
 

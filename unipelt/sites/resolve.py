@@ -33,6 +33,8 @@ class Placement:
     n_heads: int = 0
     head_dim: int = 0
     kv_heads: int = 0
+    q_name: str = ""  # heads: the attention's query projection (He et al.'s ReLU prefix attention re-applies it)
+    q_chunk: tuple[int, int] | None = None
 
     @property
     def slot_name(self) -> str:
@@ -223,5 +225,7 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
     k_name = _find(modules, prefix, k_entry.path, where)
     k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
     d_in = heads_in if spec.insertion == "sequential" else d_model
+    q_entry = stack_sites[site.replace("heads", "q")]
     return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
-                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim)
+                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim,
+                     q_name=_find(modules, prefix, q_entry.path, where), q_chunk=q_entry.chunk)
