@@ -94,11 +94,20 @@ def prompt(length: int, d: int) -> int:
 
 
 def lstm_prompt_encoder(d: int, h: int) -> int:
-    """P-tuning's encoder: a 2-layer bidirectional LSTM (width h per direction; each gate block 4h, two bias
-    vectors) on inputs of width d, then MLP 2h → h → d with biases."""
-    layer1 = 4 * h * d + 4 * h * h + 8 * h
-    layer2 = 4 * h * (2 * h) + 4 * h * h + 8 * h
-    return 2 * (layer1 + layer2) + (2 * h * h + h) + (h * d + d)
+    """P-tuning's encoder (THUDM/P-tuning): a 2-layer bidirectional LSTM, h/2 per direction (each gate block
+    4·h/2, two bias vectors), on inputs of width d, then MLP h → h → d with biases."""
+    k = h // 2
+    layer1 = 4 * k * d + 4 * k * k + 8 * k
+    layer2 = 4 * k * (2 * k) + 4 * k * k + 8 * k
+    return 2 * (layer1 + layer2) + (h * h + h) + (h * d + d)
+
+
+def layernorms(s: Shape, model: str) -> int:
+    """LayerNorm weights and biases (2d each): BERT / RoBERTa two per layer plus the embedding LayerNorm; BART two
+    per encoder layer, three per decoder layer plus the two layernorm_embedding."""
+    if model == "bart-large":
+        return 2 * s.d * (2 * s.encoder_layers + 3 * s.decoder_layers + 2)
+    return 2 * s.d * (2 * s.encoder_layers + 1)
 
 
 def bert_biases(s: Shape) -> int:
@@ -123,8 +132,9 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         return {**zero, "trained_base": PUBLISHED_BASE[model]}
     if preset == "bitfit":
         return {**zero, "trained_base": biases}
-    if preset == "houlsby":  # near_identity init keeps the adapter biases
-        return {**zero, "added": (s.self_attn + s.ffns) * bottleneck(s.d, 64, bias=True)}
+    if preset == "houlsby":  # near_identity init keeps the adapter biases; the base LayerNorms train too
+        return {**zero, "added": (s.self_attn + s.ffns) * bottleneck(s.d, 64, bias=True),
+                "trained_base": layernorms(s, model)}
     if preset in ("pfeiffer", "pa"):  # near_identity / bert init: biases on
         return {**zero, "added": s.ffns * bottleneck(s.d, 64, bias=True)}
     if preset == "scaled_pa":  # LoRA init, but `bias: true` as in He et al.'s code

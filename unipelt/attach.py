@@ -306,9 +306,16 @@ def _listed_module_ids(model: nn.Module, spec: MethodSpec) -> set[int]:
     return ids
 
 
+def _norm_ids(model: nn.Module) -> set[int]:
+    """Parameters of the normalisation layers (LayerNorm, RMSNorm and the families' own classes of them)."""
+    names = ("LayerNorm", "RMSNorm")
+    return {id(p) for m in model.modules() if any(n in type(m).__name__ for n in names) for p in m.parameters()}
+
+
 def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
+    norms = _norm_ids(base) if spec.train_base == "layernorm" else set()
     pretrained_head = _pretrained_head_ids(model) - base_ids
     listed = _listed_module_ids(model, spec)
     for name, param in model.named_parameters():
@@ -322,7 +329,7 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
         if spec.train_base == "all" or id(param) in listed:
             train = True
         elif in_base:
-            train = spec.train_base == "bias" and name.endswith("bias")
+            train = (spec.train_base == "bias" and name.endswith("bias")) or id(param) in norms
         else:
             train = spec.train_head and id(param) not in pretrained_head
         param.requires_grad_(train)

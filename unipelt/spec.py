@@ -37,7 +37,7 @@ ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "none")
 INITS = ("bert", "lora", "lora_gaussian", "near_identity")
 LAYERNORMS = ("none", "in", "out")
 STACKS = ("encoder", "decoder")
-TRAIN_BASE = ("none", "all", "bias")
+TRAIN_BASE = ("none", "all", "bias", "layernorm")
 
 ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
 CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
@@ -131,7 +131,9 @@ class ModuleSpec:
 class MethodSpec:
     name: str
     modules: tuple[ModuleSpec, ...] = ()
-    train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
+    # which base weights stay trainable: none, all (full fine-tuning), bias (BitFit) or layernorm (Houlsby et al.
+    # train every LayerNorm of the base along with the adapters)
+    train_base: str = "none"
     # A newly initialised task head (classifier, regression, tagging) trains; a pretrained LM head stays frozen.
     train_head: bool = True
     # Extra trainable modules, by name or name suffix (PEFT's modules_to_save), e.g. ["lm_head"] or ["embed_tokens"]
