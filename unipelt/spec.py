@@ -23,6 +23,7 @@ from .spec_values import (
     choice_value,
     expect_value,
     layers_value,
+    names_value,
     positive_float_value,
     positive_int_value,
     probability_value,
@@ -284,7 +285,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
     train_base = choice_value(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
     train_head = expect_value(raw.get("train_head", True), bool, f"{where}: train_head")
-    train_modules = _train_modules(raw.get("train_modules", []), where)
+    train_modules = names_value(raw.get("train_modules", []), f"{where}: train_modules")
     modules = []
     for index, module_raw in enumerate(modules_raw):
         modules.append(_build_module(module_raw, f"{where} module {index}", index))
@@ -309,13 +310,6 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head,
                       train_modules=train_modules, budget=budget,
                       quantize=quantize, compute_dtype=compute_dtype, double_quant=double_quant, optimizer=optimizer)
-
-
-def _train_modules(value: Any, where: str) -> tuple[str, ...]:
-    value = [value] if isinstance(value, str) else value
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
-        raise MethodConfigError(f"{where}: train_modules must be a list of module names, got {value!r}")
-    return tuple(value)
 
 
 def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
@@ -406,6 +400,9 @@ def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: 
             raise MethodConfigError(
                 f"{where}: form '{form}' cannot act at '{site}' (allowed at: {allowed(FORM_SITES[form])})"
             )
+    if any(site in NORM_SITES for site in at) and insertion != "sequential":
+        raise MethodConfigError(f"{where}: site 'ffn.ln' reads LN(h + residual), the sub-layer's normalised output: "
+                                f"use insertion 'sequential' (got '{insertion}')")
     if insertion not in FORM_INSERTIONS[form]:
         raise MethodConfigError(
             f"{where}: form '{form}' cannot use insertion '{insertion}' "

@@ -88,6 +88,14 @@ def budget_value(value: Any, where: str) -> str | int | None:
     )
 
 
+def names_value(value: Any, where: str) -> tuple[str, ...]:
+    """A list of module names (a single name is accepted as a list of one)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise MethodConfigError(f"{where}: expected a list of module names, got {value!r}")
+    return tuple(value)
+
+
 def choice_value(value: Any, options: tuple[str, ...], where: str) -> str:
     if not isinstance(value, str) or value not in options:
         raise MethodConfigError(f"{where}: unknown value {value!r} (allowed: {allowed(options)})")
