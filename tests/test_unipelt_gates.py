@@ -119,3 +119,15 @@ def test_gates_are_counted_and_saved(tmp_path):
     unipelt.load_adapter(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, out, rtol=0, atol=1e-6)
+
+
+def test_kv_and_delta_gated_prefixes_share_one_attention():
+    """Two sigmoid-gated prefixes of both kinds on one attention: each gate reads the attention input once."""
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    prefix = dict(form="prefix", at="attn.heads", insertion="parallel", compose="sigmoid_gate", length=2)
+    unipelt.attach(model, {"name": "two", "modules": [{**prefix, "name": "kv"},
+                                                      {**prefix, "name": "delta", "prefix_gate": "delta"}]})
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert torch.isfinite(out).all()
+    assert {"mean/kv/gate", "mean/delta/gate"} <= set(unipelt.training_metrics(model))

@@ -193,15 +193,17 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    gated = [s for s in slots if s.concatenated]
-    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, gated)
     batch = query.shape[0]
+    # each joined prefix's keys and values once per call (a sigmoid gate reads its captured input once)
+    joined = [s.batched_key_values(batch, key) for s in slots if s.concatenated]
+    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, joined)
     base = output
     for slot in slots:
         if slot.concatenated:
             continue
         if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
-            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
+            own = slot.batched_key_values(batch, key)
+            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, joined + [own])
             output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
         elif slot.spec.score == "relu":
             extra = relu_prefix_attention(slot, query, float(kwargs.get("dropout") or 0.0))
@@ -215,12 +217,12 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _attend(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None, kwargs: dict, gated: list[PrefixSlot]):
-    """The inner attention over [P_k; K], [P_v; V] with the prefixes of `gated` (none: the plain attention)."""
+            attention_mask: torch.Tensor | None, kwargs: dict, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The inner attention over [P_k; K], [P_v; V] with the batched prefix (keys, values) `pairs` (none: the plain
+    attention)."""
     kwargs = dict(kwargs)
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    if gated:
-        pairs = [s.batched_key_values(batch, key) for s in gated]
+    q_len, k_len = query.shape[2], key.shape[2]
+    if pairs:
         p_keys = torch.cat([k for k, _ in pairs], dim=2)
         p_values = torch.cat([v for _, v in pairs], dim=2)
         length = p_keys.shape[2]
