@@ -131,3 +131,19 @@ def test_kv_and_delta_gated_prefixes_share_one_attention():
         out = model(**batch).logits
     assert torch.isfinite(out).all()
     assert {"mean/kv/gate", "mean/delta/gate"} <= set(unipelt.training_metrics(model))
+
+
+def test_site_kinds_a_model_lacks_are_skipped_with_a_warning():
+    """The Pfeiffer site `ffn.ln` exists on post-LN models only: on Llama the adapter is skipped (warned), the prefix
+    and LoRA attach; prefix presets skip cross-attention on models without it. A method left with nothing fails."""
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"site 'ffn\.ln' does not exist in this model .* that module is skipped"):
+        unipelt.attach(model, "unipelt")
+    kinds = {name.rpartition("unipelt_")[2] for name in state_of(model).slots}
+    assert kinds == {"prefix_attn_heads", "lora_attn_q", "lora_attn_v"}
+    bert = tiny_model("bert")
+    unipelt.attach(bert, "prefix")  # at: [attn.heads, cross_attn.heads]; BERT has self-attention only
+    assert {slot.site for slot in state_of(bert).slots.values()} == {"attn.heads"}
+    with pytest.raises(unipelt.AttachError, match="site 'ffn.ln' does not exist in this model"):
+        unipelt.attach(tiny_model("llama"), {"name": "pf", "modules": [
+            {"form": "bottleneck", "at": "ffn.ln", "insertion": "sequential", "compose": "add"}]})
