@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import unipelt
 from unipelt.attach import state_of
@@ -134,16 +135,39 @@ def test_kv_and_delta_gated_prefixes_share_one_attention():
 
 
 def test_site_kinds_a_model_lacks_are_skipped_with_a_warning():
-    """The Pfeiffer site `ffn.ln` exists on post-LN models only: on Llama the adapter is skipped (warned), the prefix
-    and LoRA attach; prefix presets skip cross-attention on models without it. A method left with nothing fails."""
-    model = tiny_model("llama")
-    with pytest.warns(UserWarning, match=r"site 'ffn\.ln' does not exist in this model .* that module is skipped"):
-        unipelt.attach(model, "unipelt")
-    kinds = {name.rpartition("unipelt_")[2] for name in state_of(model).slots}
-    assert kinds == {"prefix_attn_heads", "lora_attn_q", "lora_attn_v"}
+    """A preset attaches to every family: prefix presets skip cross-attention on a model without it; a module left
+    with no site is skipped with a warning; a method left with nothing fails."""
     bert = tiny_model("bert")
     unipelt.attach(bert, "prefix")  # at: [attn.heads, cross_attn.heads]; BERT has self-attention only
     assert {slot.site for slot in state_of(bert).slots.values()} == {"attn.heads"}
-    with pytest.raises(unipelt.AttachError, match="site 'ffn.ln' does not exist in this model"):
-        unipelt.attach(tiny_model("llama"), {"name": "pf", "modules": [
-            {"form": "bottleneck", "at": "ffn.ln", "insertion": "sequential", "compose": "add"}]})
+    hybrid = {"name": "h", "modules": [
+        {"form": "bottleneck", "name": "a", "at": "cross_attn.q", "insertion": "parallel", "compose": "add"},
+        {"form": "bottleneck", "name": "b", "at": "attn.q", "insertion": "parallel", "compose": "add"}]}
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"site 'cross_attn\.q' does not exist in this model .* that module is skipped"):
+        unipelt.attach(model, hybrid)
+    assert {slot.site for slot in state_of(model).slots.values()} == {"attn.q"}
+    with pytest.raises(unipelt.AttachError, match="site 'cross_attn.q' does not exist in this model"):
+        unipelt.attach(tiny_model("llama"), {"name": "c", "modules": hybrid["modules"][:1]})
+
+
+def test_pfeiffer_placement_on_a_pre_ln_model_reads_the_residual_stream():
+    """Pre-LN (Llama): the adapter at ffn.ln reads the layer output z = h_ffn + residual and adds to it (AdapterHub
+    with no LayerNorm to re-apply): z + up(relu(down(z)))."""
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    unipelt.attach(model, "pfeiffer")
+    _perturb(model)
+    layer = model.model.layers[0]
+    adapter = getattr(layer, "unipelt_m0_ffn_ln").form
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(**batch)
+        with unipelt.disabled(model):
+            model(**batch)
+    handle.remove()
+    adapted, z = seen[0], seen[1]
+    with torch.no_grad():
+        expected = z + F.linear(F.relu(F.linear(z, adapter.down.weight, adapter.down.bias)), adapter.up.weight,
+                                adapter.up.bias)
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-6)

@@ -236,13 +236,18 @@ def _heads_hook(slot: Slot):
 
 
 def _norm_hook(slot: Slot):
-    """Pfeiffer placement at a post-LN layer's output LayerNorm: its input is z = h + residual; Δ (and a gate) read
-    LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ (AdapterHub reuses the layer's own)."""
+    """Pfeiffer placement (AdapterHub). Post-LN, at the output LayerNorm: its input is z = h + residual; Δ (and a
+    gate) read LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ. Pre-LN, at the module
+    whose output is z = h + residual: z + Δ with Δ read from z."""
     def hook(module, args, output):
         if not slot.enabled:
             return None
-        composed = slot.composer(args[0], slot.form(output), output)
-        return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+        if isinstance(module, nn.LayerNorm):
+            composed = slot.composer(args[0], slot.form(output), output)
+            return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+        z = output[0] if isinstance(output, tuple) else output
+        composed = slot.composer(z, slot.form(z), z)
+        return (composed,) + tuple(output[1:]) if isinstance(output, tuple) else composed
     return hook
 
 

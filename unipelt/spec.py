@@ -43,8 +43,8 @@ TRAIN_BASE = ("none", "all", "bias", "layernorm")
 ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
 CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
 FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn")
-# The FFN's output LayerNorm of a post-LN layer (BERT, BART): Δ reads LN(h + residual) and is added before that
-# LayerNorm, which is applied again (AdapterHub's Pfeiffer placement, which UniPELT's adapter uses).
+# AdapterHub's Pfeiffer placement (UniPELT's adapter uses it): post-LN layers (BERT, BART): Δ reads LN(h + residual)
+# and is added before that LayerNorm, which is applied again; pre-LN layers: Δ reads h + residual and is added to it.
 NORM_SITES = ("ffn.ln",)
 SITES = ATTN_SITES + CROSS_SITES + FFN_SITES + NORM_SITES
 HEAD_SITES = ("attn.heads", "cross_attn.heads")

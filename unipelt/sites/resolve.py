@@ -206,11 +206,15 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
         return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
     if isinstance(entry, Norm):
-        ln_name = _find(modules, prefix, entry.ln, where)
-        shape = getattr(modules[ln_name], "normalized_shape", None)
-        if not shape:
-            raise AttachError(f"{where}: '{ln_name}' is not a LayerNorm")
-        d_model = int(shape[-1])
+        ln_name = _find(modules, prefix, entry.ln, where) if entry.ln else prefix
+        if entry.pre_ln:
+            down = _find(modules, prefix, entry.down, where)
+            d_model = linear_dims(modules[down], down)[1]
+        else:
+            shape = getattr(modules[ln_name], "normalized_shape", None)
+            if not shape:
+                raise AttachError(f"{where}: '{ln_name}' is not a LayerNorm")
+            d_model = int(shape[-1])
         return Placement(**common, kind="norm", h_name=ln_name, x_name=ln_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
     assert isinstance(entry, Heads)
