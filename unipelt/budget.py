@@ -75,6 +75,8 @@ def budget_parameters(budget: str | int, base: int) -> int:
 def _with_sizes(spec: MethodSpec, keys: list[str], sizes: list[int]) -> MethodSpec:
     for index, (key, size) in enumerate(zip(keys, sizes)):
         changes = {key: size}
+        if key == "dim" and spec.modules[index].reduction_factor is not None:
+            changes["reduction_factor"] = None  # a solved width replaces a width set as d / reduction_factor
         if key in COMPANIONS:  # e.g. AdaLoRA's target_r follows init_r in proportion (and stays <= it)
             companion = COMPANIONS[key]
             old_size, old_companion = getattr(spec.modules[index], key), getattr(spec.modules[index], companion)

@@ -87,7 +87,7 @@ def _not_lora_reason(slot: nn.Module) -> str | None:
 def _lora_pair(slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with Δh = B·A·x before scaling. svd (AdaLoRA): A = diag(λ)·Q, B = P, kept triplets only."""
     if slot.spec.form == "svd":
-        keep = slot.form.rank_mask.nonzero().flatten()
+        keep = slot.form.kept_indices()
         singular = slot.form.masked_singular()[keep]
         return singular[:, None] * slot.form.right[keep], slot.form.left[:, keep]
     return slot.form.down.weight, slot.form.up.weight
