@@ -13,7 +13,7 @@ MAX_LINES = 420
 # Low to high. A module may import (at module level) only from its own layer or below; lazy imports inside a
 # function that reach upwards are the documented exceptions (attach → merge / budget) and are not checked here.
 LAYERS = [
-    {"errors"},
+    {"errors", "compat"},
     {"spec", "spec_values", "prompt_grammar"},
     {"forms", "compose", "sites", "quantize"},
     {"attention", "prompt_layout", "prompting", "rank_allocator"},

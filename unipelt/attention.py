@@ -7,22 +7,21 @@ touched, so encoders, decoders (with a KV cache in generate()) and encoder-decod
 
 compose `gate`: attention over [P_k; K], [P_v; V] — exactly He et al.'s (1−λ)·Attn(x) + λ·softmax(q P_kᵀ) P_v.
 compose `add` / `scale`: the ungated ablation Attn(x) + s·softmax(q P_kᵀ) P_v.
-compose `sigmoid_gate` (UniPELT): Attn(x) + g·Δ with g = σ(W_g·mean_tokens(x)) one scalar per example and
-Δ = Attn([P; K]) − Attn(x) what the (softmax-gated) prefix changes. Mao et al. multiply P_K and P_V by g; a
-closed gate there still leaves zero keys drawing softmax mass, so we gate the prefix's whole change instead:
-g = 0 is exactly the base attention and g = 1 exactly He et al.'s gated prefix.
+compose `sigmoid_gate` (UniPELT), g = mean over tokens of σ(W_g·x), one scalar per example:
+  prefix_gate `kv` (the preset; Mao et al.'s code): attention over [g·P_k; K], [g·P_v; V];
+  prefix_gate `delta` (our earlier variant, kept as an option): Attn(x) + g·(Attn([P; K]) − Attn(x)), so that a
+  closed gate is exactly the base attention (under `kv` zero keys still draw softmax mass).
 """
 
 from __future__ import annotations
 
-import copy
-import sys
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from . import compat
+from .compose import mean_sigmoid_gate, sigmoid_gate_linear
 from .errors import AttachError
 from .forms.prefix import Prefix
 from .spec import ModuleSpec
@@ -35,14 +34,18 @@ class PrefixSlot(nn.Module):
     """A prefix placed on one attention module, with its composition (gate, add or scale)."""
 
     def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
-                 eager_fn: Callable, d_gate_in: int = 0) -> None:
+                 eager_fn: Callable, d_gate_in: int = 0, query: tuple[nn.Module, Any] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.site = site
         self.prefix = prefix
         self.active = True
+        # score relu (He et al.'s multi-head parallel adapter): the LayerNorm it adds, and the attention's own query
+        # projection (module, fused chunk), kept as a plain reference so it stays the base model's.
+        self.norm = nn.LayerNorm(d_gate_in) if spec.score == "relu" else None
+        self._query = [query] if query is not None else []
         self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
-        self.gate = nn.Linear(d_gate_in, 1) if spec.compose == "sigmoid_gate" else None
+        self.gate = sigmoid_gate_linear(d_gate_in) if spec.compose == "sigmoid_gate" else None
         self.captured_x: torch.Tensor | None = None  # the attention input, captured by a pre-hook (attach.py)
         self.last_gate: torch.Tensor | None = None
         # Plain references (not submodules): the model's real config decides the inner implementation at each
@@ -59,15 +62,32 @@ class PrefixSlot(nn.Module):
             return self.learned_scale
         return float(self.spec.scale)
 
+    @property
+    def reads_input(self) -> bool:
+        """True when the slot needs the attention input x (a sigmoid gate, or the ReLU prefix's own query)."""
+        return self.gate is not None or self.norm is not None
+
+    @property
+    def concatenated(self) -> bool:
+        """True when the prefix joins the attention's keys and values (gate, or sigmoid_gate on P_K and P_V)."""
+        return self.spec.compose == "gate" or (self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv")
+
     def gate_factor(self) -> torch.Tensor:
-        """σ(W_g·mean_tokens(x)) shaped [batch, 1, 1, 1] (broadcasts over queries, heads, head_dim)."""
+        """mean over tokens of σ(W_g·x), shaped [batch, 1, 1, 1] (broadcasts over heads, positions, head_dim)."""
         x, self.captured_x = self.captured_x, None
         if x is None:
             raise RuntimeError("sigmoid_gate prefix: the attention input was not captured")
-        pooled = x.to(self.gate.weight.dtype).mean(dim=-2)
-        gate = torch.sigmoid(self.gate(pooled))
+        gate = mean_sigmoid_gate(self.gate, x, keepdim=False)
         self.last_gate = gate.detach().mean()
         return gate[:, :, None, None]
+
+    def batched_key_values(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, kv_heads, length, head_dim] keys and values, multiplied by the gate under sigmoid_gate `kv`."""
+        keys, values = (_batched(t, batch, like) for t in self.prefix.key_values())
+        if self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv":
+            gate = self.gate_factor().to(like.dtype)
+            keys, values = keys * gate, values * gate
+        return keys, values
 
     def training_metrics(self) -> dict[str, float]:
         return {} if self.last_gate is None else {"gate": float(self.last_gate)}
@@ -80,23 +100,16 @@ class PrefixSlot(nn.Module):
         return {"prefix.keys": keys, "prefix.values": values, **own}
 
     def inner_attention(self) -> Callable:
-        name = self._base_config[0]._attn_implementation or "eager"
-        return ALL_ATTENTION_FUNCTIONS.get_interface(name, self._eager_fn)
+        return compat.attention_function(compat.attention_implementation(self._base_config[0]), self._eager_fn)
 
 
 def model_eager_attention(attention: nn.Module) -> Callable:
     """The modeling file's own eager attention function (model-specific details such as T5's position bias)."""
-    fn = getattr(sys.modules.get(type(attention).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise AttachError(
-            f"prefix: {type(attention).__name__} has no eager_attention_forward in its modeling file; "
-            "this attention class does not use transformers' AttentionInterface"
-        )
-    return fn
+    return compat.eager_attention(attention)
 
 
 def check_prefix_support(model: nn.Module) -> None:
-    impl = model.config._attn_implementation or "eager"
+    impl = compat.attention_implementation(model.config)
     if impl not in SUPPORTED_INNER:
         raise AttachError(
             f"prefix: attention implementation '{impl}' is not supported (allowed: eager, sdpa); "
@@ -109,9 +122,7 @@ def install_prefix_config(attention: nn.Module) -> Any:
     original = getattr(attention, "config", None)
     if original is None:
         raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
-    shadow = copy.copy(original)
-    shadow._attn_implementation_internal = PREFIX_ATTENTION  # set directly: no recursion into sub-configs
-    attention.config = shadow
+    attention.config = compat.route_attention(original, PREFIX_ATTENTION)
     return original
 
 
@@ -144,6 +155,26 @@ def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.
     return (weights @ values).transpose(1, 2)
 
 
+def relu_prefix_attention(slot: PrefixSlot, query_like: torch.Tensor, dropout: float) -> torch.Tensor:
+    """He et al.'s cross_attn_relu: ReLU(W_q·LN(x) P_kᵀ) P_v per head, unscaled, [batch, q, heads, head_dim]."""
+    x, slot.captured_x = slot.captured_x, None
+    if x is None:
+        raise RuntimeError("relu prefix: the attention input was not captured")
+    projection, chunk = slot._query[0]
+    query = projection(slot.norm(x.to(slot.norm.weight.dtype)))
+    if chunk is not None:
+        query = query.chunk(chunk[1], dim=-1)[chunk[0]]
+    batch, length = query.shape[:2]
+    heads, head_dim = query_like.shape[1], query_like.shape[-1]
+    query = query.view(batch, length, heads, head_dim).transpose(1, 2).to(query_like.dtype)
+    keys, values = (_batched(t, batch, query_like) for t in slot.prefix.key_values())
+    if heads > keys.shape[1]:  # grouped key/value heads
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        values = values.repeat_interleave(heads // values.shape[1], dim=1)
+    weights = nn.functional.dropout(torch.relu(query @ keys.transpose(-1, -2)), p=dropout, training=dropout > 0)
+    return (weights @ values).transpose(1, 2)
+
+
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     every = [child for child in module.children() if isinstance(child, PrefixSlot)]
@@ -151,45 +182,53 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    gated = [s for s in slots if s.spec.compose == "gate"]
-    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, gated)
     batch = query.shape[0]
+    # each joined prefix's keys and values once per call (a sigmoid gate reads its captured input once)
+    joined = [s.batched_key_values(batch, key) for s in slots if s.concatenated]
+    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, joined)
     base = output
     for slot in slots:
-        if slot.spec.compose == "sigmoid_gate":
-            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
+        if slot.concatenated:
+            continue
+        if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
+            own = slot.batched_key_values(batch, key)
+            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, joined + [own])
             output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
-        elif slot.spec.compose != "gate":
+        elif slot.spec.score == "relu":
+            extra = relu_prefix_attention(slot, query, float(kwargs.get("dropout") or 0.0))
+            output = output + (slot.scale() * extra).to(output.dtype)
+        else:
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
-                                            _batched(p_values, batch, query), kwargs.get("scaling"))
+                                            _batched(p_values, batch, query), kwargs.get(compat.ATTN_SCALING))
             output = output + (slot.scale() * extra).to(output.dtype)
     return output, weights
 
 
 def _attend(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None, kwargs: dict, gated: list[PrefixSlot]):
-    """The inner attention over [P_k; K], [P_v; V] with the prefixes of `gated` (none: the plain attention)."""
+            attention_mask: torch.Tensor | None, kwargs: dict, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The inner attention over [P_k; K], [P_v; V] with the batched prefix (keys, values) `pairs` (none: the plain
+    attention)."""
     kwargs = dict(kwargs)
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    if gated:
-        pairs = [s.prefix.key_values() for s in gated]
-        p_keys = torch.cat([k for k, _ in pairs], dim=1)
-        p_values = torch.cat([v for _, v in pairs], dim=1)
-        length = p_keys.shape[1]
-        key = torch.cat([_batched(p_keys, batch, key), key], dim=2)
-        value = torch.cat([_batched(p_values, batch, value), value], dim=2)
-        is_causal = kwargs.pop("is_causal", getattr(module, "is_causal", False))
+    q_len, k_len = query.shape[2], key.shape[2]
+    if pairs:
+        p_keys = torch.cat([k for k, _ in pairs], dim=2)
+        p_values = torch.cat([v for _, v in pairs], dim=2)
+        length = p_keys.shape[2]
+        key = torch.cat([p_keys, key], dim=2)
+        value = torch.cat([p_values, value], dim=2)
+        is_causal = kwargs.pop(compat.ATTN_IS_CAUSAL, getattr(module, "is_causal", False))
         if attention_mask is None and is_causal and q_len > 1:
             attention_mask = _causal_mask(q_len, k_len, query)
         if attention_mask is not None:
             attention_mask = attention_mask[..., :k_len]
             fill = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = _extend_last(attention_mask, length, fill)
-        if kwargs.get("position_bias") is not None:  # T5: a prefix has no relative position, so no bias
-            kwargs["position_bias"] = _extend_last(kwargs["position_bias"][..., :k_len], length, 0.0)
-        kwargs["is_causal"] = False  # causality, if any, is now in the explicit mask
+        bias = kwargs.get(compat.ATTN_POSITION_BIAS)
+        if bias is not None:  # T5: a prefix has no relative position, so no bias
+            kwargs[compat.ATTN_POSITION_BIAS] = _extend_last(bias[..., :k_len], length, 0.0)
+        kwargs[compat.ATTN_IS_CAUSAL] = False  # causality, if any, is now in the explicit mask
     return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+compat.register_attention(PREFIX_ATTENTION, prefix_attention)

@@ -11,8 +11,25 @@ from torch import nn
 from .spec import ModuleSpec
 
 
+def sigmoid_gate_linear(d_in: int) -> nn.Linear:
+    """UniPELT's gate W_g: one output, N(0, 0.02) weights and a zero bias (BERT's init, which Mao et al.'s gates get
+    as modules of the model)."""
+    gate = nn.Linear(d_in, 1)
+    nn.init.normal_(gate.weight, std=0.02)
+    nn.init.zeros_(gate.bias)
+    return gate
+
+
+def mean_sigmoid_gate(gate: nn.Linear, x: torch.Tensor, keepdim: bool) -> torch.Tensor:
+    """mean over tokens of σ(W_g·x) (the sigmoid first, as Mao et al.'s code; padding tokens included, as there):
+    [batch, 1] (or [batch, 1, 1] with keepdim) for x [batch, tokens, d]; σ(W_g·x) itself for x [batch, d]."""
+    values = torch.sigmoid(gate(x.to(gate.weight.dtype)))
+    return values.mean(dim=-2, keepdim=keepdim) if x.dim() > 2 else values
+
+
 class Composer(nn.Module):
-    """h' = h + Δh (add), h + s·Δh (scale, s fixed or learned), or h + σ(W_g·mean(x))·Δh (sigmoid_gate)."""
+    """h' = h + Δh (add), h + s·Δh (scale, s fixed or learned), or h + g·Δh (sigmoid_gate) with Mao et al.'s gate
+    g = mean over tokens of σ(W_g·x) (one scalar per example; W_g ~ N(0, 0.02), zero bias)."""
 
     def __init__(self, spec: ModuleSpec, d_gate_in: int) -> None:
         super().__init__()
@@ -26,15 +43,14 @@ class Composer(nn.Module):
             else:
                 self.fixed_scale = float(spec.scale)
         elif spec.compose == "sigmoid_gate":
-            self.gate = nn.Linear(d_gate_in, 1)
+            self.gate = sigmoid_gate_linear(d_gate_in)
 
     def factor(self, x: torch.Tensor | None) -> torch.Tensor | float:
         """The multiplier of Δh: a float, a learned scalar, or a gate of shape [batch, 1, 1]."""
         if self.gate is not None:
             if x is None:
                 raise RuntimeError("sigmoid_gate needs the sub-layer input, which was not captured")
-            pooled = x.to(self.gate.weight.dtype).mean(dim=-2, keepdim=True) if x.dim() > 2 else x
-            gate = torch.sigmoid(self.gate(pooled))
+            gate = mean_sigmoid_gate(self.gate, x, keepdim=True)
             self.last_gate = gate.detach().mean()
             return gate
         if self.learned_scale is not None:

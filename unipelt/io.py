@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import compat
 from .attach import attach, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
 from .errors import AdapterFileError
 from .rank_allocator import with_rank_patterns
@@ -54,7 +55,7 @@ def base_identity(config: Any) -> dict[str, Any]:
     """What an adapter file records about its base: the main shape fields, the name, and a config hash (last, so a
     mismatch in a named field is reported by name first)."""
     identity = {key: getattr(config, key) for key in IDENTITY_KEYS if hasattr(config, key)}
-    identity["name_or_path"] = getattr(config, "_name_or_path", "")
+    identity["name_or_path"] = compat.name_or_path(config)
     identity["architecture"] = json.loads(json.dumps(architecture(config), default=str))
     identity["config_hash"] = config_hash(config)
     return identity

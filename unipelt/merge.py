@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import compat
 from .attach import state_of
 from .compose import Slot, chunk_rows
 from .errors import AttachError
@@ -58,7 +59,7 @@ class MergeRecord:
 
 def _rows_view(host: nn.Module, slot: Slot) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The weight rows (Conv1D: columns) and bias rows the slot modifies, as views; weight None when 4-bit."""
-    transposed = type(host).__name__ == "Conv1D"  # Conv1D stores [in, out]
+    transposed = compat.is_transposed_linear(host)  # Conv1D stores [in, out]
     if is_4bit(host):
         rows = chunk_rows(slot.chunk, host.out_features)
         return None, (host.bias[rows] if host.bias is not None else None)
@@ -81,7 +82,7 @@ def _digest(host: nn.Module, slot: Slot) -> str:
 
 @torch.no_grad()
 def _add(host: nn.Module, slot: Slot, delta_w: torch.Tensor, delta_b: torch.Tensor | None, sign: float) -> None:
-    transposed = type(host).__name__ == "Conv1D"
+    transposed = compat.is_transposed_linear(host)
     weight = host.weight
     rows = chunk_rows(slot.chunk, weight.shape[1] if transposed else weight.shape[0])
     if transposed:

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import compat
 from .attach import attach, detach, is_attached, refuse_wrapped, state_of
 from .compose import Slot, chunk_rows
 from .errors import AdapterFileError, AttachError
@@ -86,7 +87,7 @@ def _not_lora_reason(slot: nn.Module) -> str | None:
 def _lora_pair(slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with Δh = B·A·x before scaling. svd (AdaLoRA): A = diag(λ)·Q, B = P, kept triplets only."""
     if slot.spec.form == "svd":
-        keep = slot.form.rank_mask.nonzero().flatten()
+        keep = slot.form.kept_indices()
         singular = slot.form.masked_singular()[keep]
         return singular[:, None] * slot.form.right[keep], slot.form.left[:, keep]
     return slot.form.down.weight, slot.form.up.weight
@@ -160,7 +161,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", "") or None,
+        "base_model_name_or_path": compat.name_or_path(model.config) or None,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropouts[0] if dropouts else 0.0,
@@ -168,7 +169,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
         "modules_to_save": head_modules or None,
-        "fan_in_fan_out": any(type(modules[n]).__name__ == "Conv1D" for n in ranks),
+        "fan_in_fan_out": any(compat.is_transposed_linear(modules[n]) for n in ranks),
         "bias": "none",
         "use_dora": False,
         "use_rslora": False,

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .sites.resolve import base_prefix, family_of
 from .sites.table import Projection
 
@@ -77,7 +78,7 @@ def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None
 
 
 def linear_in_out(module: nn.Module) -> tuple[int, int]:
-    if type(module).__name__ == "Conv1D":
+    if compat.is_transposed_linear(module):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     return int(module.in_features), int(module.out_features)
 

@@ -17,23 +17,24 @@ example's real tokens (padding stays outside), so left and right padding both wo
   token j, read after any virtual tokens between j and j+1 (the last one after a trailing prompt).
   token classification / masked LM: labels widened with -100, logits returned at the input tokens' positions.
   decoder sequence classification: the head's last-non-pad pooling reads the last position of the widened
-  sequence. encoder sequence classification: the head reads widened position 0 (the pooled [CLS] when the template
-  starts with `input_first`). Base models (no head): widened outputs. Hidden states / attentions stay widened.
+  sequence. encoder sequence classification: the head reads the first real token ([CLS], <s>; P-tuning v2's prompt
+  baseline), swapped into widened position 0 before the pooler (BERT) and in last_hidden_state (RoBERTa).
+  Base models (no head): widened outputs. Hidden states / attentions stay widened.
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from . import compat
 from .errors import AttachError, one_line
 from .forms.prompt import VirtualTokens, initial_vectors
 from .prompt_grammar import default_template
-from .prompt_layout import Layout, align, plan, widen, widen_positions
+from .prompt_layout import Layout, align, first_real_order, plan, widen, widen_positions
 from .sites import family_of
 from .sites.resolve import Placement
 from .spec import MethodSpec, ModuleSpec
@@ -102,16 +103,6 @@ def _binder(module: nn.Module) -> Callable[[tuple, dict], dict]:
     return bind
 
 
-def _cache_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:
-        return int(past[0][0].shape[-2])
-    return 0
-
-
 def _check_mask(mask: torch.Tensor | None) -> None:
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"prompt: attention_mask must be 2-D [batch, length] to insert virtual tokens, "
@@ -134,10 +125,11 @@ def _widen_inputs(slot: PromptSlot, kw: dict) -> Layout | None:
         kw["attention_mask"] = widen(mask, layout, 1)
     if kw.get("token_type_ids") is not None:  # inserted positions get token type 0
         kw["token_type_ids"] = widen(kw["token_type_ids"], layout, 0)
-    if kw.get("position_ids") is not None:
-        kw["position_ids"] = widen_positions(kw["position_ids"], layout)
-    if kw.get("cache_position") is not None:
-        kw["cache_position"] = torch.arange(layout.width, device=embeds.device)
+    positions, cache_positions = compat.POSITION_KWARGS
+    if kw.get(positions) is not None:
+        kw[positions] = widen_positions(kw[positions], layout)
+    if kw.get(cache_positions) is not None:
+        kw[cache_positions] = torch.arange(layout.width, device=embeds.device)
     return layout
 
 
@@ -153,7 +145,7 @@ def _continue(slot: PromptSlot, kw: dict, past_len: int) -> None:
     if source is not None and mask is not None and mask.dim() == 2 and \
             mask.shape[-1] + slot.extra == past_len + source.shape[1]:
         kw["attention_mask"] = _widened_mask(slot, mask)
-    for key in ("position_ids", "cache_position"):
+    for key in compat.POSITION_KWARGS:
         if kw.get(key) is not None:
             kw[key] = kw[key] + slot.extra
 
@@ -163,7 +155,7 @@ def _base_hook(slot: PromptSlot, bind: Callable, record: bool):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
-        past_len = _cache_length(kw.get("past_key_values"))
+        past_len = compat.cache_length(compat.cache_of(kw))
         if past_len > 0:
             _continue(slot, kw, past_len)
             return (), kw
@@ -174,17 +166,6 @@ def _base_hook(slot: PromptSlot, bind: Callable, record: bool):
             slot._layouts["base"] = layout
         return (), kw
     return hook
-
-
-def _shifted_decoder_inputs(module: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
-    """BART-style models derive decoder inputs from input_ids when given none: do it before input_ids is replaced."""
-    shift = getattr(sys.modules.get(type(module).__module__), "shift_tokens_right", None)
-    if shift is None:
-        return None
-    config = module.config
-    options = {"pad_token_id": config.pad_token_id, "decoder_start_token_id": config.decoder_start_token_id}
-    accepted = inspect.signature(shift).parameters
-    return shift(ids, **{k: v for k, v in options.items() if k in accepted})
 
 
 def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
@@ -201,7 +182,8 @@ def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
             return None
         if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \
                 and kw.get("input_ids") is not None:
-            shifted = _shifted_decoder_inputs(module, kw["input_ids"])
+            # BART-style models derive decoder inputs from input_ids when given none: before input_ids is replaced
+            shifted = compat.decoder_inputs_from(module, kw["input_ids"])
             if shifted is not None:
                 kw["decoder_input_ids"] = shifted
         if _widen_inputs(slot, kw) is None:
@@ -237,7 +219,7 @@ def _top_pre_hook(slot: PromptSlot, bind: Callable):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
-        if _cache_length(kw.get("past_key_values")) > 0:
+        if compat.cache_length(compat.cache_of(kw)) > 0:
             return None
         source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         mask = kw.get("attention_mask")
@@ -269,12 +251,14 @@ def _aligned(output: Any, layout: Layout, positions: torch.Tensor, keys: tuple[s
     return output
 
 
-def _output_hook(slot: PromptSlot, name: str, keys: tuple[str, ...], use_after: bool):
+def _output_hook(slot: PromptSlot, name: str, keys: tuple[str, ...], use_after: bool | str):
+    """use_after: True → `after` positions, False → `real`, "first" → widened, first real token at position 0."""
     def hook(module, args, kwargs, output):
         layout = slot._layouts.pop(name, None)
         if layout is None or output is None or not slot.active:
             return None
-        return _aligned(output, layout, layout.after if use_after else layout.real, keys)
+        positions = first_real_order(layout) if use_after == "first" else layout.after if use_after else layout.real
+        return _aligned(output, layout, positions, keys)
     return hook
 
 
@@ -294,7 +278,18 @@ def head_policy(model: nn.Module, decoder_only: bool) -> str:
         return "token"
     if "SequenceClassification" in name and decoder_only:
         return "pool_last"
+    if "SequenceClassification" in name or "MultipleChoice" in name:
+        return "pool_first"
     return "none"
+
+
+def _pooler_hook(slot: PromptSlot):
+    def hook(module, args, kwargs):
+        layout = slot._layouts.get("base")
+        if layout is None or not slot.active or not args:
+            return None
+        return (align(args[0], first_real_order(layout)),) + tuple(args[1:]), kwargs
+    return hook
 
 
 def build_prompt_slot(placement: Placement, modules: dict, model: nn.Module) -> PromptSlot:
@@ -318,9 +313,15 @@ def install_prompt_hooks(model: nn.Module, slot: PromptSlot, placement: Placemen
         handles.append(base.register_forward_hook(_clear_handoff(slot), with_kwargs=True, always_call=True))
         handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
         return handles
-    record = slot.policy == "pool_last"
+    record = slot.policy in ("pool_last", "pool_first")
     handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record), with_kwargs=True))
-    if record:
+    if slot.policy == "pool_first":
+        pooler = getattr(base, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            handles.append(pooler.register_forward_pre_hook(_pooler_hook(slot), with_kwargs=True))
+        handles.append(base.register_forward_hook(_output_hook(slot, "base", ("last_hidden_state",), "first"),
+                                                  with_kwargs=True, always_call=True))
+    elif record:
         handles.append(base.register_forward_hook(_output_hook(slot, "base", ("last_hidden_state",), True),
                                                   with_kwargs=True, always_call=True))
     if slot.policy in ("causal", "token"):
@@ -334,7 +335,7 @@ def install_prompt_hooks(model: nn.Module, slot: PromptSlot, placement: Placemen
 
 
 def _tokenizer(model: nn.Module, where: str):
-    name = getattr(model.config, "_name_or_path", "") or ""
+    name = compat.name_or_path(model.config)
     if not name:
         raise AttachError(f"{where}: text needs the base model's tokenizer, but this model has no name_or_path; "
                           "give token ids instead (a list of integers)")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
 from .errors import AttachError
 from .spec import MethodSpec
 
@@ -38,7 +39,7 @@ def is_4bit(module: nn.Module) -> bool:
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
-    return module.weight.detach().T if type(module).__name__ == "Conv1D" else module.weight.detach()
+    return module.weight.detach().T if compat.is_transposed_linear(module) else module.weight.detach()
 
 
 def quantize_module(module: nn.Module, spec: MethodSpec) -> nn.Module:

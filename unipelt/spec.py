@@ -24,6 +24,7 @@ from .spec_values import (
     expect_value,
     layers_value,
     load_yaml,
+    names_value,
     no_repeats,
     positive_float_value,
     positive_int_value,
@@ -39,15 +40,18 @@ ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "none")
 INITS = ("bert", "lora", "lora_gaussian", "near_identity")
 LAYERNORMS = ("none", "in", "out")
 STACKS = ("encoder", "decoder")
-TRAIN_BASE = ("none", "all", "bias")
+TRAIN_BASE = ("none", "all", "bias", "layernorm")
 
 ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
 CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
 FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn")
-SITES = ATTN_SITES + CROSS_SITES + FFN_SITES
+# AdapterHub's Pfeiffer placement (UniPELT's adapter uses it): post-LN layers (BERT, BART): Δ reads LN(h + residual)
+# and is added before that LayerNorm, which is applied again; pre-LN layers: Δ reads h + residual and is added to it.
+NORM_SITES = ("ffn.ln",)
+SITES = ATTN_SITES + CROSS_SITES + FFN_SITES + NORM_SITES
 HEAD_SITES = ("attn.heads", "cross_attn.heads")
 # Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
-PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads"))
+PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads") and s not in NORM_SITES)
 # The input sequence itself: where prompt tuning / P-tuning put their virtual tokens.
 INPUT_SITES = ("embeddings",)
 # `at: all_linear` (QLoRA's "all linear layers"): every projection site the model has, expanded per model.
@@ -71,6 +75,9 @@ class ModuleSpec:
     layers: str | tuple[int, ...] = "all"
     stacks: tuple[str, ...] = STACKS
     lr: float | None = None  # this module's own learning rate (e.g. prefix vs adapter); None: the trainer's
+    # under method.budget: this module's fraction of the budget, its size solved alone (He et al. size MAM's prefix
+    # and adapter separately); None: sizes scale together in the spec's ratio (unipelt.budget)
+    budget_share: float | None = None
     # bottleneck
     dim: int = 64
     activation: str = "relu"
@@ -78,9 +85,17 @@ class ModuleSpec:
     layernorm: str = "none"
     dropout: float = 0.0
     bias: bool | None = None  # None: on for adapters, off for LoRA-style inits (the papers' choices)
+    reduction_factor: int | None = None  # bottleneck width d / reduction_factor (AdapterHub's; overrides dim)
     # prefix
     length: int = 30
     mlp_dim: int | None = None
+    # sigmoid_gate on a prefix: "kv" multiplies P_K and P_V by the gate (Mao et al.'s code); "delta" scales the
+    # prefix's whole change to the attention output (g = 0: base attention exactly; our earlier variant)
+    prefix_gate: str = "kv"
+    # softmax: the prefix joins the attention (gate) or is attended apart (add / scale); relu: He et al.'s
+    # multi-head parallel adapter (attn_option cross_attn_relu): the query q_proj(LN(x)) with a new LayerNorm,
+    # ReLU(q·P_kᵀ)·P_v per head, unscaled, beside the attention (compose add / scale)
+    score: str = "softmax"
     # prompt (prompt tuning / P-tuning; `length` above is the number of virtual tokens): see prompt_grammar.py
     init_text: str | tuple[int, ...] | None = None
     encoder: str = "none"
@@ -91,12 +106,13 @@ class ModuleSpec:
     init_r: int = 12
     target_r: int = 8
     tinit: int | float = 0.1
-    tfinal: int | float = 0.3
-    delta_t: int = 10
+    tfinal: int | float = 0.5
+    delta_t: int = 100
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
     rank_pattern: tuple[tuple[str, int], ...] | None = None
+    alpha: float | None = None  # svd: the scale is alpha / init_r (the reference's lora_alpha / ranknum)
 
     @property
     def has_bias(self) -> bool:
@@ -121,8 +137,13 @@ class ModuleSpec:
 class MethodSpec:
     name: str
     modules: tuple[ModuleSpec, ...] = ()
-    train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
-    train_head: bool = True  # the task head (classifier, LM head on a new vocabulary...) stays trainable
+    # which base weights stay trainable: none, all (full fine-tuning), bias (BitFit) or layernorm (Houlsby et al.
+    # train every LayerNorm of the base along with the adapters)
+    train_base: str = "none"
+    # A newly initialised task head (classifier, regression, tagging) trains; a pretrained LM head stays frozen.
+    train_head: bool = True
+    # Extra trainable modules, by name or name suffix (PEFT's modules_to_save), e.g. ["lm_head"] or ["embed_tokens"]
+    train_modules: tuple[str, ...] = ()
     # Equal-budget comparisons: "0.5%" of the base model's parameters or an added-parameter count. attach()
     # solves the module sizes for it (unipelt.budget) and the attached spec carries the sizes, budget None.
     budget: str | int | None = None
@@ -148,12 +169,16 @@ class MethodSpec:
                 entry["layers"] = list(module.layers)
             if module.compose != "scale":
                 entry.pop("scale", None)
-            for optional in ("bias", "lr", "rank_pattern"):
+            if entry.get("alpha") is not None:
+                entry.pop("scale", None)  # alpha / init_r gives it back
+            for optional in ("bias", "lr", "rank_pattern", "budget_share", "alpha", "reduction_factor"):
                 if entry.get(optional, False) is None:
                     entry.pop(optional)
             if entry.get("rank_pattern") is not None:
                 entry["rank_pattern"] = dict(entry["rank_pattern"])
             out["modules"].append(entry)
+        if self.train_modules:
+            out["train_modules"] = list(self.train_modules)
         if self.budget is not None:
             out["budget"] = self.budget
         if self.quantize != "none":
@@ -176,15 +201,15 @@ class MethodSpec:
         return dataclasses.replace(self, modules=tuple(modules))
 
 
-_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr"}
+_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr", "budget_share"}
 FORM_KEYS = {
-    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias"},
-    "prefix": _COMMON_KEYS | {"length", "mlp_dim"},
+    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias", "reduction_factor"},
+    "prefix": _COMMON_KEYS | {"length", "mlp_dim", "prefix_gate", "score"},
     "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
     "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
-                           "rank_pattern"},
+                           "rank_pattern", "alpha"},
 }
-METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantize", "compute_dtype", "double_quant",
+METHOD_KEYS = ("name", "modules", "train_base", "train_head", "train_modules", "budget", "quantize", "compute_dtype", "double_quant",
                "optimizer")
 # What each form can do on each axis; anything else is a combination that cannot work.
 FORM_SITES = {"bottleneck": SITES + (ALL_LINEAR,), "prefix": HEAD_SITES, "svd": PROJECTION_SITES + (ALL_LINEAR,),
@@ -265,6 +290,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
     train_base = choice_value(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
     train_head = expect_value(raw.get("train_head", True), bool, f"{where}: train_head")
+    train_modules = names_value(raw.get("train_modules", []), f"{where}: train_modules")
     modules = []
     for index, module_raw in enumerate(modules_raw):
         modules.append(_build_module(module_raw, f"{where} module {index}", index))
@@ -277,6 +303,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
     budget = budget_value(raw.get("budget"), f"{where}: budget")
+    _check_shares(modules, where)
     quantize = choice_value(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
     compute_dtype = choice_value(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
     double_quant = expect_value(raw.get("double_quant", True), bool, f"{where}: double_quant")
@@ -286,7 +313,8 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: quantize '{quantize}' freezes the base; train_base must be 'none'")
     if budget is not None and not modules:
         raise MethodConfigError(f"{where}: budget {budget!r} needs a module with a size to solve; this method has none")
-    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head, budget=budget,
+    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head,
+                      train_modules=train_modules, budget=budget,
                       quantize=quantize, compute_dtype=compute_dtype, double_quant=double_quant, optimizer=optimizer)
 
 
@@ -329,11 +357,20 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
     values["lr"] = None if lr is None else positive_float_value(lr, f"{where}: lr")
+    share = raw.get("budget_share")
+    values["budget_share"] = None if share is None else probability_value(share, f"{where}: budget_share")
+    if share is not None and values["budget_share"] <= 0:
+        raise MethodConfigError(f"{where}: budget_share must be in (0, 1), got {share!r}")
     if form == "prompt":
         values.update(prompt_options(raw, where))
         return ModuleSpec(**values)
     if form == "svd":
         values.update(svd_options(raw, where))
+        if values["alpha"] is not None:
+            if "scale" in raw or compose != "scale":
+                raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
+                                        f"'scale' and without 'scale'")
+            values["scale"] = values["alpha"] / values["init_r"]
         return ModuleSpec(**values)
 
     if form == "bottleneck":
@@ -344,11 +381,28 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         values["dropout"] = probability_value(raw.get("dropout", 0.0), f"{where}: dropout")
         bias = raw.get("bias")
         values["bias"] = None if bias is None else expect_value(bias, bool, f"{where}: bias")
+        factor = raw.get("reduction_factor")
+        values["reduction_factor"] = None if factor is None else positive_int_value(factor, f"{where}: reduction_factor")
     else:
         values["length"] = positive_int_value(raw.get("length", 30), f"{where}: length")
         mlp_dim = raw.get("mlp_dim")
         values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
+        values["prefix_gate"] = choice_value(raw.get("prefix_gate", "kv"), ("kv", "delta"), f"{where}: prefix_gate")
+        values["score"] = choice_value(raw.get("score", "softmax"), ("softmax", "relu"), f"{where}: score")
+        if values["score"] == "relu" and compose not in ("add", "scale"):
+            raise MethodConfigError(f"{where}: score 'relu' (attended beside the attention) needs compose 'add' or "
+                                    f"'scale', got '{compose}'")
     return ModuleSpec(**values)
+
+
+def _check_shares(modules: list[ModuleSpec], where: str) -> None:
+    shared = [m for m in modules if m.budget_share is not None]
+    if shared and len(shared) != len(modules):
+        missing = next(m.name for m in modules if m.budget_share is None)
+        raise MethodConfigError(f"{where}: module '{missing}' has no budget_share; give every module one or none")
+    total = sum(m.budget_share for m in shared)
+    if total > 1 + 1e-9:
+        raise MethodConfigError(f"{where}: budget_share values sum to {total:g}, more than the whole budget (1)")
 
 
 def _prompt_entry(entry: dict[str, Any]) -> None:
@@ -368,6 +422,9 @@ def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: 
             raise MethodConfigError(
                 f"{where}: form '{form}' cannot act at '{site}' (allowed at: {allowed(FORM_SITES[form])})"
             )
+    if any(site in NORM_SITES for site in at) and insertion != "sequential":
+        raise MethodConfigError(f"{where}: site 'ffn.ln' reads LN(h + residual), the sub-layer's normalised output: "
+                                f"use insertion 'sequential' (got '{insertion}')")
     if insertion not in FORM_INSERTIONS[form]:
         raise MethodConfigError(
             f"{where}: form '{form}' cannot use insertion '{insertion}' "

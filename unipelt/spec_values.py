@@ -43,7 +43,7 @@ def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     out["target_r"] = positive_int_value(raw.get("target_r", 8), f"{where}: target_r")
     if out["target_r"] > out["init_r"]:
         raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
-    for key, default in (("tinit", 0.1), ("tfinal", 0.3)):
+    for key, default in (("tinit", 0.1), ("tfinal", 0.5)):
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
                 isinstance(value, float) and not value < 1):
@@ -53,13 +53,15 @@ def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     if all(isinstance(out[k], float) for k in ("tinit", "tfinal")) and out["tinit"] + out["tfinal"] >= 1:
         raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
                                 f"{out['tinit']} + {out['tfinal']} >= 1)")
-    out["delta_t"] = positive_int_value(raw.get("delta_t", 10), f"{where}: delta_t")
+    out["delta_t"] = positive_int_value(raw.get("delta_t", 100), f"{where}: delta_t")
     for key in ("beta1", "beta2"):
         out[key] = probability_value(raw.get(key, 0.85), f"{where}: {key}")
     weight = raw.get("orth_reg_weight", 0.1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
         raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
     out["orth_reg_weight"] = float(weight)
+    alpha = raw.get("alpha")
+    out["alpha"] = None if alpha is None else positive_float_value(alpha, f"{where}: alpha")
     pattern = raw.get("rank_pattern")
     if pattern is not None:
         if not isinstance(pattern, Mapping):
@@ -124,6 +126,14 @@ def budget_value(value: Any, where: str) -> str | int | None:
     raise MethodConfigError(
         f"{where}: expected a percentage of the base model like '0.5%' or a positive parameter count, got {value!r}"
     )
+
+
+def names_value(value: Any, where: str) -> tuple[str, ...]:
+    """A list of module names (a single name is accepted as a list of one)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise MethodConfigError(f"{where}: expected a list of module names, got {value!r}")
+    return tuple(value)
 
 
 def choice_value(value: Any, options: tuple[str, ...], where: str) -> str:

@@ -32,6 +32,7 @@ from ..optim import method_of
 from ..tasks import load_task_config, prepare_task
 from ..train import TrainConfig, TrainingInterrupted, distributed, fit, set_seed
 from ..train.config import check as check_trainer
+from .by_method import apply_by_method
 from ..train.config import check_max_length
 from . import folders
 from .ablation import axes_set, cell_name, with_axes
@@ -111,6 +112,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     own_lr = (cfg.get("lr_by_method") or {}).get(spec.name)
     if own_lr is not None:
         train_cfg = dataclasses.replace(train_cfg, lr=float(own_lr))
+    spec, train_cfg = apply_by_method(cfg.get("by_method"), spec, train_cfg)
     check_trainer(train_cfg)
     path = str(cfg.model.name_or_path)
     if path.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(path)).exists():

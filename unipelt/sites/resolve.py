@@ -5,13 +5,15 @@ Nothing here mutates the model; attach() acts on the placements this returns, so
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
+from .. import compat
 from ..errors import AttachError, allowed
 from ..spec import ALL_LINEAR, PROJECTION_SITES, MethodSpec, ModuleSpec
-from .table import FAMILIES, Family, Heads, Projection, SubLayer
+from .table import FAMILIES, Family, Heads, Norm, Projection, SubLayer
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Placement:
     site: str
     stack: str
     layer: int
-    kind: str  # "projection", "sublayer", "heads" or "embeddings" (a prompt at the input)
+    kind: str  # "projection", "sublayer", "heads", "norm" or "embeddings" (a prompt at the input)
     h_name: str  # module whose output (projection, sub-layer) or input (heads) is h
     x_name: str  # module whose input is x (the same as h_name for projections)
     chunk: tuple[int, int] | None
@@ -32,6 +34,8 @@ class Placement:
     n_heads: int = 0
     head_dim: int = 0
     kv_heads: int = 0
+    q_name: str = ""  # heads: the attention's query projection (He et al.'s ReLU prefix attention re-applies it)
+    q_chunk: tuple[int, int] | None = None
 
     @property
     def slot_name(self) -> str:
@@ -58,7 +62,7 @@ def linear_dims(module: nn.Module, name: str) -> tuple[int, int]:
     """(in, out) of a linear map: nn.Linear and its quantized subclasses, or GPT-2's transposed Conv1D."""
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D":
+    if compat.is_transposed_linear(module):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     raise AttachError(f"module '{name}' ({type(module).__name__}) is not a linear projection")
 
@@ -76,11 +80,24 @@ def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     modules = dict(model.named_modules())
     root = base_prefix(model)
     placements: list[Placement] = []
+    missing: list[AttachError] = []
     for index, spec in enumerate(method.modules):
         where = f"method '{method.name}' module {index} ('{spec.name}')"
-        found = _place_module(spec, where, family, modules, root)
-        placements.extend(found)
+        try:
+            placements.extend(_place_module(spec, where, family, modules, root))
+        except MissingSiteError as error:
+            missing.append(error)
+    # A kind of site this model lacks (cross-attention on an encoder, a post-LN LayerNorm on a pre-LN decoder) is
+    # skipped, so one preset attaches to every family; a method that finds nothing at all here is an error.
+    if missing and not placements:
+        raise missing[0]
+    for error in missing:
+        warnings.warn(f"{error} -- that module is skipped on this model", stacklevel=3)
     return placements
+
+
+class MissingSiteError(AttachError):
+    """A known site kind that this model's family does not have."""
 
 
 def _join(*parts: str) -> str:
@@ -135,6 +152,7 @@ def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: d
                  where: str) -> list[tuple[str, list[str]]]:
     """(site, stacks having it) for each site of `at`; `all_linear` becomes every projection the model has."""
     out: dict[str, list[str]] = {}
+    absent: list[str] = []
     for site in spec.at:
         if site == ALL_LINEAR:
             for linear in PROJECTION_SITES:
@@ -145,10 +163,13 @@ def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: d
             continue
         site_stacks = [s for s in stacks if site in family.stacks[s].sites]
         if not site_stacks:
-            known = sorted({k for s in stacks for k in family.stacks[s].sites})
-            raise AttachError(f"{where}: site '{site}' does not exist in this model (its sites: {allowed(known)})")
+            absent.append(site)
+            continue
         out.setdefault(site, [])
         out[site] += [s for s in site_stacks if s not in out[site]]
+    if not out and absent:
+        known = sorted({k for s in stacks for k in family.stacks[s].sites})
+        raise MissingSiteError(f"{where}: site '{absent[0]}' does not exist in this model (its sites: {allowed(known)})")
     return list(out.items())
 
 
@@ -185,6 +206,18 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
         _, d_model = linear_dims(modules[h_name], h_name)
         return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
+    if isinstance(entry, Norm):
+        ln_name = _find(modules, prefix, entry.ln, where) if entry.ln else prefix
+        if entry.pre_ln:
+            down = _find(modules, prefix, entry.down, where)
+            d_model = linear_dims(modules[down], down)[1]
+        else:
+            shape = getattr(modules[ln_name], "normalized_shape", None)
+            if not shape:
+                raise AttachError(f"{where}: '{ln_name}' is not a LayerNorm")
+            d_model = int(shape[-1])
+        return Placement(**common, kind="norm", h_name=ln_name, x_name=ln_name, chunk=None,
+                         d_in=d_model, d_out=d_model, d_x=d_model)
     assert isinstance(entry, Heads)
     attn_name = _find(modules, prefix, entry.attention, where)
     o_name = _find(modules, prefix, entry.o, where)
@@ -197,5 +230,7 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
     k_name = _find(modules, prefix, k_entry.path, where)
     k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
     d_in = heads_in if spec.insertion == "sequential" else d_model
+    q_entry = stack_sites[site.replace("heads", "q")]
     return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
-                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim)
+                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim,
+                     q_name=_find(modules, prefix, q_entry.path, where), q_chunk=q_entry.chunk)
