@@ -154,7 +154,7 @@ def format_by_axis(rows: list[AxisRow], values: list[str], axis: str, skipped: l
     lines += ["", f"Each row holds everything but {axis} equal (the other axes, module options, budget and settings); "
                   "sizes differ only as the budget solves them."]
     if skipped:
-        lines += ["", f"Skipped or failed cells ({len(skipped)}):", ""]
+        lines += ["", f"Skipped or failed cells ({len(skipped)} records, each cell listed once):", ""]
         seen = set()
         for record in skipped:
             line = f"- {record.get('method')}: {record.get('status', 'failed')}: {record.get('reason', '-')}"

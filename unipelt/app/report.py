@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nwrote {out / TABLE}, {out / CSV}, {out / PLOT}")
+    by_files = "".join(f", {out}/report_by_{axis}.md/.csv/.png" for axis in args.by or [])
+    print(f"\nwrote {out / TABLE}, {out / CSV}, {out / PLOT}{by_files}")
     return 0
 
 
