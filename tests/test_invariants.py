@@ -10,9 +10,9 @@ from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 PRESETS = unipelt.list_presets()
 # Presets whose every up-projection starts at zero: the attached model equals the base model at init.
-IDENTITY_AT_INIT = {"lora", "scaled_pa", "mh_pa", "bitfit", "full", "adalora"}
+IDENTITY_AT_INIT = {"lora", "scaled_pa", "mh_pa", "bitfit", "full", "adalora", "ia3"}
 # Every module folds into the weights (no "unmerged" warning).
-FULLY_MERGEABLE = {"lora", "adalora"}
+FULLY_MERGEABLE = {"lora", "adalora", "ia3"}
 # The base itself changes at attach (4-bit NF4): "disabled" is the quantized base, and merging requantizes.
 # Both are tested against their own references in test_qlora.py.
 QUANTIZED = {p for p in PRESETS if unipelt.load_method(p).quantize != "none"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unipelt
-from unipelt.attention import PrefixSlot, prefix_attention
+from unipelt.forms.prefix import PrefixSlot, prefix_attention
 from tiny_models import FAMILIES, tiny_batch, tiny_model
 
 GATED = {"name": "prefix4", "modules": [{"form": "prefix", "at": "attn.heads", "insertion": "parallel",

@@ -3,45 +3,9 @@ one line naming the key (`where`) and, where it helps, the allowed values."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import MethodConfigError, allowed
-
-
-def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    out["init_r"] = positive_int_value(raw.get("init_r", 12), f"{where}: init_r")
-    out["target_r"] = positive_int_value(raw.get("target_r", 8), f"{where}: target_r")
-    if out["target_r"] > out["init_r"]:
-        raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
-    for key, default in (("tinit", 0.1), ("tfinal", 0.3)):
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-                isinstance(value, float) and value >= 1):
-            raise MethodConfigError(f"{where}: {key} must be a step count (int >= 0) or a fraction of the run "
-                                    f"(float in [0, 1)), got {value!r}")
-        out[key] = value
-    if all(isinstance(out[k], float) for k in ("tinit", "tfinal")) and out["tinit"] + out["tfinal"] >= 1:
-        raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
-                                f"{out['tinit']} + {out['tfinal']} >= 1)")
-    out["delta_t"] = positive_int_value(raw.get("delta_t", 10), f"{where}: delta_t")
-    for key in ("beta1", "beta2"):
-        out[key] = probability_value(raw.get(key, 0.85), f"{where}: {key}")
-    weight = raw.get("orth_reg_weight", 0.1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
-    out["orth_reg_weight"] = float(weight)
-    pattern = raw.get("rank_pattern")
-    if pattern is not None:
-        if not isinstance(pattern, Mapping):
-            raise MethodConfigError(f"{where}: rank_pattern must map 'stack.layer.site' to a rank, got {pattern!r}")
-        for key, rank in pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= out["init_r"]:
-                raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
-                                        f"({out['init_r']}), got {rank!r}")
-        pattern = tuple(sorted((str(k), int(v)) for k, v in pattern.items()))
-    out["rank_pattern"] = pattern
-    return out
 
 
 def scale_value(raw: Mapping[str, Any], compose: str, where: str) -> float | str:
@@ -84,6 +48,16 @@ def budget_value(value: Any, where: str) -> str | int | None:
     raise MethodConfigError(
         f"{where}: expected a percentage of the base model like '0.5%' or a positive parameter count, got {value!r}"
     )
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    """A check (value, where) -> value for one of `options`."""
+    return lambda value, where: choice_value(value, options, where)
+
+
+def expect(kind: type) -> Callable[[Any, str], Any]:
+    """A check (value, where) -> value for a value of type `kind` (bool is not an int here)."""
+    return lambda value, where: expect_value(value, kind, where)
 
 
 def choice_value(value: Any, options: tuple[str, ...], where: str) -> str:

@@ -23,54 +23,39 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .errors import AttachError
-from .forms.prefix import Prefix
-from .spec import ModuleSpec
+from ...compose import Composer
+from ...errors import AttachError
+from ...slot import Slot, capture_hook
+from .vectors import Prefix
 
 PREFIX_ATTENTION = "unipelt_prefix"
+ROUTED = "_unipelt_prefix_routed"  # set in an attention module's __dict__ while its calls are routed here
 SUPPORTED_INNER = ("eager", "sdpa")
 
 
-class PrefixSlot(nn.Module):
-    """A prefix placed on one attention module, with its composition (gate, add or scale)."""
+class PrefixSlot(Slot):
+    """A prefix placed on one attention module, composed by the slot's composer (gate, add, scale or sigmoid_gate).
 
-    def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
+    It has no hook on h: the attention module's calls are routed to `prefix_attention` (install)."""
+
+    FORM_ATTR = "prefix"
+
+    def __init__(self, spec: Any, prefix: Prefix, site: str, base_config: Any,
                  eager_fn: Callable, d_gate_in: int = 0) -> None:
-        super().__init__()
-        self.spec = spec
-        self.site = site
-        self.prefix = prefix
-        self.active = True
-        self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
-        self.gate = nn.Linear(d_gate_in, 1) if spec.compose == "sigmoid_gate" else None
-        self.captured_x: torch.Tensor | None = None  # the attention input, captured by a pre-hook (attach.py)
-        self.last_gate: torch.Tensor | None = None
+        super().__init__(spec, prefix, Composer(spec, d_gate_in), site)
         # Plain references (not submodules): the model's real config decides the inner implementation at each
         # call, so set_attn_implementation() after attach keeps working.
         self._base_config = [base_config]
         self._eager_fn = eager_fn
 
-    @property
-    def enabled(self) -> bool:
-        return self.active
-
-    def scale(self) -> torch.Tensor | float:
-        if self.learned_scale is not None:
-            return self.learned_scale
-        return float(self.spec.scale)
-
-    def gate_factor(self) -> torch.Tensor:
-        """σ(W_g·mean_tokens(x)) shaped [batch, 1, 1, 1] (broadcasts over queries, heads, head_dim)."""
-        x, self.captured_x = self.captured_x, None
-        if x is None:
-            raise RuntimeError("sigmoid_gate prefix: the attention input was not captured")
-        pooled = x.to(self.gate.weight.dtype).mean(dim=-2)
-        gate = torch.sigmoid(self.gate(pooled))
-        self.last_gate = gate.detach().mean()
-        return gate[:, :, None, None]
-
-    def training_metrics(self) -> dict[str, float]:
-        return {} if self.last_gate is None else {"gate": float(self.last_gate)}
+    def install(self, placement: Any, modules: dict[str, nn.Module], model: nn.Module) -> list[Any]:
+        attention = modules[placement.x_name]
+        handles: list[Any] = []
+        if ROUTED not in attention.__dict__:  # the first prefix on this attention module routes it
+            handles.append(_Routing(attention))
+        if self.composer.gate is not None:  # UniPELT's prefix gate reads the attention input x
+            handles.append(attention.register_forward_pre_hook(capture_hook(self), with_kwargs=True))
+        return handles
 
     def exported_parameters(self) -> dict[str, torch.Tensor]:
         """What is saved and counted as added: the prefix as plain key/value vectors (a reparameterisation MLP's
@@ -79,9 +64,33 @@ class PrefixSlot(nn.Module):
         own = {name: param for name, param in self.named_parameters() if not name.startswith("prefix.")}
         return {"prefix.keys": keys, "prefix.values": values, **own}
 
+    def cannot_merge(self, host: nn.Module) -> str | None:
+        return "a prefix acts inside attention (not a weight update)"
+
+    def fold(self) -> None:
+        self.prefix.fold()
+
     def inner_attention(self) -> Callable:
         name = self._base_config[0]._attn_implementation or "eager"
         return ALL_ATTENTION_FUNCTIONS.get_interface(name, self._eager_fn)
+
+
+class _Routing:
+    """The shadow config that routes an attention module's calls to the prefix function; remove() restores it."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        original = getattr(attention, "config", None)
+        if original is None:
+            raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
+        shadow = copy.copy(original)
+        shadow._attn_implementation_internal = PREFIX_ATTENTION  # set directly: no recursion into sub-configs
+        self.attention, self.original = attention, original
+        attention.config = shadow
+        attention.__dict__[ROUTED] = True
+
+    def remove(self) -> None:
+        self.attention.config = self.original
+        self.attention.__dict__.pop(ROUTED, None)
 
 
 def model_eager_attention(attention: nn.Module) -> Callable:
@@ -102,17 +111,6 @@ def check_prefix_support(model: nn.Module) -> None:
             f"prefix: attention implementation '{impl}' is not supported (allowed: eager, sdpa); "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-
-
-def install_prefix_config(attention: nn.Module) -> Any:
-    """Give `attention` a shadow config that routes its calls to the prefix function; returns the original."""
-    original = getattr(attention, "config", None)
-    if original is None:
-        raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
-    shadow = copy.copy(original)
-    shadow._attn_implementation_internal = PREFIX_ATTENTION  # set directly: no recursion into sub-configs
-    attention.config = shadow
-    return original
 
 
 def _batched(t: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -158,12 +156,13 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     for slot in slots:
         if slot.spec.compose == "sigmoid_gate":
             with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
-            output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
+            x, slot.captured_x = slot.captured_x, None
+            output = slot.composer(output, with_prefix - base, x)
         elif slot.spec.compose != "gate":
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
                                             _batched(p_values, batch, query), kwargs.get("scaling"))
-            output = output + (slot.scale() * extra).to(output.dtype)
+            output = slot.composer(output, extra)
     return output, weights
 
 
