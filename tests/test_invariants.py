@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import unipelt
-from tiny_models import FAMILIES, tiny_batch, tiny_model
+from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model
 
 PRESETS = unipelt.list_presets()
 # Presets whose every up-projection starts at zero: the attached model equals the base model at init.
@@ -16,9 +16,10 @@ FULLY_MERGEABLE = {"lora", "adalora", "ia3"}
 # The base itself changes at attach (4-bit NF4): "disabled" is the quantized base, and merging requantizes.
 # Both are tested against their own references in test_qlora.py.
 QUANTIZED = {p for p in PRESETS if unipelt.load_method(p).quantize != "none"}
-# T5 and Llama have no biases: bitfit is refused there (see test_bad_input).
+# Families without biases (T5, Llama, Gemma): bitfit is refused there (see test_bad_input).
+BIASED = {family for family in FAMILIES if has_biases(family)}
 CASES = [(family, preset) for family in FAMILIES for preset in PRESETS
-         if not (preset == "bitfit" and family in ("t5", "llama"))]
+         if not (preset == "bitfit" and family not in BIASED)]
 
 
 def _outputs(model, batch) -> torch.Tensor:
