@@ -52,6 +52,9 @@ AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSeque
         "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "gemma": AutoModelForCausalLM,
         "bart": AutoModelForSeq2SeqLM, "t5": AutoModelForSeq2SeqLM}
 
+DECODERS = tuple(f for f in FAMILIES if AUTO[f] is AutoModelForCausalLM)
+ENCODER_DECODERS = tuple(f for f in FAMILIES if AUTO[f] is AutoModelForSeq2SeqLM)
+
 
 class UnknownFamilyConfig(BertConfig):
     """A BERT body under a model type that no row of the site table maps."""
@@ -88,11 +91,11 @@ def tiny_batch(family: str, batch: int = 2, length: int = 7, seed: int = 1, padd
     if padded and batch > 1:
         mask[1, length - 2:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if family in ("bart", "t5"):
+    if family in ENCODER_DECODERS:
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     if family in ("bert", "roberta"):
         inputs["labels"] = torch.tensor([0, 1][:batch] + [0] * max(0, batch - 2))
-    elif family in ("bart", "t5"):
+    elif family in ENCODER_DECODERS:
         inputs["labels"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     else:
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
