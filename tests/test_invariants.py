@@ -52,6 +52,17 @@ def case(request):
     return family, preset, tiny_model(family), tiny_batch(family)
 
 
+def test_counts_from_forms_equal_counts_of_the_attached_modules(case):
+    """Each form's Appendix-B formula (counted from placements, nothing attached) equals what attach builds."""
+    family, preset, model, batch = case
+    formula = unipelt.count_parameters(model, preset)
+    assert not unipelt.is_attached(model)
+    unipelt.attach(model, preset)
+    attached = unipelt.count_parameters(model)
+    for key in ("added", "reparam", "trainable", "trained_base", "head", "base"):
+        assert formula[key] == attached[key], key
+
+
 def test_forward_backward_reach_every_adapter(case):
     family, preset, model, batch = case
     unipelt.attach(model, preset)
