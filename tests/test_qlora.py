@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 
 import pytest
+from needs import need_module
 import torch
 
 import unipelt
 from unipelt.attach import state_of
 from tiny_models import tiny_batch, tiny_model
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = need_module("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 BLOCK = 64

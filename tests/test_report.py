@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from needs import need_module
 
 from unipelt.app.report import main as report_main
 from unipelt.app.results import append_record, read_records
@@ -65,8 +66,8 @@ def test_no_results_is_a_clear_error(tmp_path, capsys):
 
 
 def test_notebook_runs_on_a_results_file(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    nbformat = need_module("nbformat")
+    nbclient = need_module("nbclient")
     write_results(tmp_path / "results.jsonl")
     monkeypatch.setenv("UNIPELT_RESULTS", str(tmp_path / "results.jsonl"))
     monkeypatch.setenv("UNIPELT_REPORT_DIR", str(tmp_path / "out"))

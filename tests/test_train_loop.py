@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from needs import need_module
 import torch
 
 import unipelt
@@ -128,7 +129,7 @@ def test_schedule_scales_every_group_by_the_same_curve(name):
 
 def test_the_optimizer_the_method_asks_for_is_built(tiny, tmp_path, monkeypatch):
     # QLoRA asks for bitsandbytes' paged 8-bit AdamW (it runs on CPU too); a method that names none gets AdamW.
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = need_module("bitsandbytes")
     from unipelt.train import loop
     from unipelt.train.optimizers import make_optimizer
 

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from . import compat
 from .errors import AttachError, MethodConfigError
 from .placement import Placement, projection_index, resolve
 from .quantize import check_quantization, quantize_base, restore_base
@@ -112,7 +113,7 @@ def attach_method(model: nn.Module, method: Any) -> nn.Module:
 def _all_linear_names(model: nn.Module) -> list[str]:
     """QLoRA quantizes every projection of the transformer layers (the `all_linear` sites), except those the
     model keeps in float32 (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, as its own 4-bit loading does)."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = compat.keep_in_fp32_modules(model)
     return [name for name in projection_index(model) if name.rpartition(".")[2] not in keep]
 
 

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import compat
 from .attach import attach_method, check_model, detach, state_of
 from .errors import AdapterFileError
 from .io import atomic_write, read_tensors
@@ -153,7 +154,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": getattr(model.config, "_name_or_path", "") or None,
+        "base_model_name_or_path": compat.name_or_path(model.config) or None,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropouts[0] if dropouts else 0.0,

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import compat
 from .compose import Composer
 from .quantize import add_to_4bit, is_4bit, restore_4bit
 from .sites.linear import is_transposed
@@ -62,15 +63,9 @@ def chunk_rows(chunk: tuple[int, int] | None, out_features: int) -> slice:
     return slice(index * width, (index + 1) * width)
 
 
-def input_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    if args:
-        return args[0]
-    return kwargs.get("hidden_states", kwargs.get("input"))
-
-
 def capture_hook(slot: "Slot"):
     def hook(module, args, kwargs):
-        slot.captured_x = input_of(args, kwargs) if slot.enabled else None
+        slot.captured_x = compat.module_input(args, kwargs) if slot.enabled else None
     return hook
 
 
@@ -79,7 +74,7 @@ def _output_hook(slot: "Slot", same_module: bool):
         if not slot.enabled:
             return None
         if same_module:
-            x = input_of(args, kwargs)
+            x = compat.module_input(args, kwargs)
         else:
             x, slot.captured_x = slot.captured_x, None
         if isinstance(output, tuple):
@@ -95,7 +90,7 @@ def _input_hook(slot: "Slot"):
         x, slot.captured_x = slot.captured_x, None
         if args:
             return (slot(args[0], x),) + tuple(args[1:]), kwargs
-        key = "hidden_states" if "hidden_states" in kwargs else "input"
+        key = next(name for name in compat.MODULE_INPUT_KWARGS if kwargs.get(name) is not None)
         return args, {**kwargs, key: slot(kwargs[key], x)}
     return hook
 
@@ -269,4 +264,4 @@ class Slot(nn.Module):
         return error
 
 
-__all__ = ["LinearMap", "Slot", "capture_hook", "chunk_rows", "input_of", "like"]
+__all__ = ["LinearMap", "Slot", "capture_hook", "chunk_rows", "like"]

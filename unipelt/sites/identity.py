@@ -9,15 +9,16 @@ import hashlib
 import json
 from typing import Any
 
+from .. import compat
+
 # Keys that do not change the computation of a loaded base: names, labels, loading and output switches, dropout,
-# initialisation, dtype, the attention kernel, and transformers' own bookkeeping.
+# initialisation, dtype, the attention kernel. Keys starting with "_" are transformers' own bookkeeping.
 TRAINING_TIME_KEYS = frozenset({
-    "_name_or_path", "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label",
-    "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params", "use_cache", "return_dict",
+    "name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id",
+    "num_labels", "problem_type", "finetuning_task", "task_specific_params", "use_cache", "return_dict",
     "output_hidden_states", "output_attentions", "torchscript", "tokenizer_class", "initializer_range",
     "initializer_factor", "init_std", "gradient_checkpointing", "use_return_dict", "chunk_size_feed_forward",
-    "pruned_heads", "attn_implementation", "_attn_implementation", "_attn_implementation_internal",
-    "_commit_hash", "_experts_implementation",
+    "pruned_heads", "attn_implementation",
 })
 
 
@@ -48,7 +49,7 @@ def base_identity(config: Any) -> dict[str, Any]:
     (last, so that a mismatch in a named field is reported by name first)."""
     return {
         "model_type": getattr(config, "model_type", None),
-        "name_or_path": getattr(config, "_name_or_path", ""),
+        "name_or_path": compat.name_or_path(config),
         "architecture": architecture(config),
         "config_hash": config_hash(config),
     }

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import compat
 from ..errors import AttachError
 
 
 def is_transposed(module: nn.Module) -> bool:
     """True for a linear map whose weight is stored [in, out] (GPT-2's Conv1D)."""
-    return type(module).__name__ == "Conv1D"
+    return compat.is_transposed_linear(module)
 
 
 def linear_dims(module: nn.Module, name: str = "") -> tuple[int, int]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .. import compat
 from ..errors import DataError
 from .config import TaskConfig
 from .sources import RawSplit
@@ -24,15 +25,13 @@ ARCHITECTURES = ("encoder", "encoder-decoder", "decoder")
 def architecture(model_type: str) -> str:
     """'encoder' (BERT, RoBERTa), 'encoder-decoder' (BART, T5) or 'decoder' (GPT-2, Llama), from the
     transformers model type (config.model_type)."""
-    from transformers.models.auto import modeling_auto as auto
-
-    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in compat.model_types_with("seq2seq_lm"):
         return "encoder-decoder"
-    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # BERT also has a causal-LM class; it is an encoder
+    if model_type in compat.model_types_with("masked_lm"):  # BERT also has a causal-LM class; it is an encoder
         return "encoder"
-    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in compat.model_types_with("causal_lm"):
         return "decoder"
-    if model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    if model_type in compat.model_types_with("sequence_classification"):
         return "encoder"
     raise DataError(f"unknown model_type '{model_type}' (expected a transformers config.model_type such as "
                     f"bert, roberta, gpt2, llama, bart, t5)")

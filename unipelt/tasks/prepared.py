@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch.utils.data import Dataset
 
+from .. import compat
 from ..errors import DataError, allowed
 from .config import GENERATION_KINDS, TaskConfig, load_task_config
 from .features import IGNORE_INDEX, FeatureDataset, architecture, pad_batch, tokenize, with_pad_token
@@ -178,17 +179,15 @@ def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizer
 
 
 def _check_model_fits(task: TaskConfig, model_type: str, arch: str) -> None:
-    from transformers.models.auto import modeling_auto as auto
-
     where = f"task '{task.name}' ({task.kind})"
     if task.kind in GENERATION_KINDS and arch == "encoder":
         raise DataError(f"{where}: model type '{model_type}' is an encoder; generation needs an "
                         f"encoder-decoder (bart, t5) or decoder (gpt2, llama) model")
-    if task.kind == "tagging" and model_type not in auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
+    if task.kind == "tagging" and model_type not in compat.model_types_with("token_classification"):
         raise DataError(f"{where}: model type '{model_type}' has no token-classification head "
                         f"(AutoModelForTokenClassification)")
     if task.kind in ("classification", "regression") and \
-            model_type not in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+            model_type not in compat.model_types_with("sequence_classification"):
         raise DataError(f"{where}: model type '{model_type}' has no sequence-classification head "
                         f"(AutoModelForSequenceClassification)")
 

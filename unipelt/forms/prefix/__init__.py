@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ... import compat
 from ...compose import Composer
 from ...sites.names import HEAD_SITES
 from ...slot import like
@@ -53,6 +54,8 @@ class PrefixForm(Form):
     def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
               modules: dict[str, nn.Module]) -> Built:
         options = spec.options
+        # Every transformers-private name the routing reads is checked before anything changes.
+        compat.check_model(model, prompts=False, prefixed_attention=[modules[p.x_name] for p in placements])
         children, reparam = {}, None
         if options.mlp_dim is not None and placements:
             first = placements[0]

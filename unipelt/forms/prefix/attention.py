@@ -15,14 +15,12 @@ g = 0 is exactly the base attention and g = 1 exactly He et al.'s gated prefix.
 
 from __future__ import annotations
 
-import copy
-import sys
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ... import compat
 from ...compose import Composer
 from ...errors import AttachError
 from ...slot import Slot, capture_hook
@@ -71,8 +69,7 @@ class PrefixSlot(Slot):
         self.prefix.fold()
 
     def inner_attention(self) -> Callable:
-        name = self._base_config[0]._attn_implementation or "eager"
-        return ALL_ATTENTION_FUNCTIONS.get_interface(name, self._eager_fn)
+        return compat.attention_function(compat.attention_implementation(self._base_config[0]), self._eager_fn)
 
 
 class _Routing:
@@ -82,10 +79,8 @@ class _Routing:
         original = getattr(attention, "config", None)
         if original is None:
             raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
-        shadow = copy.copy(original)
-        shadow._attn_implementation_internal = PREFIX_ATTENTION  # set directly: no recursion into sub-configs
         self.attention, self.original = attention, original
-        attention.config = shadow
+        attention.config = compat.route_attention(original, PREFIX_ATTENTION)
         attention.__dict__[ROUTED] = True
 
     def remove(self) -> None:
@@ -95,17 +90,11 @@ class _Routing:
 
 def model_eager_attention(attention: nn.Module) -> Callable:
     """The modeling file's own eager attention function (model-specific details such as T5's position bias)."""
-    fn = getattr(sys.modules.get(type(attention).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise AttachError(
-            f"prefix: {type(attention).__name__} has no eager_attention_forward in its modeling file; "
-            "this attention class does not use transformers' AttentionInterface"
-        )
-    return fn
+    return compat.eager_attention(attention)
 
 
 def check_prefix_support(model: nn.Module) -> None:
-    impl = model.config._attn_implementation or "eager"
+    impl = compat.attention_implementation(model.config)
     if impl not in SUPPORTED_INNER:
         raise AttachError(
             f"prefix: attention implementation '{impl}' is not supported (allowed: eager, sdpa); "
@@ -161,7 +150,7 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         elif slot.spec.compose != "gate":
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
-                                            _batched(p_values, batch, query), kwargs.get("scaling"))
+                                            _batched(p_values, batch, query), kwargs.get(compat.ATTN_SCALING))
             output = slot.composer(output, extra)
     return output, weights
 
@@ -178,17 +167,18 @@ def _attend(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.
         length = p_keys.shape[1]
         key = torch.cat([_batched(p_keys, batch, key), key], dim=2)
         value = torch.cat([_batched(p_values, batch, value), value], dim=2)
-        is_causal = kwargs.pop("is_causal", getattr(module, "is_causal", False))
+        is_causal = kwargs.pop(compat.ATTN_IS_CAUSAL, getattr(module, "is_causal", False))
         if attention_mask is None and is_causal and q_len > 1:
             attention_mask = _causal_mask(q_len, k_len, query)
         if attention_mask is not None:
             attention_mask = attention_mask[..., :k_len]
             fill = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = _extend_last(attention_mask, length, fill)
-        if kwargs.get("position_bias") is not None:  # T5: a prefix has no relative position, so no bias
-            kwargs["position_bias"] = _extend_last(kwargs["position_bias"][..., :k_len], length, 0.0)
-        kwargs["is_causal"] = False  # causality, if any, is now in the explicit mask
+        bias = kwargs.get(compat.ATTN_POSITION_BIAS)
+        if bias is not None:  # T5: a prefix has no relative position, so no bias
+            kwargs[compat.ATTN_POSITION_BIAS] = _extend_last(bias[..., :k_len], length, 0.0)
+        kwargs[compat.ATTN_IS_CAUSAL] = False  # causality, if any, is now in the explicit mask
     return inner(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+compat.register_attention(PREFIX_ATTENTION, prefix_attention)

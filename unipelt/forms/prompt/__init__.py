@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from torch import nn
 
+from ... import compat
 from ...errors import AttachError, one_line
 from ...sites.names import INPUT_SITES
 from ..base import MAX_VECTORS, Built, Counts, Form, option, register
@@ -74,6 +75,7 @@ class PromptForm(Form):
     def prepare(self, model: nn.Module, spec: "ModuleSpec", where: str) -> "ModuleSpec":
         """Every text (init_text, anchors) replaced by token ids of the base model's tokenizer and every id checked
         against the vocabulary, so that what is attached, saved and reloaded needs no tokenizer."""
+        compat.check_model(model, prompts=True, prefixed_attention=[])
         vocab = int(model.get_input_embeddings().weight.shape[0])
         cache: list[Any] = []
 
@@ -132,7 +134,7 @@ class PromptForm(Form):
 
 
 def _tokenizer(model: nn.Module, where: str):
-    name = getattr(model.config, "_name_or_path", "") or ""
+    name = compat.name_or_path(model.config)
     if not name:
         raise AttachError(f"{where}: text needs the base model's tokenizer, but this model has no name_or_path; "
                           "give token ids instead (a list of integers)")

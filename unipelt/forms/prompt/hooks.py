@@ -24,12 +24,12 @@ example's real tokens (padding stays outside), so left and right padding both wo
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
+from ... import compat
 from ...errors import AttachError
 from .layout import Layout, align, plan, widen, widen_positions
 
@@ -57,16 +57,6 @@ def _binder(module: nn.Module) -> Callable[[tuple, dict], dict]:
     return bind
 
 
-def _cache_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:
-        return int(past[0][0].shape[-2])
-    return 0
-
-
 def _check_mask(mask: torch.Tensor | None) -> None:
     if mask is not None and mask.dim() != 2:
         raise ValueError(f"prompt: attention_mask must be 2-D [batch, length] to insert virtual tokens, "
@@ -89,10 +79,11 @@ def _widen_inputs(slot: "PromptSlot", kw: dict) -> Layout | None:
         kw["attention_mask"] = widen(mask, layout, 1)
     if kw.get("token_type_ids") is not None:  # inserted positions get token type 0
         kw["token_type_ids"] = widen(kw["token_type_ids"], layout, 0)
-    if kw.get("position_ids") is not None:
-        kw["position_ids"] = widen_positions(kw["position_ids"], layout)
-    if kw.get("cache_position") is not None:
-        kw["cache_position"] = torch.arange(layout.width, device=embeds.device)
+    positions, cache_positions = compat.POSITION_KWARGS
+    if kw.get(positions) is not None:
+        kw[positions] = widen_positions(kw[positions], layout)
+    if kw.get(cache_positions) is not None:
+        kw[cache_positions] = torch.arange(layout.width, device=embeds.device)
     return layout
 
 
@@ -108,7 +99,7 @@ def _continue(slot: "PromptSlot", kw: dict, past_len: int) -> None:
     if source is not None and mask is not None and mask.dim() == 2 and \
             mask.shape[-1] + slot.extra == past_len + source.shape[1]:
         kw["attention_mask"] = _widened_mask(slot, mask)
-    for key in ("position_ids", "cache_position"):
+    for key in compat.POSITION_KWARGS:
         if kw.get(key) is not None:
             kw[key] = kw[key] + slot.extra
 
@@ -118,7 +109,7 @@ def _base_hook(slot: "PromptSlot", bind: Callable, record: bool):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
-        past_len = _cache_length(kw.get("past_key_values"))
+        past_len = compat.cache_length(compat.cache_of(kw))
         if past_len > 0:
             _continue(slot, kw, past_len)
             return (), kw
@@ -129,17 +120,6 @@ def _base_hook(slot: "PromptSlot", bind: Callable, record: bool):
             slot._layouts["base"] = layout
         return (), kw
     return hook
-
-
-def _shifted_decoder_inputs(module: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
-    """BART-style models derive decoder inputs from input_ids when given none: do it before input_ids is replaced."""
-    shift = getattr(sys.modules.get(type(module).__module__), "shift_tokens_right", None)
-    if shift is None:
-        return None
-    config = module.config
-    options = {"pad_token_id": config.pad_token_id, "decoder_start_token_id": config.decoder_start_token_id}
-    accepted = inspect.signature(shift).parameters
-    return shift(ids, **{k: v for k, v in options.items() if k in accepted})
 
 
 def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
@@ -156,7 +136,8 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
             return None
         if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \
                 and kw.get("input_ids") is not None:
-            shifted = _shifted_decoder_inputs(module, kw["input_ids"])
+            # BART-style models derive decoder inputs from input_ids when given none: before input_ids is replaced
+            shifted = compat.decoder_inputs_from(module, kw["input_ids"])
             if shifted is not None:
                 kw["decoder_input_ids"] = shifted
         if _widen_inputs(slot, kw) is None:
@@ -192,7 +173,7 @@ def _top_pre_hook(slot: "PromptSlot", bind: Callable):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
-        if _cache_length(kw.get("past_key_values")) > 0:
+        if compat.cache_length(compat.cache_of(kw)) > 0:
             return None
         source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         mask = kw.get("attention_mask")
