@@ -37,6 +37,7 @@ class AttachedState:
     slots: dict[str, Slot] = field(default_factory=dict)  # full slot name -> slot
     # training-only modules a form registers on the model itself, shared by its slots (a prefix MLP), by name
     reparams: dict[str, nn.Module] = field(default_factory=dict)
+    reparam_owners: dict[str, str] = field(default_factory=dict)  # reparam name -> the module spec that built it
     handles: list[Any] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
@@ -118,7 +119,7 @@ def _all_linear_names(model: nn.Module) -> list[str]:
 
 
 def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
-           modules: dict) -> tuple[list[Slot], dict[str, nn.Module], dict[str, Any]]:
+           modules: dict) -> tuple[list[Slot], dict[str, tuple[str, nn.Module]], dict[str, Any]]:
     """Every form builds the slots of its module specs' placements, without touching the model."""
     built: dict[int, Slot] = {}
     reparams: dict[str, nn.Module] = {}
@@ -128,16 +129,17 @@ def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
         result = module.form_def.build(module, [placements[i] for i in indices], model, modules)
         for i, slot in zip(indices, result.slots):
             built[i] = slot.to(**like(modules[placements[i].h_name]))
-        reparams.update(result.children)
+        reparams.update({name: (module.name, child) for name, child in result.children.items()})
         controllers.update(result.controllers)
     return [built[i] for i in range(len(placements))], reparams, controllers
 
 
 def _install(model, spec, placements, slots, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
-    for name, reparam in reparams.items():
+    for name, (owner, reparam) in reparams.items():
         model.add_module(name, reparam)
         state.reparams[name] = reparam
+        state.reparam_owners[name] = owner
     for p, slot in zip(placements, slots):
         modules[p.host_name].add_module(p.slot_name, slot)
         state.slots[f"{p.host_name}.{p.slot_name}" if p.host_name else p.slot_name] = slot
@@ -214,6 +216,7 @@ def fold_prefixes(model: nn.Module) -> None:
     for name in state.reparams:
         delattr(model, name)
     state.reparams.clear()
+    state.reparam_owners.clear()
     state.method = state.method.folded()
 
 

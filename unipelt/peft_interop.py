@@ -40,7 +40,7 @@ from .attach import attach_method, check_model, detach, state_of
 from .errors import AdapterFileError
 from .io import atomic_write, read_tensors
 from .peft_names import layer_index, name_matches, pattern_value, target_suffixes
-from .placement import base_prefix, projection_index
+from .placement import base_path, projection_index
 from .sites import family_of, is_transposed, linear_dims
 from .sites.names import PROJECTION_SITES
 from .slot import Slot, chunk_rows
@@ -289,7 +289,7 @@ def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict
     """One unipelt module per (stack, rank, scale, layer set), covering the sites that share them."""
     family = family_of(model.config)
     modules = dict(model.named_modules())
-    root = base_prefix(model)
+    root = base_path(model)
     groups: dict[tuple, dict[str, set[int]]] = {}
     for name, (rank, scale, _, _) in layout.items():
         for stack, layer, site, _ in index[name]:

@@ -52,7 +52,7 @@ class Placement:
         return self.kind in ("heads", "activation")
 
 
-def base_prefix(model: nn.Module) -> str:
+def base_path(model: nn.Module) -> str:
     base = getattr(model, "base_model", model)
     for name, module in model.named_modules():
         if module is base:
@@ -63,7 +63,7 @@ def base_prefix(model: nn.Module) -> str:
 def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     family = family_of(model.config)
     modules = dict(model.named_modules())
-    root = base_prefix(model)
+    root = base_path(model)
     placements: list[Placement] = []
     for index, spec in enumerate(method.modules):
         where = f"method '{method.name}' module {index} ('{spec.name}')"
@@ -99,9 +99,9 @@ def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, r
                         f"{where}: layers: index {layer} out of range for the {stack_name} stack "
                         f"({n_layers} layers: 0..{n_layers - 1})"
                     )
-                prefix = _join(root, stack.path, str(layer))
+                layer_path = _join(root, stack.path, str(layer))
                 out.append(_placement(spec, site, stack_name, layer, stack.sites[site], stack.sites,
-                                      prefix, modules, family, where))
+                                      layer_path, modules, family, where))
     return out
 
 
@@ -150,25 +150,25 @@ def _projection_exists(stack, site: str, modules: dict, root: str) -> bool:
     return any(_join(first_layer, path) in modules for path in entry.path.split("|"))
 
 
-def _find(modules: dict, prefix: str, paths: str, where: str) -> str:
+def _find(modules: dict, layer_path: str, paths: str, where: str) -> str:
     """Full name of the first existing candidate among 'a|b' alternatives."""
     for path in paths.split("|"):
-        name = _join(prefix, path)
+        name = _join(layer_path, path)
         if name in modules:
             return name
-    raise AttachError(f"{where}: module '{_join(prefix, paths)}' not found in the model")
+    raise AttachError(f"{where}: module '{_join(layer_path, paths)}' not found in the model")
 
 
-def _input_width(modules: dict, prefix: str, entry: Activation, where: str) -> int:
+def _input_width(modules: dict, layer_path: str, entry: Activation, where: str) -> int:
     """Width of the FFN input x: the input of its up projection."""
-    up = _find(modules, prefix, entry.up, where)
+    up = _find(modules, layer_path, entry.up, where)
     return linear_dims(modules[up], up)[0]
 
 
-def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, family, where) -> Placement:
+def _placement(spec, site, stack, layer, entry, stack_sites, layer_path, modules, family, where) -> Placement:
     common = dict(spec=spec, site=site, stack=stack, layer=layer)
     if isinstance(entry, Projection):
-        name = _find(modules, prefix, entry.path, where)
+        name = _find(modules, layer_path, entry.path, where)
         d_x, d_out = linear_dims(modules[name], name)
         if entry.chunk is not None:
             d_out //= entry.chunk[1]
@@ -176,29 +176,29 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
         return Placement(**common, kind="projection", h_name=name, x_name=name, chunk=entry.chunk,
                          d_in=d_in, d_out=d_out, d_x=d_x)
     if isinstance(entry, Activation):  # h: the input of the projection `h`, the FFN's hidden activation
-        h_name = _find(modules, prefix, entry.h, where)
-        x_name = _find(modules, prefix, entry.x, where)
+        h_name = _find(modules, layer_path, entry.h, where)
+        x_name = _find(modules, layer_path, entry.x, where)
         width, _ = linear_dims(modules[h_name], h_name)
-        d_x = _input_width(modules, prefix, entry, where)
+        d_x = _input_width(modules, layer_path, entry, where)
         d_in = width if spec.insertion == "sequential" else d_x
         return Placement(**common, kind="activation", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_in, d_out=width, d_x=d_x)
     if isinstance(entry, SubLayer):
-        h_name = _find(modules, prefix, entry.h, where)
-        x_name = _find(modules, prefix, entry.x, where)
+        h_name = _find(modules, layer_path, entry.h, where)
+        x_name = _find(modules, layer_path, entry.x, where)
         _, d_model = linear_dims(modules[h_name], h_name)
         return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
     assert isinstance(entry, Heads)
-    attn_name = _find(modules, prefix, entry.attention, where)
-    o_name = _find(modules, prefix, entry.o, where)
+    attn_name = _find(modules, layer_path, entry.attention, where)
+    o_name = _find(modules, layer_path, entry.o, where)
     attention = modules[attn_name]
     head_dim = getattr(attention, family.head_dim_attr, None)
     if not isinstance(head_dim, int):
         raise AttachError(f"{where}: attention module '{attn_name}' has no integer '{family.head_dim_attr}'")
     heads_in, d_model = linear_dims(modules[o_name], o_name)
     k_entry = stack_sites[site.replace("heads", "k")]
-    k_name = _find(modules, prefix, k_entry.path, where)
+    k_name = _find(modules, layer_path, k_entry.path, where)
     k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
     d_in = heads_in if spec.insertion == "sequential" else d_model
     return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
@@ -209,16 +209,16 @@ def projection_index(model: nn.Module) -> dict[str, list[tuple[str, int, str, tu
     """Every projection module of the model -> its unipelt sites as (stack, layer, site, chunk)."""
     family = family_of(model.config)
     modules = dict(model.named_modules())
-    root = base_prefix(model)
+    root = base_path(model)
     index: dict[str, list] = {}
     for stack_name, stack in family.stacks.items():
         layers = modules.get(".".join(p for p in (root, stack.path) if p))
         for layer in range(len(layers) if layers is not None else 0):
-            prefix = ".".join(p for p in (root, stack.path, str(layer)) if p)
+            layer_path = ".".join(p for p in (root, stack.path, str(layer)) if p)
             for site, entry in stack.sites.items():
                 if not isinstance(entry, Projection):
                     continue
-                name = next((f"{prefix}.{path}" for path in entry.path.split("|") if f"{prefix}.{path}" in modules),
+                name = next((f"{layer_path}.{path}" for path in entry.path.split("|") if f"{layer_path}.{path}" in modules),
                             None)
                 if name is not None:
                     index.setdefault(name, []).append((stack_name, layer, site, entry.chunk))
