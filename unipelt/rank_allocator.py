@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .full_tensor import full
+
 if TYPE_CHECKING:  # types only: the svd form builds the allocator
     from .forms.svd import SVDDelta
 
@@ -67,7 +69,8 @@ class RankAllocator:
             for param in (form.left, form.singular, form.right):
                 if param.grad is None:
                     continue
-                sensitivity = (param * param.grad).abs().float()
+                # sharded (FSDP): the whole parameter and its whole reduced gradient, so every rank scores alike
+                sensitivity = (full(param) * full(param.grad)).abs().float()
                 key = id(param)
                 if key not in self._ema:
                     self._ema[key] = torch.zeros_like(sensitivity)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..compose import Composer
 from ..errors import MethodConfigError
+from ..full_tensor import full
 from ..rank_allocator import RankAllocator
 from ..sites.names import ALL_LINEAR, PROJECTION_SITES
 from ..slot import LinearMap, Slot
@@ -113,9 +114,11 @@ class SVDDelta(nn.Module):
 
     def orthogonality(self) -> torch.Tensor:
         """‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (the paper's R(P, Q))."""
-        eye = torch.eye(self.rank, device=self.left.device, dtype=self.left.dtype)
-        left = self.left.T @ self.left - eye
-        right = self.right @ self.right.T - eye
+        # outside the forward, where a sharded model holds only shards: the whole P and Q (identity unsharded)
+        left_full, right_full = full(self.left), full(self.right)
+        eye = torch.eye(self.rank, device=left_full.device, dtype=left_full.dtype)
+        left = left_full.T @ left_full - eye
+        right = right_full @ right_full.T - eye
         return (left ** 2).sum() + (right ** 2).sum()
 
     def regularization_loss(self) -> torch.Tensor | None:

@@ -10,6 +10,7 @@ from ..errors import UnipeltError, allowed
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")  # transformers' curves
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # with several processes: replicate the model (DDP) or shard it (FSDP2)
 
 
 @dataclass
@@ -27,6 +28,7 @@ class TrainConfig:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     precision: str = "fp32"  # bf16 / fp16 autocast need CUDA
     device: str = "auto"
+    strategy: str = "ddp"  # several processes: ddp (a whole model per process) or fsdp (sharded, FSDP2)
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch
     eval_split: Optional[str] = None  # the split that picks the best checkpoint; None: the task's first
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
@@ -65,3 +67,8 @@ def check(cfg: TrainConfig) -> None:
         raise UnipeltError(f"trainer.scheduler: unknown value '{cfg.scheduler}' (allowed: {allowed(SCHEDULES)})")
     if cfg.precision not in PRECISIONS:
         raise UnipeltError(f"trainer.precision: unknown value '{cfg.precision}' (allowed: {allowed(PRECISIONS)})")
+    if cfg.strategy not in STRATEGIES:
+        raise UnipeltError(f"trainer.strategy: unknown value '{cfg.strategy}' (allowed: {allowed(STRATEGIES)})")
+    if cfg.strategy == "fsdp" and cfg.precision == "fp16":
+        raise UnipeltError("trainer.precision 'fp16' is not supported with trainer.strategy 'fsdp' (its loss "
+                           "scaler is not shard-aware); use precision=bf16 or fp32")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from .. import optim
 from ..errors import UnipeltError, allowed
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, sharding
 from .config import TrainConfig, check
 from .optimizers import make_optimizer
 from .schedules import make_schedule
@@ -74,6 +74,7 @@ class _Loop:
     def __init__(self, model, task, cfg: TrainConfig, output_dir: Path, seed: int, log: LogFn | None,
                  info: distributed.Dist):
         self.model, self.task, self.cfg, self.seed, self.info = model, task, cfg, seed, info
+        self.sharded = sharding.is_sharded(model)  # FSDP2: every rank evaluates, saves and checkpoints together
         self.output_dir = Path(output_dir)
         self.log = log if (log is not None and info.is_main) else (lambda metrics, step: None)
         splits = list(task.eval_splits)
@@ -106,8 +107,8 @@ class _Loop:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything but the model and optimizer, which sharded checkpoints hold in their own files."""
         return {
-            "trainable": ckpt.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
             "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
@@ -115,13 +116,30 @@ class _Loop:
             "total_steps": self.total_steps, "seed": self.seed,
         }
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return sharding.full_trainable_state(self.model) if self.sharded else ckpt.trainable_state(self.model)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            sharding.load_full_trainable_state(self.model, state)
+        else:
+            ckpt.load_trainable_state(self.model, state)
+
+    def find_checkpoint(self) -> Path | None:
+        find = sharding.find_checkpoint if self.sharded else ckpt.find_checkpoint
+        return find(self.output_dir)
+
     def restore(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path)
+        if self.sharded:
+            saved = sharding.load_checkpoint(path, self.model, self.optimizer, self.info)
+        else:
+            saved = ckpt.load_checkpoint(path)
         if saved.get("total_steps") != self.total_steps or saved.get("seed") != self.seed:
             raise UnipeltError(f"checkpoint {path} was written for {saved.get('total_steps')} steps with seed "
                                f"{saved.get('seed')}; this run has {self.total_steps} steps and seed {self.seed}")
-        ckpt.load_trainable_state(self.model, saved["trainable"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if not self.sharded:
+            ckpt.load_trainable_state(self.model, saved["trainable"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
@@ -132,16 +150,21 @@ class _Loop:
         self.resumed_from = self.step
 
     def save(self) -> None:
+        if self.sharded:
+            sharding.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state(), self.info)
+            return
         if self.info.is_main:
-            ckpt.save_checkpoint(self.output_dir, self.state())
+            trainable = {"trainable": ckpt.trainable_state(self.model), "optimizer": self.optimizer.state_dict()}
+            ckpt.save_checkpoint(self.output_dir, {**self.state(), **trainable})
         distributed.barrier(self.info)
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
         result = None
-        if self.info.is_main:
+        if self.info.is_main or self.sharded:  # a sharded model needs every rank in its forward
             self.model.eval()
-            with torch.no_grad(), _autocast(self.cfg, self.info.device):
+            gathered = sharding.evaluating(self.model) if self.sharded else contextlib.nullcontext()
+            with torch.no_grad(), _autocast(self.cfg, self.info.device), gathered:
                 raw = self.task.evaluate(self.model, split, batch_size=self.cfg.eval_batch_size,
                                          device=self.info.device, max_new_tokens=self.cfg.max_new_tokens)
             self.model.train()
@@ -161,8 +184,10 @@ class _Loop:
             score > self.best_score if self.task.greater_is_better else score < self.best_score)
         if better:
             self.best_score, self.best_step, self.bad_evals = score, self.step, 0
-            self.best_state = ckpt.trainable_state(self.model)
-            if self.cfg.save_best and self.info.is_main:
+            self.best_state = self.trainable_state()
+            if self.cfg.save_best and self.sharded:
+                sharding.save_adapter_with(self.model, self.info, ckpt.save_best_adapter, self.output_dir)
+            elif self.cfg.save_best and self.info.is_main:
                 ckpt.save_best_adapter(self.model, self.output_dir)
         else:
             self.bad_evals += 1
@@ -212,7 +237,10 @@ class _Loop:
                 group_start = index - index % cfg.grad_accum
                 in_group = min(cfg.grad_accum, len(batches) - group_start)
                 last = index == group_start + in_group - 1
-                sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
+                if self.sharded:
+                    sync = sharding.gradient_sync(wrapped, enabled=last)
+                else:
+                    sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
                 with sync:
                     with _autocast(cfg, self.info.device):
                         loss = wrapped(**_to_device(batch, self.info.device)).loss
@@ -248,7 +276,7 @@ class _Loop:
     def final_metrics(self) -> dict[str, float]:
         """Every evaluation split, on the best state (the selection split's numbers come from its evaluation)."""
         if self.best_state is not None:
-            ckpt.load_trainable_state(self.model, self.best_state)
+            self.load_trainable_state(self.best_state)
         best = next((h for h in self.history if h["step"] == self.best_step), {})
         metrics = {k: v for k, v in best.items() if k != "step"}
         for split in self.task.eval_splits:
@@ -266,11 +294,15 @@ def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | P
         raise UnipeltError(f"trainer.precision '{cfg.precision}' needs a CUDA device (this run is on "
                            f"{info.device.type}); use precision=fp32")
     model.to(info.device)
+    fsdp = cfg.strategy == "fsdp" and info.enabled
+    if fsdp:  # before the optimizer exists: sharding replaces the parameters
+        sharding.check_optimizer(optim.method_of(model).optimizer)
+        sharding.shard(model, info, cfg.precision)
     loop = _Loop(model, task, cfg, Path(output_dir), seed, log, info)
-    found = ckpt.find_checkpoint(Path(output_dir)) if cfg.resume else None
+    found = loop.find_checkpoint() if cfg.resume else None
     if found is not None:
         loop.restore(found)
-    wrapped = distributed.wrap(model, info)
+    wrapped = model if fsdp else distributed.wrap(model, info)
     loop.run(wrapped)
     metrics = loop.final_metrics()
     return TrainResult(metrics=metrics, score=metrics[loop.main_key], main_metric=loop.main_key,
