@@ -56,12 +56,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = state_of(model)
     if state.merged:
         raise AdapterFileError("save_adapter: modules are merged into the weights; call unipelt.unmerge first")
-    tensors = adapter_state(model)
-    if any(getattr(t, "full_tensor", None) is not None for t in tensors.values()):
+    adapters = [p for module in [*state.slots.values(), *state.reparams.values()] for p in module.parameters()]
+    if any(getattr(p, "full_tensor", None) is not None for p in adapters):  # FSDP2 keeps DTensor shards
         raise AdapterFileError("save_adapter: the model is sharded (FSDP); call "
                                "unipelt.train.sharding.save_adapter(model, directory, info) on every rank")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state(model)
     meta = {
         "format_version": FORMAT_VERSION,
         "method": _with_controller_changes(state.method.folded(), state.controllers).to_dict(),

@@ -1,0 +1,168 @@
+"""Sharded training (trainer.strategy=fsdp, FSDP2 on CPU over gloo, 2 processes) gives what one process gives with
+the doubled batch: per-step losses and metrics within 1e-5 (only the order of float sums differs), the same saved
+adapter files, and AdaLoRA masks and importance scores identical on every rank. One torchrun runs every family and
+preset in one process group (tests/fsdp_worker.py); the CLI, kill -9 / resume and refusals are tested below."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app_fixtures import OFFLINE_ENV, make_small_sst2, make_tiny_model, records, run_cli, tiny_overrides
+from needs import need_module
+from unipelt.errors import UnipeltError
+from unipelt.train import TrainConfig
+from unipelt.train.config import check
+
+HERE = Path(__file__).resolve().parent
+PRESETS = ("lora", "mam", "prefix", "prompt_tuning", "adalora", "unipelt")
+JOBS = {"llama": PRESETS + ("qlora_adamw",), "bert": PRESETS, "bart": PRESETS}
+TOLERANCE = 1e-5
+
+
+def _torchrun(args: list[str], cwd: Path, **kwargs) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    need_module("bitsandbytes")
+    out = tmp_path_factory.mktemp("fsdp")
+    jobs = [f"{family}:{','.join(presets)}" for family, presets in JOBS.items()]
+    proc = subprocess.run(_torchrun([str(HERE / "fsdp_worker.py"), str(out), *jobs], out), cwd=out,
+                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("job", [f"{f}:{p}" for f, presets in JOBS.items() for p in presets])
+def test_fsdp_equals_one_process_with_the_doubled_batch(report, job):
+    entry = report[job]
+    assert "error" not in entry, entry.get("error")
+    sharded, single = entry["fsdp"], entry["single"]
+    assert len(sharded["losses"]) == len(single["losses"]) == 3
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=TOLERANCE)
+    assert sharded["metrics"] == pytest.approx(single["metrics"], abs=TOLERANCE)
+    # the saved adapter: rank 0 gathered it and wrote the single-process files
+    a, b = (Path(entry[kind]["adapter"]) for kind in ("fsdp", "single"))
+    assert json.loads((a / "unipelt_adapter.json").read_text()) == json.loads((b / "unipelt_adapter.json").read_text())
+    ta, tb = (load_file(d / "adapter_model.safetensors") for d in (a, b))
+    assert ta.keys() == tb.keys() and ta
+    for name in ta:
+        assert ta[name].shape == tb[name].shape and ta[name].dtype == tb[name].dtype, name
+        assert (ta[name] - tb[name]).abs().max() < TOLERANCE, name
+    if "rank_mask" in single:  # AdaLoRA: pruned to the target, from the same scores, on every rank
+        assert sum(single["rank_mask"]) < len(single["rank_mask"])  # something was pruned
+        assert sharded["rank_mask"] == single["rank_mask"]
+        assert sharded["scores"] == pytest.approx(single["scores"], rel=1e-4, abs=1e-12)
+        masks, scores = zip(*sharded["per_rank"])
+        assert all(m == masks[0] for m in masks) and all(s == scores[0] for s in scores)  # exactly
+
+
+def test_strategy_is_checked():
+    with pytest.raises(UnipeltError, match="trainer.strategy: unknown value 'zero3'"):
+        check(TrainConfig(strategy="zero3"))
+    with pytest.raises(UnipeltError, match="fp16.*fsdp"):
+        check(TrainConfig(strategy="fsdp", precision="fp16"))
+
+
+def test_bitsandbytes_optimizer_refused_under_fsdp():
+    from unipelt.train.sharding import check_optimizer
+
+    check_optimizer(None)
+    check_optimizer("adamw")
+    with pytest.raises(UnipeltError, match="paged_adamw_8bit.*adamw"):
+        check_optimizer("paged_adamw_8bit")
+
+
+def test_save_adapter_of_a_sharded_model(tmp_path):
+    """In one process group of one rank: plain unipelt.save_adapter refuses the sharded model, naming the call to
+    use; sharding.save_adapter writes the files the unsharded model writes (AdaLoRA pruned, prefix folded)."""
+    import torch.distributed as dist
+
+    import unipelt
+    from tiny_models import perturb_adapters, tiny_model
+    from unipelt.attach import state_of
+    from unipelt.train import sharding
+    from unipelt.train.distributed import Dist
+
+    method = {"name": "both", "modules": [
+        {"form": "prefix", "at": "attn.heads", "insertion": "parallel", "compose": "gate", "length": 3, "mlp_dim": 8},
+        {"form": "svd", "at": ["attn.q"], "insertion": "parallel", "compose": "scale", "scale": 2.0, "init_r": 4,
+         "target_r": 2}]}
+    model = perturb_adapters(unipelt.attach(tiny_model("llama"), method))
+    allocator = next(iter(state_of(model).controllers.values()))
+    for form in allocator.forms.values():
+        form.rank_mask[0] = False  # pruned: saved as the kept triplets only
+    unipelt.save_adapter(model, tmp_path / "plain")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharding.shard(model, Dist(rank=0, world_size=1), "fp32")
+        with pytest.raises(unipelt.errors.AdapterFileError, match="sharded.*sharding.save_adapter"):
+            unipelt.save_adapter(model, tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+        sharding.save_adapter(model, tmp_path / "sharded", Dist(rank=0, world_size=1))
+        assert sharding.is_sharded(model) and any(hasattr(p, "full_tensor") for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "sharded"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert (tmp_path / "plain" / "unipelt_adapter.json").read_text() == \
+        (tmp_path / "sharded" / "unipelt_adapter.json").read_text()
+
+
+@pytest.mark.slow
+def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
+    """unipelt-train under torchrun with trainer.strategy=fsdp: equals one process with the doubled batch; a sharded
+    run killed with SIGKILL (every process) and resumed gives the uninterrupted sharded run's result exactly."""
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    data = make_small_sst2(tmp_path / "sst2")
+    args = tiny_overrides(model, data, "trainer.device=cpu", "trainer.max_train_samples=128", "trainer.epochs=2",
+                          "trainer.eval_every=6", "trainer.checkpoint_every=2", "trainer.log_every=1")
+    env = {**os.environ, **OFFLINE_ENV}
+    sharded = [*args, "trainer.strategy=fsdp", "trainer.batch_size=4"]
+
+    def launch(folder: Path, *extra: str, log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen(_torchrun(["-m", "unipelt.app.main", *sharded, f"hydra.run.dir={folder}",
+                                               *extra], tmp_path), cwd=tmp_path, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    reference = launch(tmp_path / "reference", log=tmp_path / "reference.log")
+    victim_dir = tmp_path / "victim"
+    victim = launch(victim_dir, log=tmp_path / "victim.log")
+    checkpoint = victim_dir / "checkpoints" / "last_sharded"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
+    victim.wait()
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert not (victim_dir / "results.jsonl").exists(), "the victim finished before it could be killed"
+    run_cli([*args, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}"], cwd=tmp_path)
+    resumed_proc = launch(victim_dir, "trainer.resume=true", log=tmp_path / "resumed.log")
+    assert resumed_proc.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+
+    (expected,) = records(tmp_path / "reference" / "results.jsonl")
+    (resumed,) = records(victim_dir / "results.jsonl")
+    (single,) = records(tmp_path / "single" / "results.jsonl")
+    assert expected["world_size"] == 2 and expected["steps"] == single["steps"] == 32
+    assert expected["train_loss"] == pytest.approx(single["train_loss"], abs=TOLERANCE)
+    assert expected["metrics"] == pytest.approx(single["metrics"], abs=TOLERANCE)
+    assert resumed["resumed_from"] and 0 < resumed["resumed_from"] < resumed["steps"] == expected["steps"]
+    for key in ("metrics", "score", "best_step", "train_loss", "stopped_early"):
+        assert resumed[key] == expected[key], key  # exactly, not approximately
+    saved = [load_file(d / "best_adapter" / "adapter_model.safetensors")
+             for d in (tmp_path / "reference", victim_dir, tmp_path / "single")]
+    assert saved[0].keys() == saved[1].keys() == saved[2].keys()
+    assert all(saved[0][k].equal(saved[1][k]) for k in saved[0])
+    assert all(torch.allclose(saved[0][k], saved[2][k], atol=TOLERANCE) for k in saved[0])
