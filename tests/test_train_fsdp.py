@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,7 +136,7 @@ def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
         with open(log, "w") as out:
             return subprocess.Popen(_torchrun(["-m", "unipelt.app.main", *sharded, f"hydra.run.dir={folder}",
                                                *extra], tmp_path), cwd=tmp_path, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT)
 
     reference = launch(tmp_path / "reference", log=tmp_path / "reference.log")
     victim_dir = tmp_path / "victim"
@@ -144,7 +145,9 @@ def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both ranks
+    # the launcher and both ranks (torchrun starts each rank in a session of its own)
+    for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
     victim.wait()
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert not (victim_dir / "results.jsonl").exists(), "the victim finished before it could be killed"

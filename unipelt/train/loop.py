@@ -293,8 +293,9 @@ def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | P
     if cfg.precision != "fp32" and info.device.type != "cuda":
         raise UnipeltError(f"trainer.precision '{cfg.precision}' needs a CUDA device (this run is on "
                            f"{info.device.type}); use precision=fp32")
-    model.to(info.device)
     fsdp = cfg.strategy == "fsdp" and info.enabled
+    if not fsdp or sharding.holds_4bit(model):
+        model.to(info.device)  # else fully_shard moves one layer at a time: the whole model never sits on one device
     if fsdp:  # before the optimizer exists: sharding replaces the parameters
         sharding.check_optimizer(optim.method_of(model).optimizer)
         sharding.shard(model, info, cfg.precision)

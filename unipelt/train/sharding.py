@@ -55,6 +55,12 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
+def holds_4bit(model: nn.Module) -> bool:
+    """Whether the base has 4-bit layers (moved to the device whole before sharding: FSDP's own move would leave
+    bitsandbytes' quantization state behind)."""
+    return any(_is_4bit(m) for m in model.modules())
+
+
 def check_4bit(model: nn.Module, storage: torch.dtype) -> None:
     """Refuse before sharding when a 4-bit layer cannot be stored as `storage` (one line saying what is needed)."""
     layers = [(name, m) for name, m in model.named_modules() if _is_4bit(m)]
@@ -297,8 +303,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnipeltError(f"cannot load sharded checkpoint {path} ({type(exc).__name__}: {first[:300]}); was it "
                            "written with another method or model?") from None
+    # strict=False: the frozen base is not in the checkpoint (dcp.load already refused a missing trainable key)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options())
+                   options=_options(strict=False))
     return {**saved, "rng": rngs[info.rank]}
 
 
