@@ -56,7 +56,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     config = LlamaConfig(max_position_embeddings=args.seq, **SHAPES[args.shape])
-    model = unipelt.attach(AutoModelForCausalLM.from_config(config, dtype=dtype), args.method)
+    # the pretrained LM head stays frozen, as when fine-tuning a real checkpoint: only the adapters train
+    method = {**unipelt.load_method(args.method).to_dict(), "train_head": False}
+    model = unipelt.attach(AutoModelForCausalLM.from_config(config, dtype=dtype), method)
     if args.strategy == "fsdp" and info.enabled:
         sharding.shard(model, info, args.precision)  # moves each layer to the device as it shards it
         wrapped = model
