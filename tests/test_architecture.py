@@ -14,7 +14,7 @@ MAX_LINES = 420
 # Low to high. A module may import only from its own layer or below, wherever the import statement sits (module
 # level or inside a function); imports under `if TYPE_CHECKING:` are annotations only and are not counted.
 LAYERS = [
-    {"errors", "compat"},
+    {"errors", "compat", "full_tensor"},
     {"spec_values", "sites", "quantize"},
     {"compose", "slot", "forms", "rank_allocator"},
     {"spec"},
