@@ -76,9 +76,12 @@ def has_biases(family: str) -> bool:
     return any(name.endswith("bias") for name, _ in tiny_model(family).base_model.named_parameters())
 
 
-def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
+def tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **config_changes):
+    """A tiny random model of `family` (config fields overridden by `config_changes`), in eval mode."""
     torch.manual_seed(seed)
     config = _config(family, attn)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = AUTO[family].from_config(config, attn_implementation=attn)
     return model.eval()
 

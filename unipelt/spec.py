@@ -285,9 +285,7 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     lr = raw.get("lr")
     values["lr"] = None if lr is None else positive_float_value(lr, f"{where}: lr")
     options = form.parse({k: v for k, v in raw.items() if k in form.option_names()}, where)
-    spec = ModuleSpec(**values, options=options)
-    form.check_module(spec, where)
-    return spec
+    return form.finish_module(ModuleSpec(**values, options=options), where)
 
 
 def _check_combination(form: Form, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:

@@ -108,8 +108,10 @@ class Form:
     def check(self, options: Any, where: str) -> None:
         """Checks across options (and against nothing else); raise MethodConfigError naming the key."""
 
-    def check_module(self, spec: "ModuleSpec", where: str) -> None:
-        """Checks that involve the axes too (e.g. an option that only makes sense with one insertion)."""
+    def finish_module(self, spec: "ModuleSpec", where: str) -> "ModuleSpec":
+        """The validated module spec: checks that involve the axes too (an option that only makes sense with one
+        composition), and axis values an option implies; default: unchanged."""
+        return spec
 
     def to_yaml(self, options: Any) -> dict[str, Any]:
         """The options as load_method reads them back: nulls left out, tuples as lists."""
