@@ -20,7 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import unipelt  # noqa: E402
-from tiny_models import AUTO, ENCODER_DECODERS, VOCAB, _config  # noqa: E402
+from tiny_models import ENCODER_DECODERS, VOCAB, tiny_model  # noqa: E402
 from unipelt.attach import state_of  # noqa: E402
 from unipelt.train import TrainConfig, fit, set_seed  # noqa: E402
 from unipelt.train.distributed import Dist, setup  # noqa: E402
@@ -33,12 +33,7 @@ DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"
 
 def tiny(family: str) -> nn.Module:
     """A tiny model with every dropout off: the sharded and the single run must draw no random masks."""
-    config = _config(family, "sdpa")
-    for key in DROPOUT_KEYS:
-        if getattr(config, key, None):
-            setattr(config, key, 0.0)
-    torch.manual_seed(0)
-    return AUTO[family].from_config(config, attn_implementation="sdpa")
+    return tiny_model(family, **{key: 0.0 for key in DROPOUT_KEYS})
 
 
 def examples(family: str) -> list[dict[str, torch.Tensor]]:
