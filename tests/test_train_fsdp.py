@@ -121,6 +121,21 @@ def test_save_adapter_of_a_sharded_model(tmp_path):
         (tmp_path / "sharded" / "unipelt_adapter.json").read_text()
 
 
+def test_resume_refuses_a_checkpoint_of_the_other_strategy(tmp_path):
+    """A sharded checkpoint in the folder and a whole-model resume: one line, not a silent fresh start."""
+    import unipelt
+    from fsdp_worker import TinyTask, examples, tiny
+    from unipelt.train import fit
+
+    folder = tmp_path / "checkpoints" / "last_sharded"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.pt").write_bytes(b"written by a sharded run")
+    model = unipelt.attach(tiny("bert"), "lora")
+    cfg = TrainConfig(resume=True, device="cpu", progress=False, max_steps=1, batch_size=4, save_best=False)
+    with pytest.raises(UnipeltError, match="written with trainer.strategy fsdp.*resume it the same way"):
+        fit(model, TinyTask("bert", examples("bert")), cfg, tmp_path)
+
+
 @pytest.mark.slow
 def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
     """unipelt-train under torchrun with trainer.strategy=fsdp: equals one process with the doubled batch; a sharded

@@ -126,8 +126,15 @@ class _Loop:
             ckpt.load_trainable_state(self.model, state)
 
     def find_checkpoint(self) -> Path | None:
-        find = sharding.find_checkpoint if self.sharded else ckpt.find_checkpoint
-        return find(self.output_dir)
+        """This run's kind of checkpoint; the other kind (sharded vs whole) is refused, not silently ignored."""
+        mine, other = ((sharding.find_checkpoint, ckpt.find_checkpoint) if self.sharded
+                       else (ckpt.find_checkpoint, sharding.find_checkpoint))
+        found, foreign = mine(self.output_dir), other(self.output_dir)
+        if found is None and foreign is not None:
+            written = "fsdp with several processes" if not self.sharded else "ddp or one process"
+            raise UnipeltError(f"checkpoint {foreign} was written with trainer.strategy {written}; resume it the "
+                               "same way (strategy and number of processes)")
+        return found
 
     def restore(self, path: Path) -> None:
         if self.sharded:
