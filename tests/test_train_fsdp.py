@@ -121,6 +121,27 @@ def test_save_adapter_of_a_sharded_model(tmp_path):
         (tmp_path / "sharded" / "unipelt_adapter.json").read_text()
 
 
+def test_multi_task_slurm_job_gets_its_ranks_from_submitit(monkeypatch):
+    """hydra/launcher=slurm with several tasks starts each task without torchrun: the ranks come from SLURM's
+    variables (through submitit), every GPU of the node stays visible to every task."""
+    from unipelt.train.distributed import _export_slurm_ranks
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+             "SLURM_JOB_NUM_NODES": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    _export_slurm_ranks()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "node1" and "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setenv("RANK", "0")  # torchrun inside the SLURM job already set the ranks: left alone
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    _export_slurm_ranks()
+    assert os.environ["RANK"] == "0"
+
+
 def test_resume_refuses_a_checkpoint_of_the_other_strategy(tmp_path):
     """A sharded checkpoint in the folder and a whole-model resume: one line, not a silent fresh start."""
     import unipelt
