@@ -126,8 +126,10 @@ def test_multi_task_slurm_job_gets_its_ranks_from_submitit(monkeypatch):
     variables (through submitit), every GPU of the node stays visible to every task."""
     from unipelt.train.distributed import _export_slurm_ranks
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(key, "")  # recorded, so that the test's process gets its environment back
+        monkeypatch.delenv(key)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
              "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
              "SLURM_JOB_NUM_NODES": "2"}
