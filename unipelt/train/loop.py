@@ -117,11 +117,11 @@ class _Loop:
         }
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return sharding.full_trainable_state(self.model) if self.sharded else ckpt.trainable_state(self.model)
+        return sharding.local_trainable_state(self.model) if self.sharded else ckpt.trainable_state(self.model)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.sharded:
-            sharding.load_full_trainable_state(self.model, state)
+            sharding.load_local_trainable_state(self.model, state)
         else:
             ckpt.load_trainable_state(self.model, state)
 

@@ -35,7 +35,8 @@ from ..sites import family_of
 from .distributed import Dist
 
 SHARDED_CHECKPOINT = "last_sharded"  # a torch.distributed.checkpoint directory under checkpoints/
-TRAINER_STATE = "trainer_state.pt"  # the loop's bookkeeping inside it (scheduler, RNG, best state, history)
+TRAINER_STATE = "trainer_state.pt"  # the loop's bookkeeping inside it (scheduler, every rank's RNG, history)
+BEST_STATE = "best_state_rank{rank}.pt"  # each rank's shards of the best trainable state
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -176,23 +177,26 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter as a full CPU tensor, on every rank (collective; adapter-sized)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def local_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's shard of every trainable parameter, copied to CPU (the best state kept during training: 1/N of
+    the trainable parameters per rank, whatever trains, an adapter or a whole model)."""
+    return {name: p.detach().to_local().to("cpu", copy=True) for name, p in model.named_parameters()
+            if p.requires_grad}
 
-    full = get_model_state_dict(model, options=_options(full_state_dict=True))
-    return {name: full[name].detach().to("cpu", copy=True) for name in trainable_names(model)}
 
-
-def load_full_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put full trainable tensors back into the sharded model (each rank keeps its shard; collective)."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    expected = set(trainable_names(model))
-    if set(state) != expected:
-        culprit = sorted(set(state) ^ expected)[0]
+@torch.no_grad()
+def load_local_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put shards from local_trainable_state back (same processes, same sharding)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(params):
+        culprit = sorted(set(state) ^ set(params))[0]
         raise UnipeltError(f"state does not match the sharded model's trainable parameters (e.g. '{culprit}')")
-    set_model_state_dict(model, state, options=_options(full_state_dict=True, strict=False))
+    for name, shard_copy in state.items():
+        local = params[name].to_local()
+        if local.shape != shard_copy.shape:
+            raise UnipeltError(f"state of '{name}' has shard shape {tuple(shard_copy.shape)}, this rank holds "
+                               f"{tuple(local.shape)} (another number of processes?)")
+        local.copy_(shard_copy)
 
 
 @contextlib.contextmanager
@@ -262,6 +266,10 @@ def save_checkpoint(output_dir: Path, model: nn.Module, optimizer: torch.optim.O
     dcp.save(_sharded_state(model, optimizer), checkpoint_id=str(tmp))
     rngs: list[Any] = [None] * info.world_size
     dist.all_gather_object(rngs, rng_state())
+    trainer_state = dict(trainer_state)
+    # the best state is this rank's shards (local_trainable_state): one file per rank
+    torch.save(trainer_state.pop("best_state"), tmp / BEST_STATE.format(rank=info.rank))
+    dist.barrier()
     if info.is_main:
         torch.save({**trainer_state, "rng_per_rank": rngs}, tmp / TRAINER_STATE)
         if final.exists():
@@ -296,6 +304,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if len(rngs) != info.world_size:
         raise UnipeltError(f"checkpoint {path} was written by {len(rngs)} processes; this run has "
                            f"{info.world_size} (resume with the same number)")
+    best = torch.load(path / BEST_STATE.format(rank=info.rank), map_location="cpu", weights_only=True)
     state = _sharded_state(model, optimizer)
     try:
         dcp.load(state, checkpoint_id=str(path))
@@ -306,9 +315,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     # strict=False: the frozen base is not in the checkpoint (dcp.load already refused a missing trainable key)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(strict=False))
-    return {**saved, "rng": rngs[info.rank]}
+    return {**saved, "rng": rngs[info.rank], "best_state": best}
 
 
-__all__ = ["evaluating", "find_checkpoint", "full_trainable_state", "gradient_sync", "is_sharded",
-           "load_checkpoint", "load_full_trainable_state", "save_adapter", "save_adapter_with", "save_checkpoint", "shard",
-           "transformer_blocks"]
+__all__ = ["evaluating", "find_checkpoint", "gradient_sync", "is_sharded", "load_checkpoint",
+           "load_local_trainable_state", "local_trainable_state", "save_adapter", "save_adapter_with",
+           "save_checkpoint", "shard", "transformer_blocks"]
