@@ -121,6 +121,34 @@ def test_save_adapter_of_a_sharded_model(tmp_path):
         (tmp_path / "sharded" / "unipelt_adapter.json").read_text()
 
 
+def test_bf16_policy_keeps_float32_masters_and_reduces_in_float32(tmp_path):
+    """precision bf16 (a CUDA setting; the policy itself runs on CPU too): a base loaded in bf16 stays bf16 and
+    sharded, the adapters become float32 masters, forward computes in bf16, the gradients arrive in float32."""
+    import torch.distributed as dist
+
+    import unipelt
+    from tiny_models import tiny_model, tiny_batch
+    from unipelt.train import sharding
+    from unipelt.train.distributed import Dist
+
+    model = unipelt.attach(tiny_model("llama").to(torch.bfloat16), "lora")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharding.shard(model, Dist(rank=0, world_size=1), "bf16")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+        model.train()
+        out = model(**tiny_batch("llama"))
+        assert out.logits.dtype == torch.bfloat16
+        out.loss.backward()
+        grads = [p.grad for p in trainable.values()]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_multi_task_slurm_job_gets_its_ranks_from_submitit(monkeypatch):
     """hydra/launcher=slurm with several tasks starts each task without torchrun: the ranks come from SLURM's
     variables (through submitit), every GPU of the node stays visible to every task."""
