@@ -86,9 +86,12 @@ class TinyTask:
 
 def method(preset: str):
     """A preset by name; `qlora_adamw`: QLoRA's 4-bit base with torch's AdamW (bitsandbytes' optimizers do not
-    take sharded parameters, see unipelt/train/sharding.py)."""
+    take sharded parameters, see unipelt/train/sharding.py); `learned_scale`: adapters with learned scalars."""
     if preset == "qlora_adamw":
         return {**unipelt.load_method("qlora").to_dict(), "optimizer": "adamw", "name": "qlora_adamw"}
+    if preset == "learned_scale":  # a 0-dim trainable scalar per slot (FSDP shards tensors along dim 0)
+        return {"name": preset, "modules": [{"form": "bottleneck", "at": ["ffn", "attn.v"], "insertion": "parallel",
+                                             "compose": "scale", "scale": "learned", "dim": 4}]}
     return preset
 
 

@@ -26,7 +26,7 @@ from unipelt.train.config import check
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ("lora", "mam", "prefix", "prompt_tuning", "adalora", "unipelt")
-JOBS = {"llama": PRESETS + ("qlora_adamw",), "bert": PRESETS, "bart": PRESETS}
+JOBS = {"llama": PRESETS + ("qlora_adamw",), "bert": PRESETS + ("learned_scale",), "bart": PRESETS}
 TOLERANCE = 1e-5
 
 

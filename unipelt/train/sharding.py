@@ -37,6 +37,7 @@ from .distributed import Dist
 SHARDED_CHECKPOINT = "last_sharded"  # a torch.distributed.checkpoint directory under checkpoints/
 TRAINER_STATE = "trainer_state.pt"  # the loop's bookkeeping inside it (scheduler, every rank's RNG, history)
 BEST_STATE = "best_state_rank{rank}.pt"  # each rank's shards of the best trainable state
+LIFTED_SCALARS = "_unipelt_lifted_scalars"  # on the model: names of 0-dim parameters held as [1] while sharded
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -109,6 +110,18 @@ def check_optimizer(name: str | None) -> None:
                            "FSDP2's sharded (DTensor) parameters; use method.optimizer=adamw, or strategy=ddp")
 
 
+def lift_scalars(model: nn.Module) -> None:
+    """fully_shard splits parameters along dim 0 and refuses 0-dim ones: a learned scalar (compose: scale, scale:
+    learned) becomes a 1-element vector for training (its products broadcast exactly alike); save_adapter writes
+    it back as the scalar a single process saves."""
+    lifted = []
+    for name, param in model.named_parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            lifted.append(name)
+    model.__dict__[LIFTED_SCALARS] = lifted
+
+
 def gather_dtype(precision: str) -> torch.dtype | None:
     """The dtype FSDP gathers parameters in and computes with: bf16 under `precision: bf16`, else as they are."""
     return torch.bfloat16 if precision == "bf16" else None
@@ -127,6 +140,7 @@ def shard(model: nn.Module, info: Dist, precision: str) -> None:
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
+    lift_scalars(model)
     storage = compute or next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     check_4bit(model, storage)
     store_4bit_as(model, storage)
@@ -225,7 +239,9 @@ def save_adapter_with(model: nn.Module, info: Dist, save: Callable[..., Any], *a
     full = get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
     result = None
     if info.is_main:
-        with full_parameters(model, {name: full[name] for name in trainable_names(model)}):
+        lifted = set(model.__dict__.get(LIFTED_SCALARS, ()))
+        whole = {name: full[name].reshape(()) if name in lifted else full[name] for name in trainable_names(model)}
+        with full_parameters(model, whole):
             result = save(model, *args)
     dist.barrier()
     return result
