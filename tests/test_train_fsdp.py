@@ -34,10 +34,12 @@ def _torchrun(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
 
 
-# every other preset, on the families it applies to (BitFit needs biases: not Llama); a second launch, slow
+# every other preset, on the families it applies to (BitFit needs biases: not Llama), and GPT-2 (a fused
+# projection) and T5 (relative position bias passed between layers); a second launch, slow
 MORE_JOBS = {"llama": ("houlsby", "pfeiffer", "pa", "scaled_pa", "mh_pa", "ia3", "p_tuning", "p_tuning_v2", "full"),
              "bart": ("houlsby", "bitfit", "ia3", "p_tuning", "p_tuning_v2", "mh_pa", "full"),
-             "bert": ("bitfit", "full", "p_tuning_v2")}
+             "bert": ("bitfit", "full", "p_tuning_v2"), "gpt2": ("lora", "prefix", "adalora", "prompt_tuning"),
+             "t5": ("lora", "mam", "prompt_tuning", "adalora")}
 
 
 def _launch(out: Path, jobs: dict[str, tuple[str, ...]]) -> dict:
