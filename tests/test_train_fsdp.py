@@ -101,6 +101,27 @@ def test_strategy_is_checked():
         check(TrainConfig(strategy="fsdp", precision="fp16"))
 
 
+def test_4bit_storage_as_float_is_exact_or_refused():
+    """A 4-bit layer re-stored as float32 (what FSDP gathers) computes exactly what it computed; one whose packed
+    bytes do not fill whole float32 words is refused in one line saying what is needed."""
+    need_module("bitsandbytes")
+    import unipelt
+    from unipelt.quantize import quantize_module
+    from unipelt.train.sharding import check_4bit, store_4bit_as
+
+    spec = unipelt.load_method("qlora")
+    layer = torch.nn.Sequential(quantize_module(torch.nn.Linear(8, 4), spec))
+    x = torch.randn(2, 8)
+    before = layer(x)
+    check_4bit(layer, torch.float32)
+    store_4bit_as(layer, torch.float32)
+    assert layer[0].weight.dtype == torch.float32 and layer[0].weight.shape == (4, 1)
+    assert layer(x).equal(before)
+    odd = torch.nn.Sequential(quantize_module(torch.nn.Linear(3, 2), spec))  # 6 weights: 3 packed bytes
+    with pytest.raises(UnipeltError, match="'0' packs 3 bytes, not a multiple of 4; FSDP needs it stored as"):
+        check_4bit(odd, torch.float32)
+
+
 def test_bitsandbytes_optimizer_refused_under_fsdp():
     from unipelt.train.sharding import check_optimizer
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import UnipeltError
 from ..placement import base_path
+from ..quantize import is_4bit
 from ..sites import family_of
 from .distributed import Dist
 
@@ -53,19 +54,15 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    return type(getattr(module, "weight", None)).__name__ == "Params4bit"
-
-
 def holds_4bit(model: nn.Module) -> bool:
     """Whether the base has 4-bit layers (moved to the device whole before sharding: FSDP's own move would leave
     bitsandbytes' quantization state behind)."""
-    return any(_is_4bit(m) for m in model.modules())
+    return any(is_4bit(m) for m in model.modules())
 
 
 def check_4bit(model: nn.Module, storage: torch.dtype) -> None:
     """Refuse before sharding when a 4-bit layer cannot be stored as `storage` (one line saying what is needed)."""
-    layers = [(name, m) for name, m in model.named_modules() if _is_4bit(m)]
+    layers = [(name, m) for name, m in model.named_modules() if is_4bit(m)]
     if not layers:
         return
     import inspect
@@ -77,9 +74,10 @@ def check_4bit(model: nn.Module, storage: torch.dtype) -> None:
                            f"(>= 0.43); installed: {bnb.__version__}")
     size = torch.empty((), dtype=storage).element_size()
     for name, module in layers:
-        if module.weight.data.numel() * module.weight.data.element_size() % size:
-            raise UnipeltError(f"trainer.strategy 'fsdp': 4-bit layer '{name}' packs {module.weight.data.numel()} "
-                               f"bytes, not a multiple of {size} ({storage}); FSDP needs it stored as {storage}")
+        packed = module.weight.data.numel() * module.weight.data.element_size()
+        if packed % size:
+            raise UnipeltError(f"trainer.strategy 'fsdp': 4-bit layer '{name}' packs {packed} bytes, not a multiple "
+                               f"of {size}; FSDP needs it stored as {storage}")
 
 
 def store_4bit_as(model: nn.Module, storage: torch.dtype) -> None:
@@ -88,7 +86,7 @@ def store_4bit_as(model: nn.Module, storage: torch.dtype) -> None:
     import bitsandbytes as bnb
 
     for module in model.modules():
-        if not _is_4bit(module) or module.weight.dtype == storage:
+        if not is_4bit(module) or module.weight.dtype == storage:
             continue
         old = module.weight
         packed = old.data.reshape(-1).view(torch.uint8).view(storage).reshape(-1, 1)
