@@ -201,7 +201,7 @@ def test_multi_task_slurm_job_gets_its_ranks_from_submitit(monkeypatch):
     from unipelt.train.distributed import _export_slurm_ranks
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "CUDA_VISIBLE_DEVICES"):
+                "CUDA_VISIBLE_DEVICES", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.setenv(key, "")  # recorded, so that the test's process gets its environment back
         monkeypatch.delenv(key)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
@@ -209,6 +209,9 @@ def test_multi_task_slurm_job_gets_its_ranks_from_submitit(monkeypatch):
              "SLURM_JOB_NUM_NODES": "2"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    _export_slurm_ranks()  # a shell of the allocation, not an srun task: a single process
+    assert "RANK" not in os.environ
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     _export_slurm_ranks()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
     assert os.environ["MASTER_ADDR"] == "node1" and "CUDA_VISIBLE_DEVICES" not in os.environ

@@ -47,7 +47,8 @@ def _export_slurm_ranks() -> None:
     """A SLURM job with several tasks (hydra/launcher=slurm with tasks_per_node or nodes > 1) starts one process per
     task without torchrun: submitit's TorchDistributedEnvironment sets RANK, WORLD_SIZE, LOCAL_RANK and the
     rendezvous address from SLURM's variables. Every task keeps seeing all of its node's GPUs (LOCAL_RANK picks)."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    # SLURM_STEP_NUM_TASKS: set by srun (which starts submitit's tasks), not in a plain shell of an allocation
+    if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return
     try:
         from submitit.helpers import TorchDistributedEnvironment
