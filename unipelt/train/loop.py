@@ -107,14 +107,16 @@ class _Loop:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Everything but the model and optimizer, which sharded checkpoints hold in their own files."""
-        return {
+        state = {
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
             "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
             "best_state": self.best_state, "history": self.history, "recent_losses": self.recent_losses,
             "total_steps": self.total_steps, "seed": self.seed,
         }
+        if not self.sharded:  # a sharded model and optimizer go to torch.distributed.checkpoint files instead
+            state.update(trainable=ckpt.trainable_state(self.model), optimizer=self.optimizer.state_dict())
+        return state
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return sharding.local_trainable_state(self.model) if self.sharded else ckpt.trainable_state(self.model)
@@ -161,8 +163,7 @@ class _Loop:
             sharding.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state(), self.info)
             return
         if self.info.is_main:
-            trainable = {"trainable": ckpt.trainable_state(self.model), "optimizer": self.optimizer.state_dict()}
-            ckpt.save_checkpoint(self.output_dir, {**self.state(), **trainable})
+            ckpt.save_checkpoint(self.output_dir, self.state())
         distributed.barrier(self.info)
 
     # --- evaluation --------------------------------------------------------------------------------------------
