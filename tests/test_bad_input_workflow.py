@@ -84,13 +84,16 @@ TRAINER_CASES = [
     ({"warmup_ratio": 1.5}, "trainer.warmup_ratio must be in [0, 1), got 1.5"),
     ({"scheduler": "cosine_restarts"},
      "trainer.scheduler: unknown value 'cosine_restarts' (allowed: linear, cosine, constant, constant_with_warmup, "
-     "inverse_sqrt)"),
+     "inverse_sqrt, polynomial)"),
     ({"precision": "fp8"}, "trainer.precision: unknown value 'fp8' (allowed: fp32, bf16, fp16)"),
+    ({"label_smoothing": 1.0}, "trainer.label_smoothing must be in [0, 1), got 1.0"),
+    ({"adam_epsilon": 0.0}, "trainer.adam_epsilon must be positive, got 0.0"),
 ]
 
 
 @pytest.mark.parametrize("changes, message", TRAINER_CASES,
-                         ids=["lr-negative", "batch-zero", "no-steps", "warmup-ratio", "scheduler", "precision"])
+                         ids=["lr-negative", "batch-zero", "no-steps", "warmup-ratio", "scheduler", "precision",
+                              "label-smoothing", "adam-epsilon"])
 def test_bad_trainer_values(changes, message):
     with pytest.raises(UnipeltError) as e:
         check(TrainConfig(**changes))

@@ -28,8 +28,14 @@ PAIRS = [("the house is green .", "casa este verde ."), ("i like tea .", "imi pl
 
 
 
+# The generation mechanics below are checked with greedy decoding and plain ROUGE-1/2/L or BLEU; the paper's beam
+# search settings and metrics of the shipped xsum / wmt16_en_ro files are tests/test_paper_*.py's subject.
+GREEDY = {"num_beams": 1, "max_new_tokens": None, "min_new_tokens": 0, "no_repeat_ngram_size": 0,
+          "max_target_length": 64}
+
+
 def local(name: str, data_dir, **changes) -> dict:
-    return {**vars(load_task_config(name)), "data_dir": str(data_dir), **changes}
+    return {**vars(load_task_config(name)), "data_dir": str(data_dir), **GREEDY, **changes}
 
 
 def write_jsonl(path, rows):
@@ -62,7 +68,8 @@ def xsum_dir(tmp_path):
 @pytest.mark.parametrize("family", ["bart"])  # T5 runs the same path in the translation test
 def test_encoder_decoder_summarization_generates_and_scores_rouge(family, xsum_dir):
     tokenizer = word_tokenizer(family, *[t for pair in ARTICLES for t in pair])
-    task = prepare_task(local("xsum", xsum_dir), tokenizer, model_type=family, max_length=32)
+    task = prepare_task(local("xsum", xsum_dir, metrics=["rouge1", "rouge2", "rougeL"]), tokenizer, model_type=family,
+                        max_length=32)
     assert task.auto_model_class().__name__ == "AutoModelForSeq2SeqLM" and task.is_generation
     feature = task.train[0]
     assert tokenizer.decode(feature["labels"], skip_special_tokens=True) == ARTICLES[0][1]
@@ -77,7 +84,8 @@ def test_encoder_decoder_summarization_generates_and_scores_rouge(family, xsum_d
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # llama's tokenizer also puts BOS before the prompt
 def test_decoder_summarization_masks_the_prompt_and_generates_after_it(family, xsum_dir):
     tokenizer = word_tokenizer(family, *[t for pair in ARTICLES for t in pair], "TL ; DR :")
-    task = prepare_task(local("xsum", xsum_dir), tokenizer, model_type=family, max_length=24)
+    task = prepare_task(local("xsum", xsum_dir, metrics=["rouge1", "rouge2", "rougeL"]), tokenizer, model_type=family,
+                        max_length=24)
     assert task.auto_model_class().__name__ == "AutoModelForCausalLM"
     assert task.model_kwargs() == {"pad_token_id": tokenizer.eos_token_id}
     feature = task.train[1]
@@ -103,8 +111,9 @@ def test_translation_reads_tsv_columns_or_a_translation_column(tmp_path):
         write_jsonl(jsonl / f"{split}.jsonl", [{"translation": {"en": en, "ro": ro}} for en, ro in PAIRS])
     prefix = "translate English to Romanian : "
     tokenizer = word_tokenizer("t5", *[t for pair in PAIRS for t in pair], prefix)
-    from_tsv = prepare_task(local("wmt16_en_ro", tsv, source_prefix=prefix), tokenizer, model_type="t5")
-    from_jsonl = prepare_task(local("wmt16_en_ro", jsonl, source_prefix=prefix), tokenizer, model_type="t5")
+    plain_bleu = {"source_prefix": prefix, "metrics": ["bleu"], "main_metric": "bleu"}
+    from_tsv = prepare_task(local("wmt16_en_ro", tsv, **plain_bleu), tokenizer, model_type="t5")
+    from_jsonl = prepare_task(local("wmt16_en_ro", jsonl, **plain_bleu), tokenizer, model_type="t5")
     assert list(from_tsv.train) == list(from_jsonl.train)
     assert tokenizer.decode(from_tsv.train[2]["input_ids"], skip_special_tokens=True) == prefix + PAIRS[2][0]
     model = tiny_model("t5")

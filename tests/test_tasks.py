@@ -67,8 +67,8 @@ def test_shipped_configs_cover_glue_generation_and_tagging():
         assert all(m in cfg.metrics for m in metrics), name
     assert load_task_config("stsb").kind == "regression" and load_task_config("stsb").label_names is None
     assert load_task_config("mnli").splits["eval"] == ["validation_matched", "validation_mismatched"]
-    assert load_task_config("xsum").metrics == ["rouge1", "rouge2", "rougeL"]
-    assert load_task_config("wmt16_en_ro").main_metric == "bleu"
+    assert load_task_config("xsum").metrics == ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    assert load_task_config("wmt16_en_ro").main_metric == "bleu_ro_moses"
     assert load_task_config("conll2003").main_metric == "seqeval_f1"
 
 

@@ -13,6 +13,10 @@ to the budget without exceeding it. Each size is capped where it stops making se
 width of its narrowest site (a wider one is no longer low-rank), a prefix or prompt at MAX_LENGTH vectors.
 A budget below the count at size 1 everywhere, or above the count at the caps, is refused with both limits.
 
+Budget shares: when every module sets `budget_share` (MAM: prefix and adapter), each module is sized alone, as He et
+al. size MAM's ingredients: the largest size whose own added count fits its share of the budget. A budget run of MAM
+then keeps a real prefix (a common factor on l=30 : r=512 would shrink the prefix to l=1 at 0.5%).
+
 Counting happens on the meta device (no weights, no memory): the added count is affine in each size, so it is
 probed once per module and checked with a real count for the chosen sizes.
 """
@@ -114,6 +118,8 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
         # added = constant + sum_i slope_i * size_i (every form's count is affine in its size)
         slopes = [count([2 if j == i else 1 for j in range(len(keys))]) - smallest for i in range(len(keys))]
         caps = _caps(meta, unbudgeted)
+        if spec.modules[0].budget_share is not None:  # spec validation: every module has a share, or none
+            return _solve_shares(spec, unbudgeted, keys, meta, base, slopes, caps, count)
 
     def affine(sizes: list[int]) -> int:
         return smallest + sum(k * (s - 1) for k, s in zip(slopes, sizes))
@@ -157,6 +163,35 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
         smallest=smallest,
         largest=largest,
     )
+
+
+def _solve_shares(spec: MethodSpec, unbudgeted: MethodSpec, keys: list[str], meta: nn.Module, base: int,
+                  slopes: list[int], caps: list[int], count) -> BudgetSolution:
+    """Each module at the largest size whose own added count fits `budget_share` of the budget."""
+    target = budget_parameters(spec.budget, base)
+    sizes, nexts = [], []
+    for index, (module, key) in enumerate(zip(unbudgeted.modules, keys)):
+        alone = dataclasses.replace(unbudgeted, modules=(module,))
+        at_one = placed_counts(meta, _with_sizes(alone, [key], [1]))["added"]  # this module's count at size 1
+        share = math.floor(module.budget_share * target)
+        if at_one > share:
+            raise MethodConfigError(
+                f"method '{spec.name}': budget {spec.budget!r} ({target:,} added parameters) gives module "
+                f"'{module.name}' {share:,} (budget_share {module.budget_share:g}), below its {at_one:,} at "
+                f"{key}=1")
+        size = min(caps[index], 1 + (share - at_one) // slopes[index]) if slopes[index] else caps[index]
+        sizes.append(size)
+        nexts.append(min(size + 1, caps[index]))
+    added = count(sizes)
+    if added > target:  # only if some form's count were not affine in its size, or modules shared parameters
+        raise MethodConfigError(f"method '{spec.name}': budget {spec.budget!r} ({target:,} added parameters) cannot "
+                                f"be met with the budget shares ({added:,} at {_describe(keys, spec, sizes)})")
+    names = [f"{m.name}.{k}" for m, k in zip(spec.modules, keys)]
+    grows = nexts != sizes
+    return BudgetSolution(
+        spec=_validated(_with_sizes(unbudgeted, keys, sizes), spec), budget=target, added=added,
+        sizes=dict(zip(names, sizes)), next_sizes=dict(zip(names, nexts)) if grows else None,
+        next_added=count(nexts) if grows else None, smallest=count([1] * len(keys)), largest=count(caps))
 
 
 def solve_budget(method: Any, model_or_config: Any) -> MethodSpec:

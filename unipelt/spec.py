@@ -26,6 +26,7 @@ from .spec_values import (
     expect_value,
     layers_value,
     positive_float_value,
+    probability_value,
     scale_value,
 )
 
@@ -37,8 +38,6 @@ COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 # Optimizer names a trainer reads from `method.optimizer` (QLoRA: paged 8-bit AdamW through bitsandbytes).
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 AXIS_KEYS = ("form", "at", "insertion", "compose")
-# The keys every module has besides its form's options (scale with compose scale, layers / stacks per layer).
-COMMON_KEYS = ("name", "scale", "layers", "stacks", "lr")
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,9 @@ class ModuleSpec:
     layers: str | tuple[int, ...] = "all"
     stacks: tuple[str, ...] = STACKS
     lr: float | None = None  # this module's own learning rate (e.g. prefix vs adapter); None: the trainer's
+    # under method.budget: this module's fraction of the budget, its size solved alone (He et al. size MAM's prefix
+    # and adapter separately); None: sizes scale together in the spec's ratio (unipelt.budget)
+    budget_share: float | None = None
     options: Any = None  # the form's Options dataclass (None: its defaults)
 
     def __post_init__(self) -> None:
@@ -93,7 +95,10 @@ class ModuleSpec:
             entry["scale"] = self.scale
         if self.lr is not None:
             entry["lr"] = self.lr
+        if self.budget_share is not None:
+            entry["budget_share"] = self.budget_share
         entry.update(form.to_yaml(self.options))
+        form.finish_yaml(self, entry)
         return entry
 
 
@@ -142,7 +147,7 @@ METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantiz
 
 def module_keys(form: Form) -> set[str]:
     """Every key a module of this form accepts: the axes, the common keys that apply, the form's options."""
-    keys = set(AXIS_KEYS) | {"name", "lr"} | set(form.option_names())
+    keys = set(AXIS_KEYS) | {"name", "lr", "budget_share"} | set(form.option_names())
     if "scale" in form.compositions:
         keys.add("scale")
     if form.per_layer:
@@ -233,6 +238,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
     budget = budget_value(raw.get("budget"), f"{where}: budget")
+    _check_shares(modules, where)
     quantize = choice_value(raw.get("quantize", "none"), QUANTIZE, f"{where}: quantize")
     compute_dtype = choice_value(raw.get("compute_dtype", "bfloat16"), COMPUTE_DTYPES, f"{where}: compute_dtype")
     double_quant = expect_value(raw.get("double_quant", True), bool, f"{where}: double_quant")
@@ -284,8 +290,22 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
     values["lr"] = None if lr is None else positive_float_value(lr, f"{where}: lr")
+    share = raw.get("budget_share")
+    values["budget_share"] = None if share is None else probability_value(share, f"{where}: budget_share")
+    if share is not None and values["budget_share"] <= 0:
+        raise MethodConfigError(f"{where}: budget_share must be in (0, 1), got {share!r}")
     options = form.parse({k: v for k, v in raw.items() if k in form.option_names()}, where)
-    return form.finish_module(ModuleSpec(**values, options=options), where)
+    return form.finish_module(ModuleSpec(**values, options=options), raw, where)
+
+
+def _check_shares(modules: list[ModuleSpec], where: str) -> None:
+    shared = [m for m in modules if m.budget_share is not None]
+    if shared and len(shared) != len(modules):
+        missing = next(m.name for m in modules if m.budget_share is None)
+        raise MethodConfigError(f"{where}: module '{missing}' has no budget_share; give every module one or none")
+    total = sum(m.budget_share for m in shared)
+    if total > 1 + 1e-9:
+        raise MethodConfigError(f"{where}: budget_share values sum to {total:g}, more than the whole budget (1)")
 
 
 def _check_combination(form: Form, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:

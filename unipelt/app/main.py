@@ -30,6 +30,7 @@ from ..optim import method_of
 from ..tasks import load_task_config, prepare_task
 from ..train import TrainConfig, distributed, fit, set_seed
 from ..train.config import check as check_trainer
+from .by_method import apply_by_method
 from .results import append_record
 from .schema import register
 from .tracking import Tracker, make_tracker
@@ -94,6 +95,7 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     own_lr = (cfg.get("lr_by_method") or {}).get(spec.name)
     if own_lr is not None:
         train_cfg = dataclasses.replace(train_cfg, lr=float(own_lr))
+    spec, train_cfg = apply_by_method(cfg.get("by_method"), spec, train_cfg)
     check_trainer(train_cfg)
     return spec, task_cfg, train_cfg
 

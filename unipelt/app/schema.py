@@ -77,6 +77,8 @@ class TrainAppConfig:
     # Learning rate per method name (the `name` in the method file), over trainer.lr: a sweep over methods gives
     # each method its own rate, as method comparisons do (a Hydra sweep cannot pair two swept lists).
     lr_by_method: Dict[str, float] = field(default_factory=dict)
+    # Trainer keys and module sizes per method name (unipelt.app.by_method), e.g. a paper's per-method settings.
+    by_method: Dict[str, Any] = field(default_factory=dict)
 
 
 def _package_path(package: str, fallback: str) -> str:

@@ -108,10 +108,13 @@ class Form:
     def check(self, options: Any, where: str) -> None:
         """Checks across options (and against nothing else); raise MethodConfigError naming the key."""
 
-    def finish_module(self, spec: "ModuleSpec", where: str) -> "ModuleSpec":
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
         """The validated module spec: checks that involve the axes too (an option that only makes sense with one
-        composition), and axis values an option implies; default: unchanged."""
+        composition), and axis values an option implies (`raw`: the module as written); default: unchanged."""
         return spec
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        """Adjust a module's YAML entry in place (drop an axis value an option implies); default: nothing."""
 
     def to_yaml(self, options: Any) -> dict[str, Any]:
         """The options as load_method reads them back: nulls left out, tuples as lists."""

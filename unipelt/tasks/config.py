@@ -5,6 +5,7 @@ that is not computed, splits of the wrong shape, all raise DataError with one li
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import DataError, allowed
-from .metrics import METRICS_BY_KIND
+from .metrics import METRICS_BY_KIND, SENTENCE_SPLITS
 
 KINDS = ("classification", "regression", "tagging", "summarization", "translation")
 GENERATION_KINDS = ("summarization", "translation")
@@ -43,7 +44,17 @@ class TaskConfig:
     source_prefix: str = ""  # prepended to every source, e.g. T5's "summarize: "
     answer_prefix: str = ""  # decoder-only models: text between the source and the target, e.g. "\nTL;DR:"
     max_target_length: int = 128  # target tokens kept for training; default generation budget
-    num_beams: int = 1  # beam search width at evaluation
+    # generation at evaluation (model.generate): beam width, new-token bounds (HF's min/max_length minus the decoder
+    # start token on encoder-decoders), length penalty (beam scores / length**penalty), no repeated n-grams (0: off)
+    num_beams: int = 1
+    max_new_tokens: int | None = None  # None: max_target_length
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    # language codes for multilingual tokenizers (mBART: en_XX, ro_RO); tokenizers without codes ignore them
+    source_lang: str | None = None
+    target_lang: str | None = None
+    sentence_split: str = "punkt_untrained"  # how rougeLsum finds sentences: punkt | punkt_untrained | none
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TaskConfig))
@@ -120,7 +131,7 @@ def _validate(cfg: TaskConfig) -> TaskConfig:
     where = f"task '{cfg.name}'"
     if cfg.kind not in KINDS:
         raise DataError(f"{where}: unknown kind {cfg.kind!r} (allowed: {allowed(KINDS)})")
-    for key in ("hub", "hub_subset", "data_dir", "label_column", "translation_column"):
+    for key in ("hub", "hub_subset", "data_dir", "label_column", "translation_column", "source_lang", "target_lang"):
         value = getattr(cfg, key)
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: {key} must be a string or null, got {value!r}")
@@ -169,14 +180,37 @@ def _validate(cfg: TaskConfig) -> TaskConfig:
     for key in ("source_prefix", "answer_prefix"):
         if not isinstance(getattr(cfg, key), str):
             raise DataError(f"{where}: {key} must be a string, got {getattr(cfg, key)!r}")
-    for key in ("max_target_length", "num_beams"):
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise DataError(f"{where}: {key} must be a positive integer, got {value!r}")
+    _check_generation(cfg, where)
     return dataclasses.replace(
         cfg, splits=splits, files=files, text_columns=text_columns, label_names=label_names, metrics=metrics,
         main_metric=main_metric,
     )
+
+
+def _check_generation(cfg: TaskConfig, where: str) -> None:
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in ("max_target_length", "num_beams"):
+        value = getattr(cfg, key)
+        if not integer(value) or value <= 0:
+            raise DataError(f"{where}: {key} must be a positive integer, got {value!r}")
+    if cfg.max_new_tokens is not None and (not integer(cfg.max_new_tokens) or cfg.max_new_tokens <= 0):
+        raise DataError(f"{where}: max_new_tokens must be a positive integer or null, got {cfg.max_new_tokens!r}")
+    for key in ("min_new_tokens", "no_repeat_ngram_size"):
+        value = getattr(cfg, key)
+        if not integer(value) or value < 0:
+            raise DataError(f"{where}: {key} must be an integer >= 0, got {value!r}")
+    budget = cfg.max_new_tokens or cfg.max_target_length
+    if cfg.min_new_tokens > budget:
+        raise DataError(f"{where}: min_new_tokens {cfg.min_new_tokens} exceeds the generation budget {budget}")
+    penalty = cfg.length_penalty
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+        raise DataError(f"{where}: length_penalty must be a finite number, got {penalty!r}")
+    if (cfg.source_lang is None) != (cfg.target_lang is None):
+        raise DataError(f"{where}: set both source_lang and target_lang (language codes) or neither")
+    if cfg.sentence_split not in SENTENCE_SPLITS:
+        raise DataError(f"{where}: unknown sentence_split {cfg.sentence_split!r} (allowed: {allowed(SENTENCE_SPLITS)})")
 
 
 def _splits(value: Any, where: str) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from .. import compat
 from ..errors import DataError, allowed
 from .config import GENERATION_KINDS, TaskConfig, load_task_config
 from .features import IGNORE_INDEX, FeatureDataset, architecture, pad_batch, tokenize, with_pad_token
-from .metrics import compute_metrics, greater_is_better
+from .languages import with_languages
+from .losses import token_cross_entropy
+from .metrics import check_sentence_split, compute_metrics, greater_is_better
 from .sources import RawSplit, load_split
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ class PreparedTask:
     architecture: str  # encoder | encoder-decoder | decoder
     _prompts: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)  # generation inputs
     _references: dict[str, list[str]] = field(default_factory=dict, repr=False)  # generation targets
+    # how generate() starts in the target language: {"decoder_start_token_id": code} or {"forced_bos_token_id": code}
+    language_start: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_generation(self) -> bool:
@@ -84,15 +88,42 @@ class PreparedTask:
             device = next(model.parameters()).device
         was_training = model.training
         model.eval()
+        names = [m for m in self.metrics if m != "loss"]
+        out: dict[str, float] = {}
         try:
             with torch.no_grad():
                 if self.is_generation:
                     predictions, references = self._generate(model, split, batch_size, device, max_new_tokens)
                 else:
                     predictions, references = self._predict(model, split, batch_size, device)
+                if "loss" in self.metrics:
+                    out["loss"] = self._loss(model, split, batch_size, device)
         finally:
             model.train(was_training)
-        return compute_metrics(self.metrics, predictions, references)
+        out.update(compute_metrics(names, predictions, references, sentence_split=self.config.sentence_split))
+        return {m: out[m] for m in self.metrics}
+
+    def _loss(self, model, split: str, batch_size: int, device) -> float:
+        """Mean token cross-entropy of the references under teacher forcing (no label smoothing)."""
+        data = self.eval_splits[split]
+        causal = self.architecture == "decoder"  # a decoder-only LM: position t predicts label t + 1
+        total, tokens = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in
+                     self.collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
+            labels = batch["labels"]
+            logits = model(**batch).logits
+            total += float(token_cross_entropy(logits, labels, causal=causal, reduction="sum"))
+            tokens += int(((labels[:, 1:] if causal else labels) != IGNORE_INDEX).sum())
+        return total / max(tokens, 1)
+
+    def generation_kwargs(self, max_new_tokens: int | None = None) -> dict[str, Any]:
+        """What `evaluate` passes to model.generate(): the task's beam search settings and language code."""
+        cfg, tokenizer = self.config, self.tokenizer
+        return dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens or cfg.max_target_length,
+                    min_new_tokens=cfg.min_new_tokens, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                    no_repeat_ngram_size=cfg.no_repeat_ngram_size, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **self.language_start)
 
     def _predict(self, model, split: str, batch_size: int, device) -> tuple[list, list]:
         data = self.eval_splits[split]
@@ -121,16 +152,14 @@ class PreparedTask:
         prompts = self._prompts[split]
         tokenizer = self.tokenizer
         decoder = self.architecture == "decoder"
-        budget = max_new_tokens or self.config.max_target_length
+        settings = self.generation_kwargs(max_new_tokens)
         predictions: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = [{"input_ids": p, "attention_mask": [1] * len(p)} for p in prompts[start:start + batch_size]]
             # decoder-only models continue the prompt, so prompts are padded on the left
             batch = {k: v.to(device) for k, v in pad_batch(chunk, tokenizer.pad_token_id,
                                                            "left" if decoder else "right").items()}
-            output = model.generate(**batch, max_new_tokens=budget, num_beams=self.config.num_beams,
-                                    do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+            output = model.generate(**batch, **settings)
             if decoder:
                 output = output[:, batch["input_ids"].shape[1]:]
             predictions += [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
@@ -150,6 +179,9 @@ def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizer
     arch = architecture(model_type)
     _check_model_fits(task, model_type, arch)
     tokenizer = with_pad_token(tokenizer)
+    tokenizer, language_start = with_languages(task, tokenizer)
+    if "rougeLsum" in task.metrics:
+        check_sentence_split(task.sentence_split)
 
     train_raw = load_split(task, task.splits["train"]) if task.splits["train"] else None
     eval_raw = {split: load_split(task, split) for split in task.splits["eval"]}
@@ -174,7 +206,7 @@ def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizer
         train=train, eval_splits=eval_splits, collate=partial(pad_batch, pad_token_id=tokenizer.pad_token_id),
         main_metric=task.main_metric, greater_is_better=greater_is_better(task.main_metric),
         metrics=list(task.metrics), config=task, tokenizer=tokenizer, model_type=model_type, architecture=arch,
-        _prompts=prompts, _references=references,
+        _prompts=prompts, _references=references, language_start=language_start,
     )
 
 

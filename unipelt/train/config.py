@@ -8,7 +8,8 @@ from typing import Optional
 
 from ..errors import UnipeltError, allowed
 
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")  # transformers' curves
+# transformers' curves; polynomial: power 1 down to 1e-7 (what He et al.'s scripts use)
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt", "polynomial")
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")  # with several processes: replicate the model (DDP) or shard it (FSDP2)
 
@@ -17,6 +18,10 @@ STRATEGIES = ("ddp", "fsdp")  # with several processes: replicate the model (DDP
 class TrainConfig:
     lr: float = 1e-3  # modules whose spec sets `lr` (e.g. prefix vs adapter) keep their own
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e uniform, as transformers' Trainer
     epochs: int = 1
     max_steps: int = -1  # optimizer steps; > 0 overrides epochs
     batch_size: int = 32  # per process and micro-step; the global batch is batch_size * processes * grad_accum
@@ -61,6 +66,11 @@ def check(cfg: TrainConfig) -> None:
     for key, value in nonneg.items():
         if value < 0:
             raise UnipeltError(f"trainer.{key} must be >= 0, got {value!r}")
+    for key in ("adam_beta1", "adam_beta2", "label_smoothing"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise UnipeltError(f"trainer.{key} must be in [0, 1), got {getattr(cfg, key)!r}")
+    if not cfg.adam_epsilon > 0:
+        raise UnipeltError(f"trainer.adam_epsilon must be positive, got {cfg.adam_epsilon!r}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
         raise UnipeltError(f"trainer.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.scheduler not in SCHEDULES:

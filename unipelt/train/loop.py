@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .. import optim
 from ..errors import UnipeltError, allowed
+from ..tasks.losses import token_cross_entropy
 from . import checkpoint as ckpt
 from . import distributed, sharding
 from .config import TrainConfig, check
@@ -92,7 +93,11 @@ class _Loop:
         groups = optim.param_groups(model, cfg.lr, cfg.weight_decay)
         for group in groups:
             group.pop("names", None)
-        self.optimizer = make_optimizer(optim.method_of(model).optimizer, groups, cfg.lr)
+        self.optimizer = make_optimizer(optim.method_of(model).optimizer, groups, cfg.lr,
+                                        (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+        if cfg.label_smoothing and getattr(task, "kind", None) == "regression":
+            raise UnipeltError("trainer.label_smoothing applies to classification and generation, not regression")
+        self.causal = getattr(task, "architecture", None) == "decoder"
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = make_schedule(cfg.scheduler, self.optimizer, warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -227,6 +232,12 @@ class _Loop:
             metrics.update({f"train/{k}": v for k, v in optim.training_metrics(self.model).items()})
             self.log(metrics, self.step)
 
+    def loss(self, wrapped: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        outputs = wrapped(**batch)
+        if not self.cfg.label_smoothing:
+            return outputs.loss
+        return token_cross_entropy(outputs.logits, batch["labels"], self.cfg.label_smoothing, self.causal)
+
     def run(self, wrapped: torch.nn.Module) -> None:
         from tqdm.auto import tqdm
 
@@ -251,7 +262,7 @@ class _Loop:
                     sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
                 with sync:
                     with _autocast(cfg, self.info.device):
-                        loss = wrapped(**_to_device(batch, self.info.device)).loss
+                        loss = self.loss(wrapped, _to_device(batch, self.info.device))
                         extra = optim.regularization_loss(self.model)
                         if extra is not None:
                             loss = loss + extra
