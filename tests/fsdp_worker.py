@@ -113,7 +113,7 @@ def run(family: str, preset: str, out: Path, info: Dist) -> dict:
     # a small clipping norm, so that clipping acts: the norm must be the whole gradient's, over every shard
     cfg = TrainConfig(lr=1e-2, batch_size=8 // info.world_size // accum, grad_accum=accum, max_steps=STEPS,
                       eval_every=STEPS, log_every=1, progress=False, device="cpu", strategy="fsdp", warmup_steps=1,
-                      max_grad_norm=0.05)
+                      max_grad_norm=0.05, max_length=16)
     folder = out / f"{family}-{preset}-{info.world_size}"
     result = fit(model, TinyTask(family, examples(family)), cfg, folder, seed=0, log=log, info=info)
     report = {"losses": losses, "metrics": result.metrics, "adapter": str(folder / "best_adapter")}

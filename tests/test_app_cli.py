@@ -60,7 +60,8 @@ def test_gpus_launcher_one_gpu_per_job_and_a_failing_job(tiny, tmp_path):
     sweep = tmp_path / "sweep"
     # lr 1e30 makes the loss NaN/inf after the first step: the trainer must stop that job, the others finish.
     proc = run_cli(["-m", *tiny_overrides(model, data), "trainer.lr=1e-2,1e30,5e-3", "trainer.checkpoint_every=1",
-                    "hydra/launcher=gpus", "hydra.launcher.gpus=[7,9]", f"hydra.sweep.dir={sweep}"],
+                    "hydra/launcher=gpus", "hydra.launcher.gpus=[7,9]", "hydra.launcher.require_gpu=false",
+                    f"hydra.sweep.dir={sweep}"],
                    cwd=tmp_path, check=False)
     assert proc.returncode != 0  # the sweep reports the failure...
     found = records(sweep / "results.jsonl")

@@ -16,7 +16,7 @@ MAX_LINES = 420
 LAYERS = [
     {"errors", "compat", "full_tensor"},
     {"spec_values", "sites", "quantize"},
-    {"compose", "slot", "forms", "rank_allocator"},
+    {"compose", "weight_fold", "slot", "forms", "rank_allocator"},
     {"spec"},
     {"placement"},
     {"attach"},

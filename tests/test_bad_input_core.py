@@ -69,8 +69,9 @@ def test_budget_on_sizes_a_template_pins(bert):
 EXPORT_CASES = [
     ("prefix", method({"form": "prefix", "at": "attn.heads", "insertion": "parallel", "compose": "gate", "length": 2}),
      r"module 'm0' at 'attn\.heads' cannot be expressed as PEFT LoRA: form 'prefix'"),
-    ("sequential", "houlsby", r"module 'm0' at 'attn' cannot be expressed as PEFT LoRA: insertion 'sequential' "
-                              r"\(PEFT LoRA needs insertion 'parallel'\)"),
+    ("sequential", method({"form": "bottleneck", "at": ["attn", "ffn"], "insertion": "sequential", "compose": "add"}),
+     r"module 'm0' at 'attn' cannot be expressed as PEFT LoRA: insertion 'sequential' "
+     r"\(PEFT LoRA needs insertion 'parallel'\)"),
     ("activation", "pa", r"activation 'relu' \(PEFT LoRA needs activation 'none'\)"),
     ("sigmoid-gate", method({**{k: v for k, v in LORA.items() if k != "scale"}, "compose": "sigmoid_gate"}),
      r"compose 'sigmoid_gate' \(PEFT LoRA needs add or scale\)"),

@@ -9,8 +9,9 @@ import unipelt
 from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model
 
 PRESETS = unipelt.list_presets()
-# Presets whose every up-projection starts at zero: the attached model equals the base model at init.
-IDENTITY_AT_INIT = {"lora", "scaled_pa", "mh_pa", "bitfit", "full", "adalora", "ia3"}
+# Presets whose every up-projection starts at zero: the attached model equals the base model at init. (mh_pa is
+# He et al.'s ReLU prefix: its prefix vectors are not zero at init, so it is not the identity there.)
+IDENTITY_AT_INIT = {"lora", "scaled_pa", "bitfit", "full", "adalora", "ia3"}
 # Every module folds into the weights (no "unmerged" warning).
 FULLY_MERGEABLE = {"lora", "adalora", "ia3"}
 # The base itself changes at attach (4-bit NF4): "disabled" is the quantized base, and merging requantizes.
@@ -154,6 +155,9 @@ def test_only_adapters_and_head_change(case):
         assert changed
     elif preset == "bitfit":
         assert changed and all(n.endswith("bias") or n in head for n in changed)
+    elif unipelt.load_method(preset).train_base == "layernorm":  # Houlsby: the base LayerNorms train too
+        norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__}
+        assert changed and all(n.rpartition(".")[0] in norms or n in head for n in changed)
     else:
         assert changed <= head, sorted(changed - head)[:3]
         # Every added tensor must have changed in training (not merely be non-zero): a frozen adapter stays put.

@@ -94,18 +94,20 @@ def prompt(length: int, d: int) -> int:
 
 
 def lstm_prompt_encoder(d: int, h: int) -> int:
-    """P-tuning's encoder: a 2-layer bidirectional LSTM (width h per direction; each gate block 4h, two bias
-    vectors) on inputs of width d, then MLP 2h → h → d with biases."""
-    layer1 = 4 * h * d + 4 * h * h + 8 * h
-    layer2 = 4 * h * (2 * h) + 4 * h * h + 8 * h
-    return 2 * (layer1 + layer2) + (2 * h * h + h) + (h * d + d)
+    """P-tuning's encoder (THUDM/P-tuning): a 2-layer bidirectional LSTM, h/2 per direction (each gate block
+    4·h/2, two bias vectors), on inputs of width d, then MLP h → h → d with biases."""
+    k = h // 2
+    layer1 = 4 * k * d + 4 * k * k + 8 * k
+    layer2 = 4 * k * (2 * k) + 4 * k * k + 8 * k
+    return 2 * (layer1 + layer2) + (h * h + h) + (h * d + d)
 
 
-def multi_head_pa(d: int, heads: int, r: int, bias: bool) -> int:
-    """One bottleneck per head, reading the full attention input x (width d), r per head:
-    down d·(H·r) [+ H·r bias], up H·r·d_h [+ H·d_h bias]."""
-    d_h = d // heads
-    return d * heads * r + heads * r * d_h + ((heads * r + heads * d_h) if bias else 0)
+def layernorms(s: Shape, model: str) -> int:
+    """LayerNorm weights and biases (2d each): BERT / RoBERTa two per layer plus the embedding LayerNorm; BART two
+    per encoder layer, three per decoder layer plus the two layernorm_embedding."""
+    if model == "bart-large":
+        return 2 * s.d * (2 * s.encoder_layers + 3 * s.decoder_layers + 2)
+    return 2 * s.d * (2 * s.encoder_layers + 1)
 
 
 def bert_biases(s: Shape) -> int:
@@ -130,24 +132,28 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         return {**zero, "trained_base": PUBLISHED_BASE[model]}
     if preset == "bitfit":
         return {**zero, "trained_base": biases}
-    if preset == "houlsby":  # near_identity init keeps the adapter biases
-        return {**zero, "added": (s.self_attn + s.ffns) * bottleneck(s.d, 64, bias=True)}
+    if preset == "houlsby":  # near_identity init keeps the adapter biases; the base LayerNorms train too
+        return {**zero, "added": (s.self_attn + s.ffns) * bottleneck(s.d, 64, bias=True),
+                "trained_base": layernorms(s, model)}
     if preset in ("pfeiffer", "pa"):  # near_identity / bert init: biases on
         return {**zero, "added": s.ffns * bottleneck(s.d, 64, bias=True)}
     if preset == "scaled_pa":  # LoRA init, but `bias: true` as in He et al.'s code
         return {**zero, "added": s.ffns * bottleneck(s.d, 512, bias=True)}
     if preset == "lora":  # W_q and W_v of every self-attention module, r = 8
         return {**zero, "added": 2 * s.self_attn * lora(8, s.d, s.d)}
-    if preset == "mh_pa":  # r = 16 per head; LoRA init and no `bias` key, so no biases
-        return {**zero, "added": s.self_attn * multi_head_pa(s.d, s.heads, 16, bias=False)}
-    if preset == "prefix":  # l = 30, MLP width 800
-        vectors = s.self_attn * prefix(30, s.d)
+    if preset == "mh_pa":  # He et al.'s ReLU prefix: l = 200 at every attention, MLP 800, plus its LayerNorm (2d)
+        modules = s.self_attn + s.cross_attn
+        vectors = modules * prefix(200, s.d)
+        return {**zero, "added": vectors + modules * 2 * s.d, "prefix_vectors": vectors,
+                "reparam": prefix_mlp(200, s.d, 800, modules)}
+    if preset == "prefix":  # l = 30, MLP width 800, at every attention (self and, on BART, cross)
+        vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors, "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn)}
-    if preset == "mam":  # prefix l = 30 on attention + scaled parallel adapter r = 512 (with biases) on the FFN
-        vectors = s.self_attn * prefix(30, s.d)
+                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
+    if preset == "mam":  # prefix l = 30 at every attention + scaled parallel adapter r = 512 (with biases) on the FFN
+        vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors + s.ffns * bottleneck(s.d, 512, bias=True), "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn)}
+                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
     if preset == "prompt_tuning":  # l = 20 virtual tokens of width d at the input (Lester et al.)
         return {**zero, "added": prompt(20, s.d)}
     if preset == "p_tuning":  # the served l = 20 vectors; the LSTM encoder that produces them is reparam
@@ -161,10 +167,10 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
     if preset == "qlora":  # LoRA r = 64 on every linear projection (self- and cross-attention, FFN up and down)
         attention = (s.self_attn + s.cross_attn) * 4 * lora(64, s.d, s.d)
         return {**zero, "added": attention + s.ffns * (lora(64, s.d, s.ffn) + lora(64, s.ffn, s.d))}
-    if preset == "unipelt":  # gated prefix l = 10 (MLP 512), gated adapter r = 48 on the FFN, gated LoRA r = 8 on q, v
+    if preset == "unipelt":  # gated prefix l = 10 (MLP 512), gated adapter r = d/16 on the FFN, gated LoRA r = 8 on q, v
         gate = s.d + 1  # W_g: d → 1 with a bias, one per gated module
         vectors = s.self_attn * prefix(10, s.d)
-        added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, 48, bias=True) + gate) \
+        added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, s.d // 16, bias=True) + gate) \
             + 2 * s.self_attn * (lora(8, s.d, s.d) + gate)
         return {**zero, "added": added, "prefix_vectors": vectors, "reparam": prefix_mlp(10, s.d, 512, s.self_attn)}
     if preset == "ia3":  # (IA)³: a vector l over the keys and the values (d each) of every self-attention module and
@@ -214,6 +220,28 @@ def test_preset_counts(preset, model):
     assert counts["percent"] == pytest.approx(100.0 * (want["added"] + want["trained_base"]) / base)
     # The optimizer trains the MLP, not the prefix vectors it produces (those exist only once folded).
     assert counts["trainable"] == want["added"] - want["prefix_vectors"] + want["reparam"] + want["trained_base"]
+
+
+# He et al. Table 6 (BART-large; the percent of the base model each row prints), from the configs alone.
+TABLE6 = [
+    ("prefix", {0: {"length": 200}}, 3.6),
+    ("mam", {}, 6.7),
+    ("pfeiffer", {0: {"dim": 600}}, 7.2),
+    ("mh_pa", {}, 3.6),
+    ({"name": "lora_ffn", "modules": [dict(form="bottleneck", at=["ffn.up", "ffn.down"], insertion="parallel",
+                                           compose="scale", scale=4.0, dim=102, activation="none", init="lora")]},
+     {}, 6.2),  # 10·r·d per layer; the 7.2% beside it in He et al.'s plotting script is LoRA on attention r = 200
+]
+
+
+@pytest.mark.parametrize("method, changes, percent", TABLE6, ids=["prefix", "mam", "pfeiffer", "mh_pa", "lora_ffn"])
+def test_table6_percentages_on_bart_large(method, changes, percent):
+    spec = unipelt.load_method(method)
+    for index, values in changes.items():
+        spec = spec.replace_module(index, **values)
+    counts = unipelt.count_parameters(CONFIGS["bart-large"], spec)
+    # The table prints one decimal (truncated or rounded: 6.75% prints as 6.7, 6.17% as 6.2): within 0.1 of it
+    assert abs(counts["percent"] - percent) < 0.1
 
 
 def test_full_is_one_hundred_percent():

@@ -166,12 +166,14 @@ def test_adalora_exports_as_lora_with_its_pruned_ranks(tmp_path, family):
     randomize(model)
     with torch.no_grad():
         for slot in state_of(model).slots.values():
-            slot.form.rank_mask[::3] = False  # as the rank allocator would: triplets 0, 3, 6, 9 pruned
+            keep = torch.ones(slot.form.rank, dtype=torch.bool)
+            keep[::3] = False  # the final pattern, as the rank allocator fixes it: triplets 0, 3, 6, 9 pruned
+            slot.form.apply_mask(keep, final=True)
     expected = logits(model, family)
     unipelt.export_peft(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 8  # 12 initial triplets, 4 pruned
-    assert config["lora_alpha"] == 16  # the preset's scale 2
+    assert config["lora_alpha"] == pytest.approx(16 / 12 * 8)  # the preset's scale alpha / init_r, times r
     # float rounding only: diag(λ)·Q is formed before the product (observed ~1e-7)
     torch.testing.assert_close(logits(peft_from(tmp_path, family), family), expected, atol=ATOL, rtol=0)
 

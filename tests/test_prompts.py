@@ -60,6 +60,13 @@ def test_prompt_equals_hand_concatenated_inputs_embeds(family):
     unipelt.detach(model)
     with torch.no_grad():
         expected = model(**reference)
+        if family in ("bert", "roberta"):  # the head reads the real [CLS] / <s>, after the prompt (P-tuning v2)
+            hidden = model.base_model(inputs_embeds=reference["inputs_embeds"],
+                                      attention_mask=reference["attention_mask"]).last_hidden_state[:, length:]
+            logits = model.classifier(model.bert.pooler(hidden) if family == "bert" else hidden)
+            torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, batch["labels"]))
+            return
     assert torch.equal(out.loss, expected.loss)
     # Decoders return logits aligned with the input (prompt positions left out); the rest are untouched.
     assert torch.equal(out.logits, expected.logits[:, length:] if causal else expected.logits)

@@ -64,7 +64,7 @@ def test_bitsandbytes_nf4_matches_the_reference_and_the_error_bound():
 def test_preset_and_config_keys():
     spec = unipelt.load_method("qlora")
     assert (spec.quantize, spec.compute_dtype, spec.double_quant, spec.optimizer) == \
-        ("nf4", "bfloat16", True, "paged_adamw_8bit")
+        ("nf4", "bfloat16", True, "paged_adamw_32bit")
     assert spec.modules[0].at == ("all_linear",) and spec.modules[0].init == "lora"
     assert unipelt.load_method(spec.to_dict()) == spec
     with pytest.raises(unipelt.MethodConfigError, match="quantize: unknown value 'int3'"):

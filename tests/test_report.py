@@ -32,10 +32,10 @@ def parse_table(text: str) -> dict[tuple[str, str], tuple[float, float, int, flo
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 8 or cells[0] in ("task", "---"):
+        if len(cells) != 9 or cells[0] in ("task", "---"):
             continue
-        mean, std = (float(x) for x in cells[3].split("±"))
-        rows[(cells[0], cells[1])] = (mean, std, int(cells[4]), float(cells[5]), int(cells[7]))
+        mean, std = (float(x) for x in cells[4].split("±"))
+        rows[(cells[0], cells[1])] = (mean, std, int(cells[5]), float(cells[6]), int(cells[8]))
     return rows
 
 

@@ -231,7 +231,8 @@ def test_resume_refuses_a_checkpoint_of_the_other_strategy(tmp_path):
     folder.mkdir(parents=True)
     (folder / "trainer_state.pt").write_bytes(b"written by a sharded run")
     model = unipelt.attach(tiny("bert"), "lora")
-    cfg = TrainConfig(resume=True, device="cpu", progress=False, max_steps=1, batch_size=4, save_best=False)
+    cfg = TrainConfig(resume=True, device="cpu", progress=False, max_steps=1, batch_size=4, save_best=False,
+                      max_length=16)
     with pytest.raises(UnipeltError, match="written with trainer.strategy fsdp.*resume it the same way"):
         fit(model, TinyTask("bert", examples("bert")), cfg, tmp_path)
 

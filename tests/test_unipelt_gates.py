@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import unipelt
 from unipelt.attach import state_of
@@ -40,10 +41,12 @@ def _perturb(model) -> None:
 
 @pytest.mark.parametrize("family", GATED_FAMILIES)
 def test_closed_gates_give_exactly_the_base_model(family):
+    """With prefix_gate `delta` (our variant): a closed prefix gate is exactly the base attention. Under the preset's
+    `kv` (Mao et al.) the zeroed prefix keys still draw softmax mass, so only the adapter and LoRA close exactly."""
     model, batch = tiny_model(family), tiny_batch(family)
     with torch.no_grad():
         base = model(**batch).logits
-    unipelt.attach(model, "unipelt")
+    unipelt.attach(model, unipelt.load_method("unipelt").replace_module(0, prefix_gate="delta"))
     assert len(_gates(model)) == len(state_of(model).slots)  # every module is gated
     _perturb(model)
     with torch.no_grad():
@@ -56,7 +59,7 @@ def test_open_prefix_gate_is_he_et_al_gated_prefix():
     """g = 1 gives exactly the softmax-gated prefix (compose gate) with the same key/value vectors."""
     model, batch = tiny_model("bert"), tiny_batch("bert")
     prefix = dict(form="prefix", name="p", at="attn.heads", insertion="parallel", length=4)
-    unipelt.attach(model, {"name": "gated", "modules": [{**prefix, "compose": "sigmoid_gate"}]})
+    unipelt.attach(model, {"name": "gated", "modules": [{**prefix, "compose": "sigmoid_gate", "prefix_gate": "delta"}]})
     _perturb(model)
     _set_gates(model, math.inf)
     vectors = {n: p.detach().clone() for n, p in model.named_parameters() if "prefix." in n}
@@ -103,7 +106,8 @@ def test_gates_are_counted_and_saved(tmp_path):
     d, layers = 32, 2
     gate = d + 1
     prefix = 2 * 10 * d + gate
-    adapter = (d * 48 + 48) + (48 * d + d) + gate
+    r = d // 16  # the adapter width d/16 (Mao et al.: 48 at d = 768)
+    adapter = (d * r + r) + (r * d + d) + gate
     lora = 2 * (d * 8 + 8 * d + gate)
     assert unipelt.count_parameters(model)["added"] == layers * (prefix + adapter + lora)
     _perturb(model)
@@ -116,3 +120,54 @@ def test_gates_are_counted_and_saved(tmp_path):
     unipelt.load_adapter(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, out, rtol=0, atol=1e-6)
+
+
+def test_kv_and_delta_gated_prefixes_share_one_attention():
+    """Two sigmoid-gated prefixes of both kinds on one attention: each gate reads the attention input once."""
+    model, batch = tiny_model("bert"), tiny_batch("bert")
+    prefix = dict(form="prefix", at="attn.heads", insertion="parallel", compose="sigmoid_gate", length=2)
+    unipelt.attach(model, {"name": "two", "modules": [{**prefix, "name": "kv"},
+                                                      {**prefix, "name": "delta", "prefix_gate": "delta"}]})
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert torch.isfinite(out).all()
+    assert {"mean/kv/gate", "mean/delta/gate"} <= set(unipelt.training_metrics(model))
+
+
+def test_site_kinds_a_model_lacks_are_skipped_with_a_warning():
+    """A preset attaches to every family: prefix presets skip cross-attention on a model without it; a module left
+    with no site is skipped with a warning; a method left with nothing fails."""
+    bert = tiny_model("bert")
+    unipelt.attach(bert, "prefix")  # at: [attn.heads, cross_attn.heads]; BERT has self-attention only
+    assert {slot.site for slot in state_of(bert).slots.values()} == {"attn.heads"}
+    hybrid = {"name": "h", "modules": [
+        {"form": "bottleneck", "name": "a", "at": "cross_attn.q", "insertion": "parallel", "compose": "add"},
+        {"form": "bottleneck", "name": "b", "at": "attn.q", "insertion": "parallel", "compose": "add"}]}
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"site 'cross_attn\.q' does not exist in this model .* that module is skipped"):
+        unipelt.attach(model, hybrid)
+    assert {slot.site for slot in state_of(model).slots.values()} == {"attn.q"}
+    with pytest.raises(unipelt.AttachError, match="site 'cross_attn.q' does not exist in this model"):
+        unipelt.attach(tiny_model("llama"), {"name": "c", "modules": hybrid["modules"][:1]})
+
+
+def test_pfeiffer_placement_on_a_pre_ln_model_reads_the_residual_stream():
+    """Pre-LN (Llama): the adapter at ffn.ln reads the layer output z = h_ffn + residual and adds to it (AdapterHub
+    with no LayerNorm to re-apply): z + up(relu(down(z)))."""
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    unipelt.attach(model, "pfeiffer")
+    _perturb(model)
+    layer = model.model.layers[0]
+    adapter = getattr(layer, "unipelt_m0_ffn_ln").form
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(**batch)
+        with unipelt.disabled(model):
+            model(**batch)
+    handle.remove()
+    adapted, z = seen[0], seen[1]
+    with torch.no_grad():
+        expected = z + F.linear(F.relu(F.linear(z, adapter.down.weight, adapter.down.bias)), adapter.up.weight,
+                                adapter.up.bias)
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-6)

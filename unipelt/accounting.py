@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import check_train_base, is_attached, prepare_counting, state_of
+from .attach import check_train_base, is_attached, prepare_counting, state_of, trained_parameters
 from .forms import Counts
 from .placement import resolve
 from .quantize import element_count
@@ -80,16 +80,11 @@ def placed_counts(model: nn.Module, method: Any) -> dict[str, Any]:
         counts += module.form_def.count(module, [p for p in placements if p.spec.name == module.name])
     check_train_base(model, spec)
     base_model = getattr(model, "base_model", model)
-    base_ids = {id(p) for p in base_model.parameters()}
     base = sum(element_count(p) for p in base_model.parameters())
-    if spec.train_base == "all":
-        trained_base = base
-    elif spec.train_base == "bias":
-        trained_base = sum(p.numel() for n, p in base_model.named_parameters() if n.endswith("bias"))
-    else:
-        trained_base = 0
-    outside = sum(p.numel() for p in model.parameters() if id(p) not in base_ids and p.dtype.is_floating_point)
-    head = outside if spec.train_head or spec.train_base == "all" else 0
+    params = dict(model.named_parameters())
+    base_names, head_names = trained_parameters(model, spec)
+    trained_base = sum(params[n].numel() for n in base_names)
+    head = sum(params[n].numel() for n in head_names)
     return _summary(spec.name, counts.added, counts.reparam, counts.trainable + trained_base + head, trained_base,
                     head, base)
 

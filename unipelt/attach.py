@@ -15,6 +15,8 @@ attach_method takes sizes as they are.
 from __future__ import annotations
 
 import contextlib
+import copy
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -59,8 +61,19 @@ def is_attached(model: nn.Module) -> bool:
     return STATE_ATTR in model.__dict__
 
 
+def refuse_wrapped(model: Any, caller: str) -> None:
+    """A PEFT PeftModel forwards attribute lookups to the model inside it, so it looks like a transformers model
+    but its module names start with base_model.model.: say so plainly instead of failing on a name later."""
+    if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
+        raise AttachError(f"{caller}: got a PEFT {type(model).__name__}; unipelt works on the transformers model "
+                          "itself: pass model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
+    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: its names start with _orig_mod.
+        raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
+
+
 def check_model(model: Any, caller: str) -> None:
     """One line for what cannot take a method: not a transformers model, or one that already has one."""
+    refuse_wrapped(model, caller)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise AttachError(f"{caller}: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_attached(model):
@@ -99,11 +112,20 @@ def attach_method(model: nn.Module, method: Any) -> nn.Module:
     spec = prepare(model, prepare_counting(model, load_method(method)))
     placements = resolve(model, spec) if spec.modules else []
     check_train_base(model, spec)
+    _listed_module_ids(model, spec)  # an unknown train_modules name fails here, before anything changes
     to_quantize = []
     if spec.quantize != "none":
         check_quantization(model, spec)
         to_quantize = _all_linear_names(model)
-    slots, reparams, controllers = _build(spec, placements, model, dict(model.named_modules()))
+    try:
+        slots, reparams, controllers = _build(spec, placements, model, dict(model.named_modules()))
+    except (MemoryError, RuntimeError) as exc:  # e.g. dim: 1000000000000; nothing on the model has changed
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+            raise
+        sizes = sorted({f"{m.name}: " + ", ".join(f"{k}={getattr(m, k)}" for k in ("dim", "length", "init_r")
+                                                  if isinstance(getattr(m, k, None), int)) for m in spec.modules})
+        raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
+                          f"{str(exc).splitlines()[0][:200]}") from None
     quantized = quantize_base(model, spec, to_quantize)
     _install(model, spec, placements, slots, reparams, dict(model.named_modules()))  # anew: quantize replaced some
     state_of(model).controllers.update(controllers)
@@ -134,6 +156,25 @@ def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
     return [built[i] for i in range(len(placements))], reparams, controllers
 
 
+class CopyableHook:
+    """A hook closure that copy.deepcopy copies with the model: its closure cells (the slot it calls, ...) are
+    deep-copied through the same memo as the module tree, so a copied model's hooks call the copied slots. (A plain
+    function is copied by reference: the copy would keep calling the original model's slots, in silence.)"""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "CopyableHook":
+        cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in self.fn.__closure__ or ())
+        fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
+                                cells or None)
+        fn.__kwdefaults__ = self.fn.__kwdefaults__
+        return CopyableHook(fn)
+
+
 def _install(model, spec, placements, slots, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
     for name, (owner, reparam) in reparams.items():
@@ -146,6 +187,10 @@ def _install(model, spec, placements, slots, reparams, modules) -> None:
     # Parallel before sequential at a shared site (sorted is stable: YAML order within each kind).
     for p, slot in sorted(zip(placements, slots), key=lambda pair: pair[0].spec.insertion == "sequential"):
         state.handles.extend(slot.install(p, modules, model))
+    for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
+        if hasattr(handle, "hooks_dict_ref"):
+            hooks = handle.hooks_dict_ref()
+            hooks[handle.id] = CopyableHook(hooks[handle.id])
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
     for module in [*state.slots.values(), *state.reparams.values()]:
         module.train(model.training)
@@ -153,9 +198,62 @@ def _install(model, spec, placements, slots, reparams, modules) -> None:
     model.__dict__[STATE_ATTR] = state
 
 
-def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
+def _pretrained_head_ids(model: nn.Module) -> set[int]:
+    """Parameters of a pretrained LM head outside the base model (an untied lm_head, BERT's MLM head): a model with
+    output embeddings is a language model whose head came with its weights. Any other head (classifier, score,
+    tagger, QA span head) is newly initialised for the task."""
+    get = getattr(model, "get_output_embeddings", None)
+    if get is None or get() is None:
+        return set()
+    return {id(p) for p in model.parameters()}
+
+
+def _listed_module_ids(model: nn.Module, spec: MethodSpec) -> set[int]:
+    """Parameters of the modules the method names in train_modules (a name or a '.'-separated name suffix)."""
+    ids: set[int] = set()
+    modules = list(model.named_modules())
+    for entry in spec.train_modules:
+        found = [m for name, m in modules if name == entry or name.endswith(f".{entry}")]
+        if not found:
+            raise AttachError(f"method '{spec.name}': train_modules entry '{entry}' matches no module of this "
+                              f"{type(model).__name__}")
+        ids |= {id(p) for m in found for p in m.parameters()}
+    return ids
+
+
+def _norm_ids(model: nn.Module) -> set[int]:
+    """Parameters of the normalisation layers (LayerNorm, RMSNorm and the families' own classes of them)."""
+    names = ("LayerNorm", "RMSNorm")
+    return {id(p) for m in model.modules() if any(n in type(m).__name__ for n in names) for p in m.parameters()}
+
+
+def trained_parameters(model: nn.Module, spec: MethodSpec) -> tuple[list[str], list[str]]:
+    """Names of the base parameters and of the head parameters (outside base_model) that the method trains besides
+    its own modules: train_base (all, bias, layernorm), train_modules, and a newly initialised task head."""
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
+    norms = _norm_ids(base) if spec.train_base == "layernorm" else set()
+    pretrained_head = _pretrained_head_ids(model) - base_ids
+    listed = _listed_module_ids(model, spec)
+    trained_base, trained_head = [], []
+    for name, param in model.named_parameters():
+        if ".unipelt_" in f".{name}" or not param.dtype.is_floating_point:  # adapters; a quantized base weight
+            continue
+        in_base = id(param) in base_ids
+        if spec.train_base == "all" or id(param) in listed:
+            train = True
+        elif in_base:
+            train = (spec.train_base == "bias" and name.endswith("bias")) or id(param) in norms
+        else:
+            train = spec.train_head and id(param) not in pretrained_head
+        if train:
+            (trained_base if in_base else trained_head).append(name)
+    return trained_base, trained_head
+
+
+def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
+    state.trained_base, state.trained_head = trained_parameters(model, spec)
+    train = set(state.trained_base) | set(state.trained_head)
     for name, param in model.named_parameters():
         if ".unipelt_" in f".{name}":
             param.requires_grad_(True)
@@ -163,16 +261,7 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
         if not param.dtype.is_floating_point:  # a quantized base weight: frozen by nature, restored by detach
             continue
         state.requires_grad[name] = param.requires_grad
-        in_base = id(param) in base_ids
-        if spec.train_base == "all":
-            train = True
-        elif in_base:
-            train = spec.train_base == "bias" and name.endswith("bias")
-        else:
-            train = spec.train_head
-        param.requires_grad_(train)
-        if train:
-            (state.trained_base if in_base else state.trained_head).append(name)
+        param.requires_grad_(name in train)
 
 
 def detach(model: nn.Module) -> nn.Module:
@@ -201,7 +290,7 @@ def unmerge_slots(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     undone = []
     for name in reversed(state.merged):
-        state.slots[name].unmerge(modules[name.rpartition(".")[0]])
+        state.slots[name].unmerge(modules[name.rpartition(".")[0]], name)
         undone.append(name)
     state.merged.clear()
     return undone
@@ -241,4 +330,6 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
 
 
-__all__ = ["attach_method", "check_model", "check_train_base", "prepare_counting", "detach", "unmerge_slots", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes"]
+__all__ = ["attach_method", "check_model", "check_train_base", "prepare_counting", "trained_parameters", "detach",
+           "unmerge_slots", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
+           "refuse_wrapped"]

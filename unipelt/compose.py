@@ -3,7 +3,7 @@ and prompt alike.
 
 - `add`:          h + Δh
 - `scale`:        h + s·Δh, s fixed (α/r, 4, ...) or `learned` (a trainable scalar starting at 1)
-- `sigmoid_gate`: h + σ(W_g·mean_tokens(x))·Δh, one gate per example (UniPELT, Mao et al. 2022)
+- `sigmoid_gate`: h + g·Δh, g = mean_tokens σ(W_g·x), one gate per example (UniPELT, Mao et al. 2022)
 - `gate`:         the prefix's softmax gate, (1−λ)·h + λ·Δh with λ the attention mass on the prefix: it falls out
                   of attending over [P; K] (forms/prefix/attention.py), so here its factor is 1.
 
@@ -19,8 +19,25 @@ import torch
 from torch import nn
 
 
+def sigmoid_gate_linear(d_in: int) -> nn.Linear:
+    """UniPELT's gate W_g: one output, N(0, 0.02) weights and a zero bias (BERT's init, which Mao et al.'s gates get
+    as modules of the model)."""
+    gate = nn.Linear(d_in, 1)
+    nn.init.normal_(gate.weight, std=0.02)
+    nn.init.zeros_(gate.bias)
+    return gate
+
+
+def mean_sigmoid_gate(gate: nn.Linear, x: torch.Tensor, keepdim: bool) -> torch.Tensor:
+    """mean over tokens of σ(W_g·x) (the sigmoid first, as Mao et al.'s code; padding tokens included, as there):
+    [batch, 1] (or [batch, 1, 1] with keepdim) for x [batch, tokens, d]; σ(W_g·x) itself for x [batch, d]."""
+    values = torch.sigmoid(gate(x.to(gate.weight.dtype)))
+    return values.mean(dim=-2, keepdim=keepdim) if x.dim() > 2 else values
+
+
 class Composer(nn.Module):
-    """The composition of one slot; `spec` is anything with `compose` and `scale` (a module spec)."""
+    """The composition of one slot; `spec` is anything with `compose` and `scale` (a module spec). The sigmoid
+    gate is Mao et al.'s g = mean over tokens of σ(W_g·x), one scalar per example (W_g ~ N(0, 0.02), zero bias)."""
 
     def __init__(self, spec: Any, d_gate_in: int) -> None:
         super().__init__()
@@ -34,7 +51,7 @@ class Composer(nn.Module):
             else:
                 self.fixed_scale = float(spec.scale)
         elif spec.compose == "sigmoid_gate":
-            self.gate = nn.Linear(d_gate_in, 1)
+            self.gate = sigmoid_gate_linear(d_gate_in)
 
     @staticmethod
     def parameter_count(spec: Any, d_gate_in: int) -> int:
@@ -49,8 +66,7 @@ class Composer(nn.Module):
         if self.gate is not None:
             if x is None:
                 raise RuntimeError("sigmoid_gate needs the sub-layer input, which was not captured")
-            pooled = x.to(self.gate.weight.dtype).mean(dim=-2) if x.dim() > 2 else x
-            gate = torch.sigmoid(self.gate(pooled))  # [batch, 1]
+            gate = mean_sigmoid_gate(self.gate, x, keepdim=False)  # [batch, 1]
             self.last_gate = gate.detach().mean()
             dims = (like.dim() if like is not None else 3) - gate.dim()
             return gate.reshape(*gate.shape, *([1] * dims))

@@ -31,3 +31,14 @@ def one_line(message: str) -> str:
 
 def allowed(values) -> str:
     return ", ".join(str(v) for v in values)
+
+
+def read_utf8(path, error: type[UnipeltError], where: str) -> str:
+    """A text file as UTF-8 (a leading BOM is dropped), or one `error` line naming the file and the first bad line."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(f"{where}: {path} is not UTF-8 text (line {line}: byte {data[exc.start:exc.start + 1]!r}); "
+                    "save it as UTF-8") from None

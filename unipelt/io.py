@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attach import attach_method, detach, fold_prefixes, is_attached, state_of
+from .attach import attach_method, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
 from .errors import AdapterFileError
 from .sites.identity import base_identity, config_hash  # noqa: F401  config_hash: part of this module's API
 from .spec import MethodSpec, load_method
@@ -52,6 +52,34 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             tmp.unlink()
 
 
+def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf (with which), or None."""
+    for name, tensor in tensors.items():
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            return f"'{name}' ({'nan' if bool(torch.isnan(tensor).any()) else 'inf'})"
+    return None
+
+
+def read_json(path: Path, caller: str) -> Any:
+    """A JSON file (a UTF-8 BOM is allowed), or one AdapterFileError line naming the file and the reason."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{caller}: {path} is not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterFileError(f"{caller}: {path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def make_directory(directory: str | os.PathLike, caller: str) -> Path:
+    """The output folder, created; one line when it cannot be (a file of that name, no permission)."""
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AdapterFileError(f"{caller}: cannot create the folder {out} ({exc.strerror or exc})") from None
+    return out
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = state_of(model)
     if state.merged:
@@ -60,9 +88,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if any(getattr(p, "full_tensor", None) is not None for p in adapters):  # FSDP2 keeps DTensor shards
         raise AdapterFileError("save_adapter: the model is sharded (FSDP); call "
                                "unipelt.train.sharding.save_adapter(model, directory, info) on every rank")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state(model)
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"save_adapter: tensor {bad} holds non-finite values; nothing written")
+    out = make_directory(directory, "save_adapter")
     meta = {
         "format_version": FORMAT_VERSION,
         "method": _with_controller_changes(state.method.folded(), state.controllers).to_dict(),
@@ -90,10 +120,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
             raise AdapterFileError(f"load_adapter: {src / name} not found")
-    try:
-        meta = json.loads((src / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"load_adapter: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    meta = read_json(src / CONFIG_FILE, "load_adapter")
     if not isinstance(meta, dict) or not isinstance(meta.get("method"), dict):
         raise AdapterFileError(f"load_adapter: {src / CONFIG_FILE} has no 'method' mapping")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -101,7 +128,11 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
             f"load_adapter: format_version {meta.get('format_version')!r} in {src / CONFIG_FILE} "
             f"(this unipelt reads {FORMAT_VERSION})"
         )
-    return meta, read_tensors(src / WEIGHTS_FILE, "load_adapter")
+    tensors = read_tensors(src / WEIGHTS_FILE, "load_adapter")
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"load_adapter: tensor {bad} in {src / WEIGHTS_FILE} holds non-finite values")
+    return meta, tensors
 
 
 def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
@@ -113,8 +144,10 @@ def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{caller}: {path} is corrupt or unreadable ({first})") from None
 
 
-def _check_identity(saved: dict[str, Any], config: Any) -> None:
+def _check_identity(saved: Any, config: Any) -> None:
     current = base_identity(config)
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"load_adapter: base_model must be a mapping of the base's fields, got {saved!r}")
 
     def refuse(key: str, there: Any, here: Any) -> None:
         raise AdapterFileError(
@@ -136,6 +169,10 @@ def _check_identity(saved: dict[str, Any], config: Any) -> None:
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach the saved method (if not attached yet) and load its tensors; on any error the model is unchanged."""
+    refuse_wrapped(model, "load_adapter")
+    if is_attached(model) and state_of(model).merged:
+        # merged weights hold the old ΔW; new adapter values would make unmerge() subtract the wrong one
+        raise AdapterFileError("load_adapter: modules are merged into the weights; call unipelt.unmerge first")
     meta, tensors = read_adapter(directory)
     _check_identity(meta.get("base_model", {}), model.config)
     method = load_method(meta["method"])
@@ -167,6 +204,9 @@ def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory)
     if extra:
         raise AdapterFileError(f"load_adapter: {len(extra)} unexpected tensors in {directory}, e.g. '{extra[0]}'")
     for name, tensor in tensors.items():
+        if expected[name].dtype.is_floating_point and not tensor.dtype.is_floating_point:
+            raise AdapterFileError(f"load_adapter: tensor '{name}' has dtype {tensor.dtype} in the file, "
+                                   f"{expected[name].dtype} in the model")
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise AdapterFileError(
                 f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "

@@ -1,8 +1,9 @@
 """merge / unmerge: fold the slots whose Δh is linear into the weights they modify, and undo it.
 
-Each slot decides for itself what folds and how (unipelt/slot.py): a parallel linear map at a projection (LoRA,
-AdaLoRA: W += s·ΔW) or a sequential per-feature scaling ((IA)³: W's rows, or the down projection's columns,
-scale). Everything else keeps running as a module, and merge() names it.
+Each slot decides for itself what folds and how (unipelt/slot.py, unipelt/weight_fold.py): a parallel linear map
+at a projection (LoRA, AdaLoRA: W += s·ΔW) or a sequential per-feature scaling ((IA)³: W's rows, or the down
+projection's columns, scale). Everything else keeps running as a module, and merge() names it. Every check runs
+before any weight changes, so nothing is half-merged; unmerge() gives the original weights bit for bit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 from torch import nn
 
 from .attach import state_of, unmerge_slots
+from .errors import AttachError
 
 
 def merge(model: nn.Module) -> dict[str, list[str]]:
@@ -20,6 +22,9 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
     modules = dict(model.named_modules())
     merged, skipped = [], []
     rounding: dict[str, float] = {}
+    if any(not slot.active for slot in state.slots.values()):
+        raise AttachError("merge: called inside unipelt.disabled(model); merge after the block")
+    todo = []
     for name, slot in state.slots.items():
         if name in state.merged:
             continue
@@ -28,6 +33,12 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             continue
+        todo.append((name, slot, host))
+    for name, slot, host in todo:  # every check before any weight changes: nothing is half-merged
+        bad = slot.non_finite()
+        if bad is not None:
+            raise AttachError(f"merge: module '{name}' has {bad} values in its ΔW; nothing was merged")
+    for name, slot, host in todo:
         error = slot.merge(host)
         if error is not None:
             rounding[name] = error
@@ -46,7 +57,7 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
 
 
 def unmerge(model: nn.Module) -> list[str]:
-    """Apply each merged slot's inverse (the original weights up to floating-point rounding; 4-bit exactly)."""
+    """Undo merge(): the original weights bit for bit (each merged slot puts back what it changed, last first)."""
     return unmerge_slots(model)
 
 

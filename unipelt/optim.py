@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attach import state_of
+from .errors import AttachError
 from .spec import MethodSpec
 
 
@@ -44,6 +45,12 @@ def method_of(model: nn.Module) -> MethodSpec:
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """AdamW parameter groups: each module spec's own `lr` where it sets one, else `lr`; decay only on matrices."""
     state = state_of(model)
+    # merged or disabled modules take no part in forward: their parameters would get no gradients, in silence
+    if state.merged:
+        raise AttachError("param_groups: modules are merged into the weights and would not train; "
+                          "call unipelt.unmerge(model) first")
+    if any(not getattr(slot, "active", True) for slot in state.slots.values()):
+        raise AttachError("param_groups: called inside unipelt.disabled(model); train outside the block")
     lr_of: dict[int, float] = {}
     for slot in state.slots.values():
         for param in slot.parameters():

@@ -38,7 +38,7 @@ from torch import nn
 from . import compat
 from .attach import attach_method, check_model, detach, state_of
 from .errors import AdapterFileError
-from .io import atomic_write, read_tensors
+from .io import atomic_write, make_directory, non_finite_tensor, read_json, read_tensors
 from .peft_names import layer_index, name_matches, pattern_value, target_suffixes
 from .placement import base_path, projection_index
 from .sites import family_of, is_transposed, linear_dims
@@ -59,6 +59,10 @@ UNSUPPORTED = {
     "monteclora_config": None, "velora_config": None,
 }
 FORWARD_CHANGING_INITS = ("mica",)  # init_lora_weights values that select a LoRA variant
+# Head names PEFT adds to modules_to_save by itself for a task_type (whichever head the model has); import skips the
+# ones this model lacks when the file holds no tensor of theirs.
+PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                   "QUESTION_ANS": ("qa_outputs",)}
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -169,9 +173,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    bad = non_finite_tensor(cpu)
+    if bad is not None:
+        raise AdapterFileError(f"export_peft: tensor {bad} holds non-finite values; nothing written")
+    out = make_directory(directory, "export_peft")
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
@@ -204,14 +210,12 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
             raise AdapterFileError(f"import_peft: {src / name} not found")
-    try:
-        config = json.loads((src / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not valid JSON ({exc.msg})") from None
+    config = read_json(src / CONFIG_FILE, "import_peft")
     if not isinstance(config, dict):
         raise AdapterFileError(f"import_peft: {src / CONFIG_FILE} is not a JSON object")
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"import_peft: peft_type {config.get('peft_type')!r} is not supported (allowed: LORA)")
+    _check_shapes_of_values(config)
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, None, False, [], {}):
             raise AdapterFileError(
@@ -222,7 +226,39 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
             f"import_peft: init_lora_weights={config['init_lora_weights']!r} selects a LoRA variant with no exact "
             "unipelt equivalent"
         )
-    return config, read_tensors(src / WEIGHTS_FILE, "import_peft")
+    tensors = read_tensors(src / WEIGHTS_FILE, "import_peft")
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise AdapterFileError(f"import_peft: tensor {bad} in {src / WEIGHTS_FILE} holds non-finite values")
+    return config, tensors
+
+
+def _check_shapes_of_values(config: dict[str, Any]) -> None:
+    """Ranks are positive integers and alphas finite numbers (PEFT's own files always are; a hand-edited one may
+    not be: r=2.5 would be cut to 2 and r=0 divide by zero)."""
+    def refuse(key: str, value: Any, wanted: str) -> None:
+        raise AdapterFileError(f"import_peft: {key} must be {wanted}, got {value!r}")
+
+    def is_rank(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def is_alpha(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for key, check, wanted in (("r", is_rank, "a positive integer"), ("lora_alpha", is_alpha, "a finite number")):
+        if key in config and not check(config[key]):
+            refuse(key, config[key], wanted)
+    for key, check, wanted in (("rank_pattern", is_rank, "a positive integer"),
+                               ("alpha_pattern", is_alpha, "a finite number")):
+        for name, value in (config.get(key) or {}).items():
+            if not check(value):
+                refuse(f"{key}['{name}']", value, wanted)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        refuse("layers_to_transform", layers, "a layer index or a list of them")
+    if isinstance(config.get("modules_to_save"), str):  # PEFT accepts one name as a string
+        config["modules_to_save"] = [config["modules_to_save"]]
 
 
 def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
@@ -260,9 +296,13 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
     params = dict(model.named_parameters())
     heads = list(config.get("modules_to_save") or [])
     head_params: dict[str, str] = {}  # parameter name -> the modules_to_save entry it belongs to
+    auto_heads = PEFT_TASK_HEADS.get(str(config.get("task_type")), ())
     for head in heads:
         matched = [m for m in modules if m and (m == head or m.endswith(f".{head}"))]
         if not matched:
+            in_file = any(k.startswith(f"{KEY_PREFIX}{head}.") or f".{head}." in k for k in tensors)
+            if head in auto_heads and not in_file:
+                continue  # PEFT lists every head its task type may use; this model has another one
             raise AdapterFileError(f"import_peft: modules_to_save '{head}' matches no module here")
         head_params.update({n: head for n in params if any(n.startswith(f"{m}.") for m in matched)})
     used = {f"{KEY_PREFIX}{n}.{p}.weight" for n in layout for p in ("lora_A", "lora_B")}

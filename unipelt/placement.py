@@ -5,6 +5,7 @@ Nothing here mutates the model; attach() acts on the placements this returns, so
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
@@ -12,7 +13,7 @@ from torch import nn
 from .errors import AttachError, allowed
 from .sites import family_of, linear_dims
 from .sites.names import ALL_LINEAR, INPUT_SITES, PROJECTION_SITES
-from .sites.table import Activation, Family, Heads, Projection, SubLayer
+from .sites.table import Activation, Family, Heads, Norm, Projection, SubLayer
 from .spec import MethodSpec, ModuleSpec
 
 
@@ -24,8 +25,8 @@ class Placement:
     site: str
     stack: str
     layer: int
-    kind: str  # "projection", "sublayer", "heads", "activation" or "embeddings" (a prompt at the input)
-    h_name: str  # module whose output (projection, sub-layer) or input (heads, activation) is h
+    kind: str  # "projection", "sublayer", "heads", "activation", "norm" or "embeddings" (a prompt at the input)
+    h_name: str  # module whose output (projection, sub-layer, norm) or input (heads, activation) is h
     x_name: str  # module whose input is x (the same as h_name for projections)
     chunk: tuple[int, int] | None
     d_in: int  # input width of the functional form (x for parallel, h for sequential)
@@ -35,6 +36,8 @@ class Placement:
     head_dim: int = 0
     kv_heads: int = 0
     encoder_name: str = ""  # encoder-decoders, at the input: the encoder stack, which generate() calls directly
+    q_name: str = ""  # heads: the attention's query projection (He et al.'s ReLU prefix attention re-applies it)
+    q_chunk: tuple[int, int] | None = None
 
     @property
     def slot_name(self) -> str:
@@ -65,11 +68,24 @@ def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     modules = dict(model.named_modules())
     root = base_path(model)
     placements: list[Placement] = []
+    missing: list[AttachError] = []
     for index, spec in enumerate(method.modules):
         where = f"method '{method.name}' module {index} ('{spec.name}')"
-        found = _place_module(spec, where, family, modules, root)
-        placements.extend(found)
+        try:
+            placements.extend(_place_module(spec, where, family, modules, root))
+        except MissingSiteError as error:
+            missing.append(error)
+    # A kind of site this model lacks (cross-attention on an encoder, a post-LN LayerNorm on a pre-LN decoder) is
+    # skipped, so one preset attaches to every family; a method that finds nothing at all here is an error.
+    if missing and not placements:
+        raise missing[0]
+    for error in missing:
+        warnings.warn(f"{error} -- that module is skipped on this model", stacklevel=4)
     return placements
+
+
+class MissingSiteError(AttachError):
+    """A known site kind that this model's family does not have."""
 
 
 def _join(*parts: str) -> str:
@@ -125,6 +141,7 @@ def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: d
                  where: str) -> list[tuple[str, list[str]]]:
     """(site, stacks having it) for each site of `at`; `all_linear` becomes every projection the model has."""
     out: dict[str, list[str]] = {}
+    absent: list[str] = []
     for site in spec.at:
         if site == ALL_LINEAR:
             for linear in PROJECTION_SITES:
@@ -135,10 +152,13 @@ def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: d
             continue
         site_stacks = [s for s in stacks if site in family.stacks[s].sites]
         if not site_stacks:
-            known = sorted({k for s in stacks for k in family.stacks[s].sites})
-            raise AttachError(f"{where}: site '{site}' does not exist in this model (its sites: {allowed(known)})")
+            absent.append(site)
+            continue
         out.setdefault(site, [])
         out[site] += [s for s in site_stacks if s not in out[site]]
+    if not out and absent:
+        known = sorted({k for s in stacks for k in family.stacks[s].sites})
+        raise MissingSiteError(f"{where}: site '{absent[0]}' does not exist in this model (its sites: {allowed(known)})")
     return list(out.items())
 
 
@@ -189,6 +209,18 @@ def _placement(spec, site, stack, layer, entry, stack_sites, layer_path, modules
         _, d_model = linear_dims(modules[h_name], h_name)
         return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
+    if isinstance(entry, Norm):
+        ln_name = _find(modules, layer_path, entry.ln, where) if entry.ln else layer_path
+        if entry.pre_ln:
+            down = _find(modules, layer_path, entry.down, where)
+            d_model = linear_dims(modules[down], down)[1]
+        else:
+            shape = getattr(modules[ln_name], "normalized_shape", None)
+            if not shape:
+                raise AttachError(f"{where}: '{ln_name}' is not a LayerNorm")
+            d_model = int(shape[-1])
+        return Placement(**common, kind="norm", h_name=ln_name, x_name=ln_name, chunk=None,
+                         d_in=d_model, d_out=d_model, d_x=d_model)
     assert isinstance(entry, Heads)
     attn_name = _find(modules, layer_path, entry.attention, where)
     o_name = _find(modules, layer_path, entry.o, where)
@@ -201,8 +233,11 @@ def _placement(spec, site, stack, layer, entry, stack_sites, layer_path, modules
     k_name = _find(modules, layer_path, k_entry.path, where)
     k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
     d_in = heads_in if spec.insertion == "sequential" else d_model
+    q_entry = stack_sites[site.replace("heads", "q")]
     return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
-                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim)
+                     d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim,
+                     q_name=_find(modules, layer_path, q_entry.path, where), q_chunk=q_entry.chunk)
+
 
 
 def projection_index(model: nn.Module) -> dict[str, list[tuple[str, int, str, tuple[int, int] | None]]]:

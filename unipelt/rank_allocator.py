@@ -7,11 +7,13 @@ budget b(t) of kept triplets (Zhang et al. 2023, eqs. 7-12):
 - sensitivity I = |w ⊙ ∇w|; smoothed Ī ← β1·Ī + (1−β1)·I; uncertainty Ū ← β2·Ū + (1−β2)·|I − Ī|; s = Ī·Ū
 - triplet score S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij)
 - b(t) = b0 for t ≤ t_i; b_T + (b0 − b_T)·(1 − (t − t_i)/(T − t_i − t_f))³ until T − t_f; b_T afterwards,
-  with b0 = init_r and b_T = target_r per target matrix; every delta_t steps the top-b(t) triplets stay.
+  with b0 = init_r and b_T = target_r per target matrix.
 
-Pruned triplets are masked out of the forward pass (their λ ⊙ m is exactly zero), so the total effective rank
-equals the budget at every masking step; their scores decay, so in practice they stay pruned (as in the
-paper, where λ is zeroed). From T − t_f on, the pattern is frozen at the target.
+As in the reference code (loralib/adalora.py) and PEFT: scores are updated at steps t < T − t_f; at steps
+t_i < t < T − t_f with t a multiple of delta_t, the triplets whose score is at or below the k-th smallest
+(k = b0 − b(t)) have their λ zeroed -- only λ, so a pruned triplet keeps its gradient and can come back; at
+t = T − t_f the pattern is fixed at the target, and from then on it is applied at every step (the forward
+multiplies by it, so the pruned triplets contribute nothing and are dropped when saved).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class RankAllocator:
 
     @property
     def total_rank(self) -> int:
-        return sum(form.effective_rank for form in self.forms.values())
+        """The total rank the allocator kept at its last masking step (the schedule's b(t))."""
+        return sum(form.allocated_rank for form in self.forms.values())
 
     def rank_pattern(self) -> dict[str, int]:
         return {key: form.effective_rank for key, form in self.forms.items()}
@@ -88,28 +91,35 @@ class RankAllocator:
                 + self._score(form.right).mean(dim=1))
 
     @torch.no_grad()
-    def mask_to(self, budget: int) -> None:
-        """Keep the `budget` highest-scoring triplets over all forms; mask the others."""
+    def mask_to(self, budget: int, final: bool = False) -> None:
+        """Zero λ of every triplet scoring at or below the (b0 − budget)-th smallest score over all forms (the
+        reference's kthvalue threshold, ties included)."""
         scores = [self.triplet_scores(form) for form in self.forms.values()]
         flat = torch.cat([s.to("cpu") for s in scores])
-        keep = torch.zeros(flat.shape[0], dtype=torch.bool)
-        keep[torch.topk(flat, min(budget, flat.shape[0])).indices] = True
+        pruned_count = flat.shape[0] - min(budget, flat.shape[0])
+        if pruned_count > 0:
+            keep = flat > torch.kthvalue(flat, pruned_count).values
+        else:
+            keep = torch.ones(flat.shape[0], dtype=torch.bool)
         start = 0
         for form in self.forms.values():
-            form.rank_mask.copy_(keep[start:start + form.rank].to(form.rank_mask.device))
+            form.apply_mask(keep[start:start + form.rank], final=final)
             start += form.rank
         self.current_budget = budget
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
-        if self.frozen:
-            return
         tinit, tfinal = self.schedule_steps(total_steps)
         end = total_steps - tfinal
-        self._update_scores()
+        if self.frozen:  # the final phase: the fixed pattern, applied again after every step
+            for form in self.forms.values():
+                form.apply_mask(form.rank_mask.clone(), final=True)
+            return
+        if step < end:
+            self._update_scores()
         if step >= end:  # the final fine-tuning phase: fix the pattern at the target budget
-            self.mask_to(self.target_budget)
+            self.mask_to(self.target_budget, final=True)
             self.frozen = True
-        elif step > tinit and (step - tinit) % self.spec.delta_t == 0:
+        elif step > tinit and step % self.spec.delta_t == 0:
             self.mask_to(self.budget(step, total_steps))
 
     def training_metrics(self) -> dict[str, float]:

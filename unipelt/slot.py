@@ -3,22 +3,18 @@ that put it into the model, its composer, and merge / unmerge.
 
 Hooks (install): a site whose h is a module's output (a projection, a sub-layer) gets a forward hook on that
 module; a site whose h is a module's input (the concatenated heads at the output projection, the FFN activation
-at the down projection) gets a forward pre-hook there. Where x (the insertion's source) is read elsewhere, a
+at the down projection) gets a forward pre-hook there; a post-LN LayerNorm site (ffn.ln) re-applies the LayerNorm
+to its input plus Δ. Where x (the insertion's source) is read elsewhere, a
 pre-hook captures it first. Order at a shared site (attach installs parallel slots before sequential ones): every
 parallel module adds its Δh(x) to h first, then each sequential module sees that h; within each kind, YAML order.
 
 Merge folds a slot whose form has a linear map (Δh = M·u + c, M a matrix or a per-feature diagonal) and whose
-composer has a constant factor s into the weight that produces (or consumes) h, and unmerge applies the inverse:
-- parallel at a projection (LoRA, AdaLoRA): W += s·M, b += s·c; undone by subtracting;
-- sequential per-feature scaling at a projection ((IA)³ at k, v): h' = (1 + s·m)⊙h, so W, b rows scale by
-  1 + s·m; undone by dividing;
-- sequential per-feature scaling at an activation ((IA)³ at ffn.act): the down projection's columns scale.
-Subclasses (prefix, prompt) replace install and report what cannot be merged.
+composer has a constant factor s into the weight that produces (or consumes) h; unmerge restores the weights
+exactly (unipelt/weight_fold.py). Subclasses (prefix, prompt) replace install and report what cannot be merged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,21 +22,13 @@ from torch import nn
 
 from . import compat
 from .compose import Composer
-from .quantize import add_to_4bit, is_4bit, restore_4bit
-from .sites.linear import is_transposed
+from .errors import AttachError
+from .quantize import is_4bit
 from .sites.names import ACTIVATION_SITES, PROJECTION_SITES
+from .weight_fold import LinearMap, MergeRecord, chunk_rows, fold, unfold
 
 if TYPE_CHECKING:
     from .placement import Placement
-
-
-@dataclass
-class LinearMap:
-    """Δh = M·u + c for a linear form: `weight` is M as [out, in], or its diagonal [d] when `diagonal`."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    diagonal: bool = False
 
 
 def like(module: nn.Module) -> dict[str, Any]:
@@ -52,15 +40,6 @@ def like(module: nn.Module) -> dict[str, Any]:
         return {}
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     return {"device": weight.device, "dtype": dtype}
-
-
-def chunk_rows(chunk: tuple[int, int] | None, out_features: int) -> slice:
-    """The output rows a slot modifies: all, or its (index, count) chunk of a fused projection (GPT-2's c_attn)."""
-    if chunk is None:
-        return slice(None)
-    index, count = chunk
-    width = out_features // count
-    return slice(index * width, (index + 1) * width)
 
 
 def capture_hook(slot: "Slot"):
@@ -95,6 +74,22 @@ def _input_hook(slot: "Slot"):
     return hook
 
 
+def _norm_hook(slot: "Slot"):
+    """Pfeiffer placement (AdapterHub). Post-LN, at the output LayerNorm: its input is z = h + residual; Δ (and a
+    gate) read LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ. Pre-LN, at the module
+    whose output is z = h + residual: z + Δ with Δ read from z."""
+    def hook(module, args, output):
+        if not slot.enabled:
+            return None
+        if isinstance(module, nn.LayerNorm):
+            composed = slot.composer(args[0], slot.delta_module(output), output)
+            return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+        z = output[0] if isinstance(output, tuple) else output
+        composed = slot.composer(z, slot.delta_module(z), z)
+        return (composed,) + tuple(output[1:]) if isinstance(output, tuple) else composed
+    return hook
+
+
 class Slot(nn.Module):
     """One placed module: Δh = form(x or h), composed into h. `active` / `merged` switch it off in forward."""
 
@@ -111,7 +106,7 @@ class Slot(nn.Module):
         self.active = True
         self.merged = False
         self.captured_x: torch.Tensor | None = None
-        self._merge_undo: Any = None  # a 4-bit weight's packed data from before merge (unmerge restores it)
+        self._merge_record: MergeRecord | None = None  # what merge() changed, to undo it exactly
 
     @property
     def enabled(self) -> bool:
@@ -146,6 +141,8 @@ class Slot(nn.Module):
             handles.append(modules[placement.x_name].register_forward_pre_hook(capture_hook(self), with_kwargs=True))
         if placement.modifies_input:
             handles.append(h_module.register_forward_pre_hook(_input_hook(self), with_kwargs=True))
+        elif placement.kind == "norm":
+            handles.append(h_module.register_forward_hook(_norm_hook(self)))
         else:
             handles.append(h_module.register_forward_hook(_output_hook(self, same), with_kwargs=True))
         return handles
@@ -202,66 +199,24 @@ class Slot(nn.Module):
             return "a per-feature scale is exactly zero (the fold could not be undone)"
         return None
 
-    @torch.no_grad()
+    def non_finite(self) -> str | None:
+        """'nan' or 'inf' when the ΔW that merge() would fold holds one (checked before anything is merged)."""
+        return self.linear_map().non_finite(self.composer.merge_factor())
+
     def merge(self, host: nn.Module) -> float | None:
         """Fold into `host`; returns the max abs rounding error for a 4-bit weight (requantized), else None."""
-        error = self._fold(host, +1)
+        self._merge_record, error = fold(host, self.linear_map(), self.composer.merge_factor(), self.chunk,
+                                         self.site in ACTIVATION_SITES)
         self.merged = True
         return error
 
-    @torch.no_grad()
-    def unmerge(self, host: nn.Module) -> None:
-        self._fold(host, -1)
+    def unmerge(self, host: nn.Module, name: str = "") -> None:
+        """Undo merge(): the original weights bit for bit (or the fold's inverse if they changed since)."""
+        if self._merge_record is None:  # cannot happen through merge(); a loud error rather than a silent skip
+            raise AttachError(f"unmerge: module '{name}' is marked merged but has no merge record")
+        unfold(host, self._merge_record, self.chunk, self.site in ACTIVATION_SITES, name)
+        self._merge_record = None
         self.merged = False
-
-    def _fold(self, host: nn.Module, sign: int) -> float | None:
-        linear, factor = self.linear_map(), self.composer.merge_factor()
-        if is_4bit(host):
-            return self._fold_4bit(host, linear, factor, sign)
-        weight = host.weight.T if is_transposed(host) else host.weight  # a view as [out, in]
-        dtype = weight.dtype
-        delta_b = None if linear.bias is None else (factor * linear.bias).to(dtype)
-        if not linear.diagonal:  # parallel at a projection
-            rows = chunk_rows(self.chunk, weight.shape[0])
-            weight[rows] += sign * (factor * linear.weight).to(dtype)
-            if delta_b is not None:
-                host.bias[rows] += sign * delta_b
-            return None
-        scale = (1 + factor * linear.weight).to(dtype)
-        if self.site in ACTIVATION_SITES:  # h is the host's input: u' = scale⊙u + c
-            if sign > 0 and delta_b is not None:
-                host.bias += weight @ delta_b
-            if sign > 0:
-                weight.mul_(scale[None, :])
-            else:
-                weight.div_(scale[None, :])
-            if sign < 0 and delta_b is not None:
-                host.bias -= weight @ delta_b
-            return None
-        rows = chunk_rows(self.chunk, weight.shape[0])
-        if sign > 0:
-            weight[rows] *= scale[:, None]
-        else:
-            weight[rows] /= scale[:, None]
-        if getattr(host, "bias", None) is not None:
-            shift = 0 if delta_b is None else delta_b
-            if sign > 0:
-                host.bias[rows] = host.bias[rows] * scale + shift
-            else:
-                host.bias[rows] = (host.bias[rows] - shift) / scale
-        return None
-
-    def _fold_4bit(self, host: nn.Module, linear: LinearMap, factor: float, sign: int) -> float | None:
-        rows = chunk_rows(self.chunk, host.out_features)
-        dtype = host.bias.dtype if host.bias is not None else torch.get_default_dtype()
-        if linear.bias is not None:
-            host.bias[rows] += sign * (factor * linear.bias).to(dtype)
-        if sign < 0:
-            restore_4bit(host, self._merge_undo)
-            self._merge_undo = None
-            return None
-        error, self._merge_undo = add_to_4bit(host, rows, (factor * linear.weight).to(dtype))
-        return error
 
 
 __all__ = ["LinearMap", "Slot", "capture_hook", "chunk_rows", "like"]

@@ -17,14 +17,17 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import MethodConfigError, allowed
+from .errors import MethodConfigError, allowed, read_utf8
 from .forms import FORMS, Form, form_of
-from .sites.names import ALL_AT, ALL_LINEAR, PROJECTION_SITES, SITES, STACKS
+from .sites.names import ALL_AT, ALL_LINEAR, NORM_SITES, PROJECTION_SITES, SITES, STACKS
 from .spec_values import (
     budget_value,
     choice_value,
     expect_value,
     layers_value,
+    load_yaml,
+    names_value,
+    no_repeats,
     positive_float_value,
     probability_value,
     scale_value,
@@ -32,7 +35,7 @@ from .spec_values import (
 
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scale", "gate", "sigmoid_gate")
-TRAIN_BASE = ("none", "all", "bias")
+TRAIN_BASE = ("none", "all", "bias", "layernorm")
 QUANTIZE = ("none", "nf4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 # Optimizer names a trainer reads from `method.optimizer` (QLoRA: paged 8-bit AdamW through bitsandbytes).
@@ -106,8 +109,13 @@ class ModuleSpec:
 class MethodSpec:
     name: str
     modules: tuple[ModuleSpec, ...] = ()
-    train_base: str = "none"  # which base weights stay trainable: none, all (full fine-tuning) or bias (BitFit)
-    train_head: bool = True  # the task head (classifier, LM head on a new vocabulary...) stays trainable
+    # which base weights stay trainable: none, all (full fine-tuning), bias (BitFit) or layernorm (Houlsby et al.
+    # train every LayerNorm of the base along with the adapters)
+    train_base: str = "none"
+    # A newly initialised task head (classifier, regression, tagging) trains; a pretrained LM head stays frozen.
+    train_head: bool = True
+    # Extra trainable modules, by name or name suffix (PEFT's modules_to_save), e.g. ["lm_head"] or ["embed_tokens"]
+    train_modules: tuple[str, ...] = ()
     # Equal-budget comparisons: "0.5%" of the base model's parameters or an added-parameter count. attach()
     # solves the module sizes for it (unipelt.budget) and the attached spec carries the sizes, budget None.
     budget: str | int | None = None
@@ -122,6 +130,8 @@ class MethodSpec:
         """A plain dict that load_method reads back into an equal spec (used in adapter files)."""
         out: dict[str, Any] = {"name": self.name, "train_base": self.train_base, "train_head": self.train_head}
         out["modules"] = [module.to_yaml() for module in self.modules]
+        if self.train_modules:
+            out["train_modules"] = list(self.train_modules)
         if self.budget is not None:
             out["budget"] = self.budget
         if self.quantize != "none":
@@ -141,8 +151,8 @@ class MethodSpec:
         return dataclasses.replace(self, modules=tuple(modules))
 
 
-METHOD_KEYS = ("name", "modules", "train_base", "train_head", "budget", "quantize", "compute_dtype", "double_quant",
-               "optimizer")
+METHOD_KEYS = ("name", "modules", "train_base", "train_head", "train_modules", "budget", "quantize", "compute_dtype",
+               "double_quant", "optimizer")
 
 
 def module_keys(form: Form) -> set[str]:
@@ -192,7 +202,7 @@ def _resolve_yaml(source: str | Path) -> Path:
 
 def _from_yaml(path: Path) -> MethodSpec:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(read_utf8(path, MethodConfigError, "method file"))
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise MethodConfigError(f"method file {path}: invalid YAML ({first})") from None
@@ -225,6 +235,7 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: 'modules' must be a list, got {type(modules_raw).__name__}")
     train_base = choice_value(raw.get("train_base", "none"), TRAIN_BASE, f"{where}: train_base")
     train_head = expect_value(raw.get("train_head", True), bool, f"{where}: train_head")
+    train_modules = names_value(raw.get("train_modules", []), f"{where}: train_modules")
     modules = []
     for index, module_raw in enumerate(modules_raw):
         modules.append(_build_module(module_raw, f"{where} module {index}", index))
@@ -248,7 +259,8 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
         raise MethodConfigError(f"{where}: quantize '{quantize}' freezes the base; train_base must be 'none'")
     if budget is not None and not modules:
         raise MethodConfigError(f"{where}: budget {budget!r} needs a module with a size to solve; this method has none")
-    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head, budget=budget,
+    return MethodSpec(name=name, modules=tuple(modules), train_base=train_base, train_head=train_head,
+                      train_modules=train_modules, budget=budget,
                       quantize=quantize, compute_dtype=compute_dtype, double_quant=double_quant, optimizer=optimizer)
 
 
@@ -272,7 +284,7 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
     if not at_raw:
         raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
-    at = tuple(choice_value(site, ALL_AT, f"{where}: at") for site in at_raw)
+    at = tuple(choice_value(site, ALL_AT, f"{where}: at") for site in no_repeats(at_raw, f"{where}: at"))
     insertion = choice_value(raw["insertion"], INSERTIONS, f"{where}: insertion")
     compose = choice_value(raw["compose"], COMPOSITIONS, f"{where}: compose")
     values: dict[str, Any] = {"form": form.name, "at": at, "insertion": insertion, "compose": compose}
@@ -285,7 +297,8 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     values["layers"] = layers_value(raw.get("layers", "all"), where)
     stacks = raw.get("stacks", list(STACKS))
     stacks = stacks if isinstance(stacks, (list, tuple)) else [stacks]
-    values["stacks"] = tuple(choice_value(s, STACKS, f"{where}: stacks") for s in stacks)
+    values["stacks"] = tuple(choice_value(s, STACKS, f"{where}: stacks")
+                             for s in no_repeats(stacks, f"{where}: stacks"))
     if not values["stacks"]:
         raise MethodConfigError(f"{where}: 'stacks' is empty (allowed: {allowed(STACKS)})")
     lr = raw.get("lr")
@@ -314,6 +327,9 @@ def _check_combination(form: Form, at: tuple[str, ...], insertion: str, compose:
             raise MethodConfigError(
                 f"{where}: form '{form.name}' cannot act at '{site}' (allowed at: {allowed(form.sites)})"
             )
+    if any(site in NORM_SITES for site in at) and insertion != "sequential":
+        raise MethodConfigError(f"{where}: site 'ffn.ln' reads LN(h + residual), the sub-layer's normalised output: "
+                                f"use insertion 'sequential' (got '{insertion}')")
     if insertion not in form.insertions:
         raise MethodConfigError(
             f"{where}: form '{form.name}' cannot use insertion '{insertion}' "

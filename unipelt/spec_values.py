@@ -3,9 +3,38 @@ one line naming the key (`where`) and, where it helps, the allowed values."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
+import yaml
+
 from .errors import MethodConfigError, allowed
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    value in silence: `dim: 8` then `dim: 64` would train with 64)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a repeated key (raises yaml.YAMLError naming the key and its line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def scale_value(raw: Mapping[str, Any], compose: str, where: str) -> float | str:
@@ -16,8 +45,8 @@ def scale_value(raw: Mapping[str, Any], compose: str, where: str) -> float | str
     value = raw["scale"]
     if value == "learned":
         return "learned"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MethodConfigError(f"{where}: scale must be a number or 'learned', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MethodConfigError(f"{where}: scale must be a finite number or 'learned', got {value!r}")
     return float(value)
 
 
@@ -31,7 +60,18 @@ def layers_value(value: Any, where: str) -> str | tuple[int, ...]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
             raise MethodConfigError(f"{where}: layers must hold integers, got {item!r}")
-    return tuple(value)
+    return tuple(no_repeats(value, f"{where}: layers"))
+
+
+def no_repeats(values: Any, where: str) -> Any:
+    """A list given twice the same item would place two modules under one name (the second replaces the first,
+    whose hooks would keep running): refuse it."""
+    seen = set()
+    for item in values:
+        if item in seen:
+            raise MethodConfigError(f"{where}: {item!r} is listed twice")
+        seen.add(item)
+    return values
 
 
 def budget_value(value: Any, where: str) -> str | int | None:
@@ -48,6 +88,14 @@ def budget_value(value: Any, where: str) -> str | int | None:
     raise MethodConfigError(
         f"{where}: expected a percentage of the base model like '0.5%' or a positive parameter count, got {value!r}"
     )
+
+
+def names_value(value: Any, where: str) -> tuple[str, ...]:
+    """A list of module names (a single name is accepted as a list of one)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
+        raise MethodConfigError(f"{where}: expected a list of module names, got {value!r}")
+    return tuple(value)
 
 
 def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
@@ -84,8 +132,8 @@ def positive_float_value(value: Any, where: str) -> float:
             value = float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise MethodConfigError(f"{where}: expected a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise MethodConfigError(f"{where}: expected a positive finite number, got {value!r}")
     return float(value)
 
 

@@ -35,20 +35,27 @@ class GpuLauncherConf:
     _target_: str = "hydra_plugins.unipelt_launcher.gpus.GpuLauncher"
     # Device ids to hand out, one per job at a time; None: every GPU visible (CUDA_VISIBLE_DEVICES or all).
     gpus: Optional[List[str]] = None
+    # Refuse to start (and fail a job) when CUDA sees no GPU; false hands the ids out as plain slots on a machine
+    # without GPUs (to try a sweep's scheduling on a CPU machine).
+    require_gpu: bool = True
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gpus", node=GpuLauncherConf, provider="unipelt")
 
 
-def visible_gpus(gpus: Optional[Sequence[Any]]) -> list[str]:
+def visible_gpus(gpus: Optional[Sequence[Any]], require_gpu: bool = True) -> list[str]:
+    import torch
+
+    count = torch.cuda.device_count()
     if gpus:
+        # named devices on a machine without any: every job would run on the CPU in silence
+        if count == 0 and require_gpu:
+            raise RuntimeError(f"hydra/launcher=gpus: hydra.launcher.gpus={list(gpus)} but no GPU is visible here "
+                               "(torch.cuda.device_count() is 0); use the default launcher")
         return [str(g) for g in gpus]
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed:
         return [g.strip() for g in listed.split(",") if g.strip()]
-    import torch
-
-    count = torch.cuda.device_count()
     if count == 0:
         raise RuntimeError("hydra/launcher=gpus: no GPU is visible; name devices with hydra.launcher.gpus=[0,1] "
                            "or use the default launcher")
@@ -56,8 +63,10 @@ def visible_gpus(gpus: Optional[Sequence[Any]]) -> list[str]:
 
 
 def _run_in_child(gpu: str, job_name: str, hydra_context: HydraContext, task_function: TaskFunction,
-                  config: DictConfig, conn: Any) -> None:
+                  config: DictConfig, conn: Any, require_gpu: bool = True) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this fresh process touches CUDA
+    if require_gpu:  # the job must see its GPU: a wrong id would leave it on the CPU in silence (device=auto)
+        os.environ["UNIPELT_REQUIRE_GPU"] = gpu
     # A fresh process: Hydra's resolvers and job name are set again here (the parent's resolvers are closures,
     # which plain pickling cannot send); the app's own registrations ran when the task function was imported.
     setup_globals()
@@ -85,9 +94,10 @@ class JobFailed(RuntimeError):
 
 
 class GpuLauncher(Launcher):
-    def __init__(self, gpus: Optional[Sequence[Any]] = None) -> None:
+    def __init__(self, gpus: Optional[Sequence[Any]] = None, require_gpu: bool = True) -> None:
         super().__init__()
         self.gpus = list(gpus) if gpus else None
+        self.require_gpu = require_gpu
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
@@ -100,7 +110,7 @@ class GpuLauncher(Launcher):
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        gpus = visible_gpus(self.gpus)
+        gpus = visible_gpus(self.gpus, self.require_gpu)
         log.info(f"Launching {len(job_overrides)} jobs on GPUs {', '.join(gpus)}, one GPU per job")
         configs = []
         for offset, overrides in enumerate(job_overrides):
@@ -123,7 +133,7 @@ class GpuLauncher(Launcher):
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_run_in_child, name=f"job{index}-gpu{gpu}",
                                           args=(gpu, job_name, self.hydra_context, self.task_function,
-                                                configs[index], send))
+                                                configs[index], send, self.require_gpu))
                 process.start()
                 send.close()
                 try:

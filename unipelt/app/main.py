@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import socket
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,11 @@ from .. import attach, count_parameters, load_method
 from ..errors import UnipeltError, allowed, one_line
 from ..optim import method_of
 from ..tasks import load_task_config, prepare_task
-from ..train import TrainConfig, distributed, fit, set_seed
+from ..train import TrainConfig, TrainingInterrupted, distributed, fit, set_seed
 from ..train.config import check as check_trainer
 from .by_method import apply_by_method
+from ..train.config import check_max_length
+from . import folders
 from .results import append_record
 from .schema import register
 from .tracking import Tracker, make_tracker
@@ -72,7 +76,15 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if cfg.model.dtype not in dtypes:
         raise UnipeltError(f"model.dtype: unknown value '{cfg.model.dtype}' (allowed: {allowed(dtypes)})")
-    model_type = AutoConfig.from_pretrained(path).model_type
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # not a folder with a config.json, not on the hub, or offline
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnipeltError(f"model.name_or_path '{path}': cannot load its config ({first[:300]})") from None
+    model_type = model_config.model_type
+    spec = load_method(cfg.method)
+    virtual = sum(m.length for m in spec.modules if m.form == "prompt")
+    check_max_length(train_cfg, model_config, virtual, f"model '{path}'")  # before any data is tokenized
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
     task = prepare_task(task_cfg, tokenizer, model_type=model_type, max_length=train_cfg.max_length,
                         max_train_samples=train_cfg.max_train_samples, max_eval_samples=train_cfg.max_eval_samples,
@@ -92,17 +104,27 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     spec = load_method(cfg.method)
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    for key, value in (cfg.get("lr_by_method") or {}).items():
+        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise UnipeltError(f"lr_by_method.{key} must be a positive finite number, got {value!r}")
     own_lr = (cfg.get("lr_by_method") or {}).get(spec.name)
     if own_lr is not None:
         train_cfg = dataclasses.replace(train_cfg, lr=float(own_lr))
     spec, train_cfg = apply_by_method(cfg.get("by_method"), spec, train_cfg)
     check_trainer(train_cfg)
+    path = str(cfg.model.name_or_path)
+    if path.startswith(("/", "./", "../", "~")) and not Path(os.path.expanduser(path)).exists():
+        raise UnipeltError(f"model.name_or_path '{path}' does not exist")
     return spec, task_cfg, train_cfg
 
 
 def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
     spec, task_cfg, train_cfg = validate(cfg)
     info = distributed.setup(train_cfg.device)
+    wanted_gpu = os.environ.get("UNIPELT_REQUIRE_GPU")  # set by hydra/launcher=gpus for the job's process
+    if wanted_gpu and info.device.type != "cuda":
+        raise UnipeltError(f"hydra/launcher=gpus gave this job GPU {wanted_gpu}, but it sees no CUDA device (device "
+                           f"'{info.device}'); check hydra.launcher.gpus")
     # every process writes checkpoints into rank 0's folder (torchrun starts each with its own clock)
     output_dir = Path(distributed.broadcast(str(job.output_dir), info))
     seed = int(cfg.seed)
@@ -119,7 +141,7 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
     if info.is_main:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         tracker = make_tracker(cfg.logger, config={**resolved, "method_solved": attached.to_dict(),
-                                                   "choices": job.choices},
+                                                   "choices": job.choices, "run_id": record["run_id"]},
                                group=cfg.name, name=_run_name(record), directory=str(output_dir),
                                tags=[f"method:{attached.name}", f"task:{task.name}", f"seed:{seed}"],
                                main_metric=record["main_metric"], greater_is_better=task.greater_is_better)
@@ -130,7 +152,8 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
     else:
         tracker = Tracker()
     try:
-        result = fit(model, task, train_cfg, output_dir, seed=seed, log=tracker.log, info=info)
+        result = fit(model, task, train_cfg, output_dir, seed=seed, log=tracker.log, info=info,
+                     settings=folders.result_config(cfg))
     finally:
         distributed.teardown(info)
     record.update(status="completed", metrics=result.metrics, score=result.score, best_step=result.best_step,
@@ -161,10 +184,18 @@ def run(cfg: DictConfig) -> float:
         except UnipeltError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+    try:
+        folders.check_writable(job.results_path)
+    except UnipeltError as exc:  # found now, not after hours of training
+        if job.number is None:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
     choices = job.choices
     record: dict[str, Any] = {
-        "status": "failed", "name": cfg.name, "seed": int(cfg.seed), "task": choices.get("task"),
-        "method": choices.get("method"), "model": choices.get("model"), "choices": choices,
+        "status": "failed", "run_id": uuid.uuid4().hex, "config": folders.result_config(cfg), "name": cfg.name,
+        "seed": int(cfg.seed), "task": choices.get("task"), "method": choices.get("method"),
+        "model": choices.get("model"), "choices": choices,
         "overrides": job.overrides, "job_num": job.number, "output_dir": str(job.output_dir),
         "model_path": cfg.model.name_or_path, "host": socket.gethostname(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -174,6 +205,11 @@ def run(cfg: DictConfig) -> float:
     start = time.perf_counter()
     try:
         return train_job(cfg, job, record, trackers)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:  # Ctrl-C / SIGTERM: one line, never a traceback
+        text = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted before training started"
+        record.update(status="interrupted", reason=f"{type(exc).__name__}: {text}")
+        print(f"interrupted: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except BaseException as exc:
         record.update(status="failed", reason=_one_line(exc))
         log.error(f"job failed: {record['reason']}")

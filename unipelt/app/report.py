@@ -1,6 +1,12 @@
-"""unipelt-report: a table (mean ± std over seeds per task × method, parameter %) and a params-vs-score plot from
-finished runs: local results files (results.jsonl, found recursively under the folders given) and, with
+"""unipelt-report: a table (mean ± std over seeds per task × method × setting, parameter %) and a params-vs-score
+plot from finished runs: local results files (results.jsonl, found recursively under the folders given) and, with
 `--wandb ENTITY/PROJECT`, runs fetched through wandb.Api. Failed jobs are listed with their reasons.
+
+Runs are grouped by everything that changes a result except the seed: besides task and method, every config key
+whose value differs between runs of the same task and method (an lr sweep, two models) splits the group, and the
+row's `setting` names those keys and values; a mean ± std is only ever over seeds. Each run counts once: a file
+reached through two paths is read once, a run's record seen twice (a local file and W&B) counts once, and for a run
+folder with several records (interrupted, then resumed) the latest one wins.
 
     unipelt-report multirun/default          # writes report.md, report.csv, params_vs_score.png there
     unipelt-report outputs multirun --out reports/ --wandb me/unipelt
@@ -10,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UnipeltError
+from .folders import result_config
 from .results import read_records
 
 TABLE, CSV, PLOT = "report.md", "report.csv", "params_vs_score.png"
@@ -36,52 +45,144 @@ class Row:
     added: int
     seeds: list[int]
     failed: int
+    setting: str = ""  # the swept keys (other than task, method and seed) that single out this group: "k=v, ..."
+
+
+def _run_key(record: dict[str, Any]) -> str:
+    """What identifies a run: its folder (resolved), else its run id, else the record itself."""
+    folder = record.get("output_dir")
+    if folder:
+        source = Path(str(record.get("source", "."))).parent
+        return "dir:" + os.path.realpath(Path(source, folder))
+    return f"id:{record.get('run_id') or id(record)}"
+
+
+def latest_per_run(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per run: W&B copies of local runs dropped (same run id), and the latest record of a folder."""
+    records = list(records)
+    local_ids = {r.get("run_id") for r in records if r.get("run_id") and not str(r.get("source", "")).startswith(
+        "wandb:")}
+    kept: dict[str, tuple[int, dict[str, Any]]] = {}
+    for order, record in enumerate(records):
+        if str(record.get("source", "")).startswith("wandb:") and record.get("run_id") in local_ids:
+            continue
+        key = _run_key(record)
+        stamp = (str(record.get("finished") or ""), order)
+        if key not in kept or stamp >= kept[key][0]:
+            kept[key] = (stamp, record)
+    return [record for _, record in sorted(kept.values(), key=lambda item: item[0][1])]
+
+
+def _settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's result-changing settings: its flat `config`, else its `key=value` overrides (older records)."""
+    config = record.get("config")
+    if isinstance(config, dict):
+        found = dict(config)
+    else:
+        overrides = record.get("overrides")
+        overrides = overrides if isinstance(overrides, list) else []
+        found = dict(str(o).split("=", 1) for o in overrides if "=" in str(o) and not str(o).startswith("hydra"))
+        found = {k.lstrip("+~"): v for k, v in found.items()}
+    for key in ("seed", "task", "method"):
+        found.pop(key, None)
+    return found
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _checked(record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose numbers are numbers, or one line naming its file, its run and the field."""
+    def bad(field: str, value: Any) -> UnipeltError:
+        run = record.get("output_dir") or record.get("run_id") or f"seed {record.get('seed')}"
+        return UnipeltError(f"results: {record.get('source', 'a record')}: run {run} has {field} {value!r}, not a "
+                            "number")
+
+    score = record.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        raise bad("score", score)
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", seed)
+    params = record.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise bad("params", params)
+    for field in ("percent", "added"):
+        value = (params or {}).get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"params.{field}", value)
+    return record
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if any(not math.isfinite(v) for v in values):  # a NaN score is shown, never averaged away, never a crash
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Completed runs grouped by (task, method); returns the rows and the failed records."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    failed_by: dict[tuple[str, str], int] = defaultdict(int)
-    failed = []
+    """Completed runs grouped by (task, method, differing settings); returns the rows and the failed records."""
+    records = [_checked(r) for r in latest_per_run(records)]
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        key = (str(record.get("task")), str(record.get("method")))
-        if record.get("status") == "completed" and record.get("score") is not None:
-            groups[key].append(record)
-        else:
-            failed.append(record)
-            failed_by[key] += 1
+        by_pair[(str(record.get("task")), str(record.get("method")))].append(record)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    failed_by: dict[tuple, int] = defaultdict(int)
+    failed = []
+    for (task, method), runs in by_pair.items():
+        settings = [_settings(r) for r in runs]
+        keys = sorted({k for s in settings for k in s})
+        differing = [k for k in keys
+                     if len({json.dumps(s.get(k, "(unset)"), default=str, sort_keys=True) for s in settings}) > 1]
+        for record, found in zip(runs, settings):
+            setting = ", ".join(f"{k}={found.get(k, '(unset)')}" for k in differing)
+            key = (task, method, setting)
+            record["setting"] = setting
+            if record.get("status") == "completed" and record.get("score") is not None:
+                groups[key].append(record)
+            else:
+                failed.append(record)
+                failed_by[key] += 1
     rows = []
-    for (task, method), runs in sorted(groups.items()):
+    for (task, method, setting), runs in sorted(groups.items()):
         scores = [float(r["score"]) for r in runs]
-        percents = [float(r.get("params", {}).get("percent", math.nan)) for r in runs]
-        added = [int(r.get("params", {}).get("added", 0)) for r in runs]
-        rows.append(Row(task=task, method=method, metric=str(runs[0].get("main_metric")), n=len(runs),
-                        mean=statistics.fmean(scores), std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                        percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
-                        seeds=sorted(int(r.get("seed", 0)) for r in runs), failed=failed_by.get((task, method), 0)))
+        percents = [_number((r.get("params") or {}).get("percent")) for r in runs]
+        added = [int((r.get("params") or {}).get("added") or 0) for r in runs]
+        mean, std = _mean_std(scores)
+        rows.append(Row(task=task, method=method, metric=str(runs[0].get("main_metric")), n=len(runs), mean=mean,
+                        std=std, percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
+                        seeds=sorted(int(r.get("seed") or 0) for r in runs),
+                        failed=failed_by.get((task, method, setting), 0), setting=setting))
     return rows, failed
 
 
 def format_table(rows: list[Row], failed: list[dict[str, Any]]) -> str:
-    lines = ["| task | method | metric | score (mean ± std) | seeds | params % | added params | failed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | setting | metric | score (mean ± std) | seeds | params % | added params | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.task} | {r.method} | {r.metric} | {r.mean:.4f} ± {r.std:.4f} | {r.n} | "
-                     f"{r.percent:.4f} | {r.added:,} | {r.failed} |")
+        lines.append(f"| {r.task} | {r.method} | {r.setting or '-'} | {r.metric} | {r.mean:.4f} ± {r.std:.4f} | "
+                     f"{r.n} | {r.percent:.4f} | {r.added:,} | {r.failed} |")
+    swept = sorted({part.split("=", 1)[0] for r in rows for part in r.setting.split(", ") if part})
+    if swept:
+        lines += ["", f"Runs of one task and method that differ in {', '.join(swept)} are separate rows; each mean is "
+                      "over seeds only."]
     if failed:
-        lines += ["", f"Failed jobs ({len(failed)}):", ""]
+        lines += ["", f"Failed or interrupted jobs ({len(failed)}):", ""]
         for record in failed:
-            lines.append(f"- {record.get('task')} / {record.get('method')} / seed {record.get('seed')}: "
-                         f"{record.get('reason', 'no reason recorded')}")
+            setting = f" / {record['setting']}" if record.get("setting") else ""
+            lines.append(f"- {record.get('task')} / {record.get('method')}{setting} / seed {record.get('seed')}: "
+                         f"{record.get('status', 'failed')}: {record.get('reason', 'no reason recorded')}")
     return "\n".join(lines)
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["task", "method", "metric", "mean", "std", "n", "seeds", "params_percent", "added", "failed"])
+        writer.writerow(["task", "method", "setting", "metric", "mean", "std", "n", "seeds", "params_percent", "added",
+                         "failed"])
         for r in rows:
-            writer.writerow([r.task, r.method, r.metric, r.mean, r.std, r.n, " ".join(map(str, r.seeds)),
+            writer.writerow([r.task, r.method, r.setting, r.metric, r.mean, r.std, r.n, " ".join(map(str, r.seeds)),
                              r.percent, r.added, r.failed])
 
 
@@ -96,8 +197,9 @@ def plot(rows: list[Row], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for r in (r for r in rows if r.task == task):
-            ax.errorbar([r.percent], [r.mean], yerr=[r.std], fmt="o", capsize=3, label=r.method)
-            ax.annotate(r.method, (r.percent, r.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            label = f"{r.method} ({r.setting})" if r.setting else r.method
+            ax.errorbar([r.percent], [r.mean], yerr=[r.std], fmt="o", capsize=3, label=label)
+            ax.annotate(label, (r.percent, r.mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if any(r.task == task and r.percent > 0 for r in rows):
             ax.set_xscale("log")
         metric = next((r.metric for r in rows if r.task == task), "score")
@@ -123,7 +225,8 @@ def wandb_records(project: str, filters: dict[str, Any] | None = None) -> list[d
             "reason": f"W&B state {run.state}", "score": summary.get(main) if main else None,
             "main_metric": main[len("best/"):] if main else None,
             "params": {"percent": summary.get("params/percent"), "added": summary.get("params/added")},
-            "source": f"wandb:{project}/{run.id}",
+            "source": f"wandb:{project}/{run.id}", "run_id": config.get("run_id") or run.id,
+            "config": result_config(dict(config)),
         })
     return records
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import UnipeltError
+from ..errors import UnipeltError, read_utf8
 from ..io import atomic_write
 
 RESULTS_NAME = "results.jsonl"
@@ -46,19 +46,25 @@ def result_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(source)
         else:
             raise UnipeltError(f"results: {source} is neither a results file nor a directory")
-    return files
+    unique: dict[str, Path] = {}
+    for path in files:  # one file reached through two paths (a symlink, overlapping folders) is read once
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def read_records(sources: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     records = []
     for path in result_files(sources):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = read_utf8(path, UnipeltError, "results")
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UnipeltError(f"results: {path}:{number} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise UnipeltError(f"results: {path}:{number} is not a JSON object")
             record.setdefault("source", str(path))
             records.append(record)
     return records

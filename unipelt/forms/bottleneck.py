@@ -8,6 +8,7 @@ matrix products.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,16 @@ class BottleneckOptions:
     dropout: float = option(0.0, "dropout on the form's input", probability_value)
     bias: bool | None = option(None, "biases in down and up; default on for adapters, off for LoRA inits",
                                optional(expect(bool)))
+    reduction_factor: int | None = option(None, "width d / reduction_factor at each site (AdapterHub's; overrides "
+                                                "dim)", optional(positive_int_value))
+
+    def width(self, d_in: int) -> int:
+        """The bottleneck width at a site whose form reads d_in features."""
+        return self.dim if self.reduction_factor is None else max(1, d_in // self.reduction_factor)
+
+    def at_site(self, d_in: int) -> "BottleneckOptions":
+        """These options with `dim` the width at a site reading d_in features."""
+        return dataclasses.replace(self, dim=self.width(d_in), reduction_factor=None)
 
     @property
     def has_bias(self) -> bool:
@@ -195,14 +206,19 @@ class BottleneckForm(Form):
     compositions = ("add", "scale", "sigmoid_gate")
     size_key = "dim"
 
+    def with_size(self, options: BottleneckOptions, size: int) -> BottleneckOptions:
+        # a solved width replaces a width set as d / reduction_factor
+        return dataclasses.replace(options, dim=size, reduction_factor=None)
+
     def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
               modules: dict[str, nn.Module]) -> Built:
         slots = []
         for p in placements:
+            options = spec.options.at_site(p.d_in)
             if p.kind == "heads":
-                form = HeadBottleneck(spec, p.d_in, p.n_heads, p.head_dim)
+                form = HeadBottleneck(options, p.d_in, p.n_heads, p.head_dim)
             else:
-                form = Bottleneck(spec, p.d_in, p.d_out)
+                form = Bottleneck(options, p.d_in, p.d_out)
             # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
             # sequential adapter).
             slots.append(Slot(spec, form, Composer(spec, p.d_in), p.site, p.chunk))
@@ -214,7 +230,8 @@ class BottleneckForm(Form):
         o = spec.options
         total = 0
         for p in placements:
-            hidden, d_out = (p.n_heads * o.dim, p.n_heads * p.head_dim) if p.kind == "heads" else (o.dim, p.d_out)
+            width = o.width(p.d_in)
+            hidden, d_out = (p.n_heads * width, p.n_heads * p.head_dim) if p.kind == "heads" else (width, p.d_out)
             up = hidden * (p.head_dim if p.kind == "heads" else d_out)
             total += p.d_in * hidden + up + ((hidden + d_out) if o.has_bias else 0)
             total += 2 * p.d_in * (o.layernorm == "in") + 2 * d_out * (o.layernorm == "out")

@@ -1,13 +1,19 @@
-"""The svd functional form (AdaLoRA, Zhang et al. 2023): Δh = P·diag(λ ⊙ m)·Q·x.
+"""The svd functional form (AdaLoRA, Zhang et al. 2023): Δh = s·P·diag(λ)·Q·x, s = alpha / init_r.
 
-P (d_out × r) and Q (r × d_in) play the singular vectors, λ the singular values; m is the 0/1 mask the rank
-allocator (unipelt/rank_allocator.py) sets when it prunes triplets (P[:, i], λ_i, Q[i, :]) to the budget. As in
-the paper, λ starts at zero (the module starts as the identity) and P, Q are Gaussian; the orthogonal
-regulariser γ·(‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F) keeps P and Q near-orthogonal so that λ stays a faithful importance.
+P (d_out × r) and Q (r × d_in) play the singular vectors, λ the singular values. As in the reference code
+(QingruZhang/AdaLoRA loralib/adalora.py, and PEFT), λ starts at zero, P and Q are N(0, 0.02), and the rank
+allocator (unipelt/rank_allocator.py) prunes a triplet (P[:, i], λ_i, Q[i, :]) by zeroing λ_i alone: λ_i keeps its
+gradient, so a triplet pruned at one masking step can come back at the next. `rank_mask` records the allocator's
+last decision; only once the pattern is final (`mask_is_final`, the last t_f steps and after) does the forward
+multiply by it, and only then do saving, export and counting drop the pruned triplets.
+
+The orthogonal regulariser of the reference is γ times the mean, over all P and Q matrices of one method module,
+of the unsquared ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (`orthogonality_norms` here, averaged by `OrthogonalRegulariser`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -16,12 +22,12 @@ from torch import nn
 
 from ..compose import Composer
 from ..errors import MethodConfigError
-from ..full_tensor import full
+from ..full_tensor import full, laid_out_like
 from ..rank_allocator import RankAllocator
 from ..sites.names import ALL_LINEAR, PROJECTION_SITES
 from ..slot import LinearMap, Slot
-from ..spec_values import positive_int_value, probability_value
-from .base import Built, Counts, Form, option, register
+from ..spec_values import positive_float_value, positive_int_value, probability_value
+from .base import Built, Counts, Form, option, optional, register
 from .bottleneck import matmul_input
 
 if TYPE_CHECKING:
@@ -30,8 +36,8 @@ if TYPE_CHECKING:
 
 
 def _schedule_point(value: Any, where: str) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-            isinstance(value, float) and value >= 1):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+            isinstance(value, float) and not value < 1):
         key = where.rpartition(": ")[2]
         raise MethodConfigError(f"{where.rpartition(': ')[0]}: {key} must be a step count (int >= 0) or a fraction "
                                 f"of the run (float in [0, 1)), got {value!r}")
@@ -39,7 +45,7 @@ def _schedule_point(value: Any, where: str) -> int | float:
 
 
 def _non_negative(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         key = where.rpartition(": ")[2]
         raise MethodConfigError(f"{where.rpartition(': ')[0]}: {key} must be a number >= 0, got {value!r}")
     return float(value)
@@ -62,17 +68,19 @@ class SVDOptions:
     target_r: int = option(8, "average rank per matrix after pruning (the final budget)", positive_int_value)
     tinit: int | float = option(0.1, "warm-up before pruning: steps (int) or fraction of the run (float)",
                                 _schedule_point)
-    tfinal: int | float = option(0.3, "final fine-tuning at the target budget: steps or fraction", _schedule_point)
-    delta_t: int = option(10, "steps between two budget updates", positive_int_value)
+    tfinal: int | float = option(0.5, "final fine-tuning at the target budget: steps or fraction", _schedule_point)
+    delta_t: int = option(100, "steps between two budget updates", positive_int_value)
     beta1: float = option(0.85, "smoothing of the sensitivity", probability_value)
     beta2: float = option(0.85, "smoothing of the uncertainty", probability_value)
     orth_reg_weight: float = option(0.1, "weight γ of the orthogonal regulariser", _non_negative)
     rank_pattern: tuple[tuple[str, int], ...] | None = option(
         None, "pruned ranks 'stack.layer.site' -> r of a saved adapter (written by save_adapter)", _rank_pattern)
+    alpha: float | None = option(None, "sets the scale to alpha / init_r (the reference's lora_alpha / ranknum)",
+                                 optional(positive_float_value))
 
 
 class SVDDelta(nn.Module):
-    """One target matrix's update in SVD form, with a rank mask and its orthogonal regulariser."""
+    """One target matrix's update in SVD form, with the allocator's rank mask."""
 
     def __init__(self, spec: "ModuleSpec | SVDOptions", d_in: int, d_out: int, rank: int) -> None:
         super().__init__()
@@ -81,19 +89,39 @@ class SVDDelta(nn.Module):
         self.right = nn.Parameter(torch.empty(rank, d_in).normal_(std=0.02))  # Q
         # Not persistent: the mask is an allocator decision, saved as the pruned shapes (rank_pattern) instead.
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool), persistent=False)
-        self.orth_reg_weight = spec.orth_reg_weight
+        self.mask_is_final = False
 
     @property
     def rank(self) -> int:
         return self.singular.shape[0]
 
     @property
-    def effective_rank(self) -> int:
+    def allocated_rank(self) -> int:
+        """Triplets the allocator kept at its last masking step."""
         if self.rank_mask.is_meta:  # counting from a config: nothing pruned yet
             return self.rank
         return int(self.rank_mask.sum())
 
+    @property
+    def effective_rank(self) -> int:
+        """Triplets that can still act: all of them until the pattern is final, then the kept ones."""
+        return self.allocated_rank if self.mask_is_final else self.rank
+
+    def kept_indices(self) -> torch.Tensor:
+        if not self.mask_is_final:
+            return torch.arange(self.rank, device=self.singular.device)
+        return self.rank_mask.nonzero().flatten()
+
+    @torch.no_grad()
+    def apply_mask(self, keep: torch.Tensor, final: bool = False) -> None:
+        """The allocator's decision: record it and zero the pruned λ (P and Q stay, as in the reference)."""
+        self.rank_mask.copy_(keep.to(self.rank_mask.device))
+        self.singular.masked_fill_(laid_out_like(~self.rank_mask, self.singular), 0.0)
+        self.mask_is_final = self.mask_is_final or final
+
     def masked_singular(self) -> torch.Tensor:
+        if not self.mask_is_final:
+            return self.singular
         return self.singular * self.rank_mask.to(self.singular.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,32 +134,42 @@ class SVDDelta(nn.Module):
 
     def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with Δh = B·A·x (PEFT interop): A = diag(λ)·Q, B = P, kept triplets only."""
-        keep = self.rank_mask.nonzero().flatten()
+        keep = self.kept_indices()
         return self.masked_singular()[keep][:, None] * self.right[keep], self.left[:, keep]
 
     def lora_mismatch(self, options: SVDOptions) -> str | None:
         return None
 
-    def orthogonality(self) -> torch.Tensor:
-        """‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F (the paper's R(P, Q))."""
+    def orthogonality_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared as in the reference code."""
         # outside the forward, where a sharded model holds only shards: the whole P and Q (identity unsharded)
-        left_full, right_full = full(self.left), full(self.right)
-        eye = torch.eye(self.rank, device=left_full.device, dtype=left_full.dtype)
-        left = left_full.T @ left_full - eye
-        right = right_full @ right_full.T - eye
-        return (left ** 2).sum() + (right ** 2).sum()
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        if self.orth_reg_weight == 0 or self.rank == 0:
-            return None
-        return self.orth_reg_weight * self.orthogonality()
+        whole_left, whole_right = full(self.left), full(self.right)
+        eye = torch.eye(self.rank, device=whole_left.device, dtype=whole_left.dtype)
+        left = torch.linalg.matrix_norm(whole_left.T @ whole_left - eye)
+        right = torch.linalg.matrix_norm(whole_right @ whole_right.T - eye)
+        return left, right
 
     def pruned_parameters(self) -> dict[str, torch.Tensor]:
-        """The kept triplets only: what is saved (pruned shapes); the dropped ones contribute exactly zero."""
+        """The triplets that can act: what is saved (pruned shapes once the pattern is final)."""
         if self.effective_rank == self.rank:
             return {"left": self.left, "singular": self.singular, "right": self.right}
-        keep = self.rank_mask.nonzero().flatten()
+        keep = self.kept_indices()
         return {"left": self.left[:, keep], "singular": self.singular[keep], "right": self.right[keep]}
+
+
+class OrthogonalRegulariser:
+    """γ · mean over the 2·n matrices (P and Q of each of n svd forms) of their orthogonality norm (Zhang et al.'s
+    R(P, Q) as their code and PEFT compute it). One per svd method module; reached through unipelt.optim."""
+
+    def __init__(self, weight: float, forms: list[SVDDelta]) -> None:
+        self.weight = weight
+        self.forms = forms
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        if self.weight == 0 or not self.forms:
+            return None
+        total = sum(sum(form.orthogonality_norms()) for form in self.forms)
+        return self.weight * total / (2 * len(self.forms))
 
 
 def _key(p: "Placement") -> str:
@@ -158,11 +196,24 @@ class SVDForm(Form):
                 raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
                                         f"({options.init_r}), got {rank!r}")
 
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        alpha = spec.options.alpha
+        if alpha is None:
+            return spec
+        if "scale" in raw or spec.compose != "scale":
+            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
+                                    f"'scale' and without 'scale'")
+        return spec.replace(scale=alpha / spec.options.init_r)
+
     def to_yaml(self, options: SVDOptions) -> dict[str, Any]:
         out = super().to_yaml(options)
         if options.rank_pattern is not None:
             out["rank_pattern"] = dict(options.rank_pattern)
         return out
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        if spec.options.alpha is not None:
+            entry.pop("scale", None)  # alpha / init_r gives it back
 
     def _ranks(self, spec: "ModuleSpec", placements: list["Placement"]) -> list[int]:
         pattern = spec.options.rank_pattern
@@ -183,8 +234,11 @@ class SVDForm(Form):
         forms = [SVDDelta(spec.options, p.d_in, p.d_out, rank)
                  for p, rank in zip(placements, self._ranks(spec, placements))]
         slots = [Slot(spec, form, Composer(spec, p.d_in), p.site, p.chunk) for p, form in zip(placements, forms)]
-        controllers = {}
-        if spec.options.rank_pattern is None:  # still to be pruned: one allocator, one global budget
+        # The orthogonal regulariser is a mean over all the module's matrices, so it sees them all; while the ranks
+        # are still to be pruned (no rank_pattern yet), one allocator keeps one global budget.
+        controllers: dict[str, Any] = {
+            f"unipelt_{spec.name}_orthogonal_regulariser": OrthogonalRegulariser(spec.options.orth_reg_weight, forms)}
+        if spec.options.rank_pattern is None:
             allocator = RankAllocator(spec, {_key(p): form for p, form in zip(placements, forms)})
             controllers[f"unipelt_{spec.name}_rank_allocator"] = allocator
         return Built(slots, controllers=controllers)

@@ -9,7 +9,10 @@ ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
 CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
 # ffn.act: the FFN's hidden activation (the input of ffn.down), where (IA)³ rescales the FFN.
 FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn.act", "ffn")
-SITES = ATTN_SITES + CROSS_SITES + FFN_SITES
+# AdapterHub's Pfeiffer placement (UniPELT's adapter uses it): post-LN layers (BERT, BART): Δ reads LN(h + residual)
+# and is added before that LayerNorm, which is applied again; pre-LN layers: Δ reads h + residual and is added to it.
+NORM_SITES = ("ffn.ln",)
+SITES = ATTN_SITES + CROSS_SITES + FFN_SITES + NORM_SITES
 HEAD_SITES = ("attn.heads", "cross_attn.heads")
 # Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
 PROJECTION_SITES = tuple(s for s in SITES if s.rpartition(".")[2] in ("q", "k", "v", "o", "up", "gate", "down"))
@@ -23,4 +26,4 @@ ALL_AT = SITES + INPUT_SITES + (ALL_LINEAR,)
 STACKS = ("encoder", "decoder")
 
 __all__ = ["ACTIVATION_SITES", "ALL_AT", "ALL_LINEAR", "ATTN_SITES", "CROSS_SITES", "FFN_SITES", "HEAD_SITES",
-           "INPUT_SITES", "PROJECTION_SITES", "SITES", "STACKS"]
+           "INPUT_SITES", "NORM_SITES", "PROJECTION_SITES", "SITES", "STACKS"]

@@ -42,9 +42,20 @@ class Heads:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """The FFN output as AdapterHub's Pfeiffer adapter reads it. Post-LN layers: `ln` is the output LayerNorm (its
+    input is h + residual). Pre-LN layers (`pre_ln`): `ln` is the module whose output is h + residual itself (the
+    layer, or T5's FFN block), and `down` the FFN's output projection (for the width)."""
+
+    ln: str
+    pre_ln: bool = False
+    down: str = ""
+
+
+@dataclass(frozen=True)
 class Stack:
     path: str  # the ModuleList of layers, relative to model.base_model
-    sites: dict[str, Projection | SubLayer | Heads | Activation] = field(default_factory=dict)
+    sites: dict[str, Projection | SubLayer | Heads | Activation | Norm] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ _BERT = Family(
             {
                 **attention_sites("attn", "attention.self", "query", "key", "value", "attention.output.dense"),
                 **ffn_sites("intermediate", "intermediate.dense", "output.dense"),
+                "ffn.ln": Norm("output.LayerNorm"),
             },
         )
     },
@@ -109,6 +121,7 @@ _GPT2 = Family(
                 "attn.k": Projection("attn.c_attn", (1, 3)),
                 "attn.v": Projection("attn.c_attn", (2, 3)),
                 **ffn_sites("mlp", "mlp.c_fc", "mlp.c_proj"),
+                "ffn.ln": Norm("", pre_ln=True, down="mlp.c_proj"),
             },
         )
     },
@@ -123,6 +136,7 @@ _LLAMA = Family(
             {
                 **attention_sites("attn", "self_attn", "q_proj", "k_proj", "v_proj", "self_attn.o_proj"),
                 **ffn_sites("mlp", "mlp.up_proj", "mlp.down_proj", gate="mlp.gate_proj"),
+                "ffn.ln": Norm("", pre_ln=True, down="mlp.down_proj"),
             },
         )
     },
@@ -130,7 +144,7 @@ _LLAMA = Family(
     inputs=Inputs("embed_tokens"),
 )
 
-_BART_FFN = ffn_sites("fc1", "fc1", "fc2")
+_BART_FFN = {**ffn_sites("fc1", "fc1", "fc2"), "ffn.ln": Norm("final_layer_norm")}
 _BART = Family(
     stacks={
         "encoder": Stack(
@@ -161,6 +175,7 @@ def _t5_ffn(index: int) -> dict:
         "ffn.down": Projection(f"{ffn}.wo"),
         "ffn": SubLayer(x=ffn, h=f"{ffn}.wo"),
         "ffn.act": Activation(h=f"{ffn}.wo", x=ffn, up=f"{ffn}.wi|{ffn}.wi_1"),
+        "ffn.ln": Norm(f"layer.{index}", pre_ln=True, down=f"{ffn}.wo"),
     }
 
 

@@ -13,9 +13,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..errors import DataError, allowed
+from ..errors import DataError, allowed, read_utf8
+from ..spec_values import load_yaml
 from .metrics import METRICS_BY_KIND, SENTENCE_SPLITS
 
+QUOTINGS = ("csv", "none")  # of local TSV / CSV files (unipelt.tasks.files reads them)
 KINDS = ("classification", "regression", "tagging", "summarization", "translation")
 GENERATION_KINDS = ("summarization", "translation")
 
@@ -32,6 +34,9 @@ class TaskConfig:
     # split names: "train" (or null for an evaluation-only task) and "eval" (one name or a list of names)
     splits: dict = field(default_factory=lambda: {"train": "train", "eval": ["validation"]})
     files: dict | None = None  # split -> file name (relative to data_dir) or path, overriding <split>.<ext>
+    # TSV / CSV quoting: "csv" ("..." around a field holding a delimiter, quote or line break; inner quotes doubled:
+    # Python's csv module, pandas, the files in ../shared/data) or "none" (quotes are text: the official GLUE files)
+    quoting: str = "csv"
     # classification/regression: one or two text columns (a sentence pair); tagging: the word-list column;
     # generation: [source, target]
     text_columns: list[str] = field(default_factory=list)
@@ -77,7 +82,7 @@ def load_task_config(source: Any) -> TaskConfig:
     if isinstance(source, (str, Path)):
         path = _resolve_yaml(source)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = load_yaml(read_utf8(path, DataError, "task file"))
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "parse error"
             raise DataError(f"task file {path}: invalid YAML ({first})") from None
@@ -135,6 +140,8 @@ def _validate(cfg: TaskConfig) -> TaskConfig:
         value = getattr(cfg, key)
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: {key} must be a string or null, got {value!r}")
+    if cfg.quoting not in QUOTINGS:
+        raise DataError(f"{where}: quoting: unknown value {cfg.quoting!r} (allowed: {allowed(QUOTINGS)})")
     if cfg.hub is None and cfg.data_dir is None:
         raise DataError(f"{where}: set 'hub' (a hub dataset id) or 'data_dir' (a local folder)")
     splits = _splits(cfg.splits, where)

@@ -182,6 +182,13 @@ def prepare_task(cfg: TaskConfig | Mapping | Any, tokenizer: PreTrainedTokenizer
     tokenizer, language_start = with_languages(task, tokenizer)
     if "rougeLsum" in task.metrics:
         check_sentence_split(task.sentence_split)
+    pair = len(task.text_columns) == 2 and task.kind in ("classification", "regression")
+    reserved = tokenizer.num_special_tokens_to_add(pair=pair)
+    needed = reserved + (2 if pair else 1)  # one token of each text at least
+    if max_length < needed:  # the tokenizer would ignore the limit (it cannot cut its special tokens) or keep no text
+        raise DataError(f"prepare_task: max_length {max_length} leaves no room for text: the tokenizer adds "
+                        f"{reserved} special tokens to {'a sentence pair' if pair else 'a text'}; use max_length >= "
+                        f"{needed}")
 
     train_raw = load_split(task, task.splits["train"]) if task.splits["train"] else None
     eval_raw = {split: load_split(task, split) for split in task.splits["eval"]}

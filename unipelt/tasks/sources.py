@@ -8,15 +8,15 @@ line, the tag in the last column, a blank line between sentences, -DOCSTART- lin
 
 from __future__ import annotations
 
-import contextlib
-import csv
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError, allowed
+from ..errors import DataError, allowed, read_utf8
 from .config import GENERATION_KINDS, TaskConfig
+from .files import read_delimited, read_json_rows
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json", ".conll")
 
@@ -50,7 +50,7 @@ def load_split(cfg: TaskConfig, split: str) -> RawSplit:
     # only the columns the task reads are copied out of the (memory-mapped) table
     wanted = [c for c in found if c in needed or c == cfg.translation_column]
     if isinstance(table, dict):
-        columns = {c: table[c] for c in wanted}
+        columns = {c: table[c] for c in wanted if c in table}
     else:  # a datasets.Dataset: one columnar read, not a Python loop over rows
         columns = dict(table.select_columns(wanted)[:]) if wanted else {}
     columns = _flatten_translation(cfg, columns, origin, row_name, where)
@@ -93,61 +93,35 @@ def _local_path(cfg: TaskConfig, split: str) -> Path:
 
 
 def _read_local(path: Path, cfg: TaskConfig, split: str) -> tuple[Any, Callable[[int], str]]:
-    """The file as a `datasets.Dataset` (or a dict of columns for .conll) and how to name its rows."""
+    """The file's columns (only those the task reads, as lists) and how to name its rows."""
     where = f"task '{cfg.name}'"
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        blank = not handle.read(1 << 16).strip()
+    with open(path, "rb") as handle:
+        blank = not handle.read(1 << 16).lstrip(b"\xef\xbb\xbf").strip()
     if blank:
         raise DataError(f"{where}: split '{split}' file {path} is empty")
     suffix = path.suffix.lower()
     if suffix == ".conll":
         return _read_conll(path, cfg)
-    import datasets
-
+    wanted = set(cfg.text_columns) | {cfg.label_column, cfg.translation_column}
     if suffix in (".tsv", ".csv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            header = next(reader)
-            has_rows = any(row for row in reader)
-        if len(set(header)) != len(header):
-            raise DataError(f"{where}: {path} has a repeated column name in its header ({allowed(header)})")
-        if not has_rows:
-            raise DataError(f"{where}: split '{split}' in {path} is empty (no data rows)")
         # every cell as text: labels are parsed below, and words such as "NA" must not become missing values
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        try:
-            with _quiet():
-                data = datasets.load_dataset("csv", data_files=str(path), delimiter=delimiter, features=features,
-                                             keep_default_na=False, na_filter=False, split="train")
-        except Exception as exc:  # malformed rows: pandas' reason, on one line
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{where}: cannot read {path} as {suffix[1:].upper()} with a header row ({first})") \
-                from None
-        return data, lambda i: f"line {i + 2}"
+        header, columns, row_name = read_delimited(path, where, "\t" if suffix == ".tsv" else ",", cfg.quoting,
+                                                   wanted.__contains__)
+        return _Table(header, columns), row_name
     if suffix in (".jsonl", ".json"):
-        try:
-            with _quiet():
-                data = datasets.load_dataset("json", data_files=str(path), split="train")
-        except Exception as exc:  # datasets wraps the parser's error; keep its first line
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(f"{where}: cannot read {path} as JSON lines ({first})") from None
-        return data, lambda i: f"line {i + 1}"
+        keys, columns, row_name = read_json_rows(path, where)
+        if not keys:
+            raise DataError(f"{where}: split '{split}' in {path} is empty (no data rows)")
+        return _Table(keys, {k: v for k, v in columns.items() if k in wanted}), row_name
     raise DataError(f"{where}: unsupported data file type '{suffix}' for {path} (allowed: {allowed(EXTENSIONS)})")
 
 
-@contextlib.contextmanager
-def _quiet():
-    """No "Generating train split" progress bar per local file (the hub's download bars stay)."""
-    import datasets
+class _Table(dict):
+    """Columns read from a local file, with every column name the file has (for error messages)."""
 
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
+    def __init__(self, names: list[str], columns: dict[str, list]):
+        super().__init__(columns)
+        self.column_names = names
 
 
 def _read_conll(path: Path, cfg: TaskConfig) -> tuple[dict[str, list], Callable[[int], str]]:
@@ -158,22 +132,22 @@ def _read_conll(path: Path, cfg: TaskConfig) -> tuple[dict[str, list], Callable[
     starts: list[int] = []
     words: list[str] = []
     labels: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            parts = line.split()
-            if parts and parts[0] == "-DOCSTART-":
-                continue
-            if not parts:
-                if words:
-                    sentences.append(words), tags.append(labels)
-                words, labels = [], []
-                continue
-            if len(parts) < 2:
-                raise DataError(f"task '{cfg.name}': line {number} of {path} has a word but no tag: {line.strip()!r}")
-            if not words:
-                starts.append(number)
-            words.append(parts[0])
-            labels.append(parts[-1])
+    text = read_utf8(path, DataError, f"task '{cfg.name}'")
+    for number, line in enumerate(text.split("\n"), start=1):
+        parts = line.split()
+        if parts and parts[0] == "-DOCSTART-":
+            continue
+        if not parts:
+            if words:
+                sentences.append(words), tags.append(labels)
+            words, labels = [], []
+            continue
+        if len(parts) < 2:
+            raise DataError(f"task '{cfg.name}': line {number} of {path} has a word but no tag: {line.strip()!r}")
+        if not words:
+            starts.append(number)
+        words.append(parts[0])
+        labels.append(parts[-1])
     if words:
         sentences.append(words), tags.append(labels)
     return {words_column: sentences, tags_column: tags}, lambda i: f"sentence {i + 1} (line {starts[i]})"
@@ -238,6 +212,8 @@ def _texts(cfg: TaskConfig, values: list, column: str, origin: str, row_name, wh
     for i, value in enumerate(values):
         if value is None:
             raise DataError(f"{where}: column '{column}' is missing a value at {row_name(i)} of {origin}")
+        if not isinstance(value, (str, int)) or isinstance(value, bool):  # a dict, list or NaN is no text
+            raise DataError(f"{where}: column '{column}' at {row_name(i)} of {origin} must be text, got {value!r}")
     return [v if isinstance(v, str) else str(v) for v in values]
 
 
@@ -249,10 +225,14 @@ def _labels(cfg: TaskConfig, values: list, words: list, origin: str, row_name, w
             try:
                 if isinstance(value, bool):
                     raise ValueError
-                out.append(float(value))
+                number = float(value)
             except (TypeError, ValueError):
                 raise DataError(f"{where}: label {value!r} in column '{column}' at {row_name(i)} of {origin} "
                                 f"is not a number (regression)") from None
+            if not math.isfinite(number):
+                raise DataError(f"{where}: label {value!r} in column '{column}' at {row_name(i)} of {origin} "
+                                f"is not a finite number (regression)")
+            out.append(number)
         return out
     if cfg.kind in GENERATION_KINDS:
         return list(values)

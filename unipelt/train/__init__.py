@@ -4,8 +4,8 @@ unipelt.tasks, never the app)."""
 from .checkpoint import BEST_ADAPTER, CHECKPOINT_DIR
 from .config import TrainConfig
 from .distributed import Dist
-from .loop import TrainingDiverged, TrainResult, fit
+from .loop import TrainingDiverged, TrainingInterrupted, TrainResult, fit
 from .seeding import set_seed
 
-__all__ = ["BEST_ADAPTER", "CHECKPOINT_DIR", "Dist", "TrainConfig", "TrainResult", "TrainingDiverged", "fit",
-           "set_seed"]
+__all__ = ["BEST_ADAPTER", "CHECKPOINT_DIR", "Dist", "TrainConfig", "TrainResult", "TrainingDiverged",
+           "TrainingInterrupted", "fit", "set_seed"]

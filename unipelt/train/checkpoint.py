@@ -22,6 +22,7 @@ from ..io import atomic_write, save_adapter
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST_ADAPTER = "best_adapter"
+REQUIRED_KEYS = ("trainable", "optimizer", "scheduler", "rng", "step", "epoch", "micro", "total_steps", "seed")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,9 +64,13 @@ def find_checkpoint(output_dir: Path) -> Path | None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         # weights_only=False: the file holds RNG states (NumPy arrays, Python tuples) that this run itself wrote.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a truncated or foreign file: say which one
         raise UnipeltError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UnipeltError(f"checkpoint {path} is not a unipelt training checkpoint (no '{missing[0]}')")
+    return saved
 
 
 def save_best_adapter(model: nn.Module, output_dir: Path) -> Path:

@@ -3,8 +3,9 @@ key (`trainer.lr_rate=...`) is an error that names it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import UnipeltError, allowed
 
@@ -38,8 +39,14 @@ class TrainConfig:
     eval_split: Optional[str] = None  # the split that picks the best checkpoint; None: the task's first
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
     checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: at every evaluation
+    # ...and at least every this many minutes (adapters and optimizer state only: cheap), so that a run killed
+    # between evaluations can be resumed; 0: only by steps / evaluations
+    checkpoint_minutes: float = 2.0
     save_best: bool = True  # keep the best adapter (adapter-only, unipelt.save_adapter) in best_adapter/
-    resume: bool = False  # continue from <output dir>/checkpoints/last.pt when it exists
+    resume: bool = False  # continue from <output dir>/checkpoints/last.pt (an error when there is none)
+    # stop as diverged when the mean loss of the last 10 steps exceeds this many times that of the first 10
+    # (NaN / inf always stop a run); 0: only NaN / inf
+    divergence_factor: float = 10.0
     log_every: int = 10
     progress: bool = True
     num_workers: int = 0
@@ -53,6 +60,9 @@ class TrainConfig:
 
 def check(cfg: TrainConfig) -> None:
     """One clear error naming the key, before anything is loaded."""
+    for key, value in vars(cfg).items():  # NaN passes every comparison below unnoticed; inf is never meant
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UnipeltError(f"trainer.{key} must be a finite number, got {value!r}")
     positive = {"lr": cfg.lr, "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size,
                 "grad_accum": cfg.grad_accum, "max_length": cfg.max_length, "log_every": cfg.log_every}
     for key, value in positive.items():
@@ -60,7 +70,8 @@ def check(cfg: TrainConfig) -> None:
             raise UnipeltError(f"trainer.{key} must be positive, got {value!r}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise UnipeltError(f"trainer: epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}) must be positive")
-    nonneg = {"weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "warmup_steps": cfg.warmup_steps,
+    nonneg = {"checkpoint_minutes": cfg.checkpoint_minutes, "divergence_factor": cfg.divergence_factor,
+              "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "warmup_steps": cfg.warmup_steps,
               "eval_every": cfg.eval_every, "checkpoint_every": cfg.checkpoint_every,
               "early_stopping_patience": cfg.early_stopping_patience, "num_workers": cfg.num_workers}
     for key, value in nonneg.items():
@@ -82,3 +93,23 @@ def check(cfg: TrainConfig) -> None:
     if cfg.strategy == "fsdp" and cfg.precision == "fp16":
         raise UnipeltError("trainer.precision 'fp16' is not supported with trainer.strategy 'fsdp' (its loss "
                            "scaler is not shard-aware); use precision=bf16 or fp32")
+
+
+def position_limit(config: Any, reserved: int = 0) -> int | None:
+    """How many tokens the model's position embeddings allow (None: no fixed limit, e.g. T5's relative positions),
+    less `reserved` (virtual prompt tokens). RoBERTa-style models start positions at pad_token_id + 1."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int) or getattr(config, "model_type", "") in ("t5", "mt5", "umt5"):
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit - reserved
+
+
+def check_max_length(cfg: TrainConfig, config: Any, reserved: int = 0, model: str = "the model") -> None:
+    """trainer.max_length must fit the model's positions (else the run crashes at its first long batch)."""
+    limit = position_limit(config, reserved)
+    if limit is not None and cfg.max_length > limit:
+        extra = f" after {reserved} virtual prompt tokens" if reserved else ""
+        raise UnipeltError(f"trainer.max_length {cfg.max_length} exceeds the {limit} positions of {model}{extra}; "
+                           f"set trainer.max_length<={limit}")

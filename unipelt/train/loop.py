@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,12 +19,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from .. import optim
+from .. import compat, optim
 from ..errors import UnipeltError, allowed
 from ..tasks.losses import token_cross_entropy
 from . import checkpoint as ckpt
-from . import distributed, sharding
-from .config import TrainConfig, check
+from . import distributed, runfolder, sharding
+from .config import TrainConfig, check, check_max_length
 from .optimizers import make_optimizer
 from .schedules import make_schedule
 from .seeding import epoch_order, rng_state, set_rng_state
@@ -32,7 +33,15 @@ LogFn = Callable[[dict[str, float], int], None]
 
 
 class TrainingDiverged(UnipeltError):
-    """The loss became NaN or infinite; the run stops and its last good checkpoint is kept."""
+    """The loss became NaN or infinite, or exploded (trainer.divergence_factor); the run stops, its last checkpoint
+    (if any) is kept."""
+
+
+class TrainingInterrupted(UnipeltError):
+    """Ctrl-C (SIGINT) or SIGTERM: the run stopped after saving a checkpoint at the last completed step."""
+
+
+DIVERGENCE_WINDOW = 10  # steps averaged at the start and at the end for trainer.divergence_factor
 
 
 @dataclass
@@ -109,6 +118,14 @@ class _Loop:
         self.recent_losses: list[float] = []
         self.resumed_from: int | None = None
         self.stopped_early = False
+        self.first_losses: list[float] = []  # the first DIVERGENCE_WINDOW step losses
+        self.window: list[float] = []  # the last DIVERGENCE_WINDOW step losses
+        self.saved_step: int | None = None  # the step of the checkpoint in the folder (None: none written)
+        self.last_save = time.monotonic()
+        # RNG state at the end of the last fully processed step (None while a step is being processed): what an
+        # interrupt saves, so that a resumed run replays exactly what the interrupted one would have done
+        self.boundary_rng: dict[str, Any] | None = rng_state()
+        self.settings: dict[str, Any] = {}  # what a resumed run must share with its checkpoint (set by fit)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -117,7 +134,8 @@ class _Loop:
             "rng": rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
             "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
             "best_state": self.best_state, "history": self.history, "recent_losses": self.recent_losses,
-            "total_steps": self.total_steps, "seed": self.seed,
+            "total_steps": self.total_steps, "seed": self.seed, "first_losses": self.first_losses,
+            "window": self.window, "settings": self.settings,
         }
         if not self.sharded:  # a sharded model and optimizer go to torch.distributed.checkpoint files instead
             state.update(trainable=ckpt.trainable_state(self.model), optimizer=self.optimizer.state_dict())
@@ -132,22 +150,13 @@ class _Loop:
         else:
             ckpt.load_trainable_state(self.model, state)
 
-    def find_checkpoint(self) -> Path | None:
-        """This run's kind of checkpoint; the other kind (sharded vs whole) is refused, not silently ignored."""
-        mine, other = ((sharding.find_checkpoint, ckpt.find_checkpoint) if self.sharded
-                       else (ckpt.find_checkpoint, sharding.find_checkpoint))
-        found, foreign = mine(self.output_dir), other(self.output_dir)
-        if found is None and foreign is not None:
-            written = "fsdp with several processes" if not self.sharded else "ddp or one process"
-            raise UnipeltError(f"checkpoint {foreign} was written with trainer.strategy {written}; resume it the "
-                               "same way (strategy and number of processes)")
-        return found
-
     def restore(self, path: Path) -> None:
         if self.sharded:
             saved = sharding.load_checkpoint(path, self.model, self.optimizer, self.info)
         else:
             saved = ckpt.load_checkpoint(path)
+        if "settings" in saved:  # checkpoints of older versions carry only the step count and the seed
+            runfolder.refuse_changed_settings(saved["settings"], self.settings, f"checkpoint {path}")
         if saved.get("total_steps") != self.total_steps or saved.get("seed") != self.seed:
             raise UnipeltError(f"checkpoint {path} was written for {saved.get('total_steps')} steps with seed "
                                f"{saved.get('seed')}; this run has {self.total_steps} steps and seed {self.seed}")
@@ -160,16 +169,34 @@ class _Loop:
         for key in ("step", "epoch", "micro", "best_score", "best_step", "bad_evals", "best_state", "history",
                     "recent_losses"):
             setattr(self, key, saved[key])
+        self.first_losses, self.window = saved.get("first_losses", []), saved.get("window", [])
         set_rng_state(saved["rng"])
-        self.resumed_from = self.step
+        self.boundary_rng = saved["rng"]
+        self.resumed_from = self.saved_step = self.step
 
     def save(self) -> None:
         if self.sharded:
             sharding.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state(), self.info)
-            return
-        if self.info.is_main:
+        elif self.info.is_main:
             ckpt.save_checkpoint(self.output_dir, self.state())
         distributed.barrier(self.info)
+        self.saved_step, self.last_save = self.step, time.monotonic()
+
+    def save_on_interrupt(self) -> str:
+        """Save the state of the last fully processed step, if the interrupt came outside one's processing."""
+        # sharded: saving is collective, and the ranks may be interrupted at different points: keep the last one
+        if self.boundary_rng is None or self.saved_step == self.step or not self.info.is_main or self.sharded:
+            return self.checkpoint_note()
+        state = self.state()
+        state["rng"] = self.boundary_rng
+        path = ckpt.save_checkpoint(self.output_dir, state)
+        self.saved_step = self.step
+        return f"checkpoint of step {self.step} saved to {path}"
+
+    def checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint of step {self.saved_step} is kept"
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
@@ -193,8 +220,7 @@ class _Loop:
         self.history.append({"step": self.step, **metrics})
         self.log(metrics, self.step)
         score = metrics[self.main_key]
-        better = self.best_score is None or (
-            score > self.best_score if self.task.greater_is_better else score < self.best_score)
+        better = self.best_score is None or self._rank(score) > self._rank(self.best_score)
         if better:
             self.best_score, self.best_step, self.bad_evals = score, self.step, 0
             self.best_state = self.trainable_state()
@@ -207,11 +233,33 @@ class _Loop:
         patience = self.cfg.early_stopping_patience
         return bool(patience) and self.bad_evals >= patience
 
+    def _rank(self, score: float) -> float:
+        """Larger is better; NaN (e.g. Pearson of constant predictions) is the worst score of all."""
+        if math.isnan(score):
+            return -math.inf
+        return score if self.task.greater_is_better else -score
+
     # --- training ----------------------------------------------------------------------------------------------
+    def check_divergence(self, loss: float) -> None:
+        step = self.step + 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {step}; stopped ({self.checkpoint_note()})")
+        if len(self.first_losses) < DIVERGENCE_WINDOW:
+            self.first_losses.append(loss)
+        self.window = (self.window + [loss])[-DIVERGENCE_WINDOW:]
+        factor = self.cfg.divergence_factor
+        if factor and len(self.first_losses) == DIVERGENCE_WINDOW and step >= 2 * DIVERGENCE_WINDOW:
+            start, now = sum(self.first_losses) / DIVERGENCE_WINDOW, sum(self.window) / DIVERGENCE_WINDOW
+            if start > 0 and now > factor * start:
+                raise TrainingDiverged(
+                    f"loss exploded at step {step}: mean {now:.4g} over the last {DIVERGENCE_WINDOW} steps, "
+                    f"{now / start:.3g} times the first {DIVERGENCE_WINDOW} steps' {start:.4g} "
+                    f"(trainer.divergence_factor={factor:g}); stopped ({self.checkpoint_note()})")
+
     def optimizer_step(self, loss: float) -> None:
         loss = distributed.mean(loss, self.info)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; stopped, last good checkpoint kept")
+        self.boundary_rng = None  # from here until the step is fully processed, an interrupt saves nothing new
+        self.check_divergence(loss)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm > 0:
@@ -237,6 +285,11 @@ class _Loop:
         if not self.cfg.label_smoothing:
             return outputs.loss
         return token_cross_entropy(outputs.logits, batch["labels"], self.cfg.label_smoothing, self.causal)
+
+    def time_to_save(self) -> bool:
+        minutes = self.cfg.checkpoint_minutes
+        due = bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
+        return bool(distributed.broadcast(due, self.info))  # every process must agree (save has a barrier)
 
     def run(self, wrapped: torch.nn.Module) -> None:
         from tqdm.auto import tqdm
@@ -286,8 +339,10 @@ class _Loop:
                 if end_of_epoch:
                     self.epoch, self.micro = self.epoch + 1, 0
                 every = cfg.checkpoint_every
-                if (every and self.step % every == 0) or (not every and evaluated) or finished or self.stopped_early:
+                if (every and self.step % every == 0) or (not every and evaluated) or finished or self.stopped_early \
+                        or self.time_to_save():
                     self.save()
+                self.boundary_rng = rng_state()
                 if finished or self.stopped_early:
                     break
         bar.close()
@@ -305,26 +360,44 @@ class _Loop:
 
 
 def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | Path, *, seed: int = 0,
-        log: LogFn | None = None, info: distributed.Dist | None = None) -> TrainResult:
-    """Train the attached method of `model` on `task`; returns the best state's metrics (the model ends in it)."""
+        log: LogFn | None = None, info: distributed.Dist | None = None,
+        settings: dict[str, Any] | None = None) -> TrainResult:
+    """Train the attached method of `model` on `task`; returns the best state's metrics (the model ends in it).
+    `settings`: the caller's further settings (flat) that a resumed run must keep (the Hydra app's config)."""
     check(cfg)
     info = info or distributed.setup(cfg.device)
     if cfg.precision != "fp32" and info.device.type != "cuda":
         raise UnipeltError(f"trainer.precision '{cfg.precision}' needs a CUDA device (this run is on "
                            f"{info.device.type}); use precision=fp32")
-    fsdp = cfg.strategy == "fsdp" and info.enabled
-    if not fsdp or sharding.holds_4bit(model):
-        model.to(info.device)  # else fully_shard moves one layer at a time: the whole model never sits on one device
-    if fsdp:  # before the optimizer exists: sharding replaces the parameters
-        sharding.check_optimizer(optim.method_of(model).optimizer)
-        sharding.shard(model, info, cfg.precision)
-    loop = _Loop(model, task, cfg, Path(output_dir), seed, log, info)
-    found = loop.find_checkpoint() if cfg.resume else None
-    if found is not None:
-        loop.restore(found)
-    wrapped = model if fsdp else distributed.wrap(model, info)
-    loop.run(wrapped)
-    metrics = loop.final_metrics()
+    virtual = sum(m.length for m in optim.method_of(model).modules if m.form == "prompt")
+    check_max_length(cfg, model.config, virtual, f"model '{compat.name_or_path(model.config) or 'here'}'")
+    output_dir = Path(output_dir)
+    lock = runfolder.lock_folder(output_dir) if info.is_main else None
+    try:
+        fsdp = cfg.strategy == "fsdp" and info.enabled
+        found = runfolder.check_folder(cfg, output_dir, sharding.checkpoint_finder(fsdp),
+                                       sharding.SHARDED_CHECKPOINT if fsdp else ckpt.LAST)
+        if not fsdp or sharding.holds_4bit(model):
+            model.to(info.device)  # else fully_shard moves one layer at a time: the model never sits whole on a device
+        if fsdp:  # before the optimizer exists: sharding replaces the parameters
+            sharding.check_optimizer(optim.method_of(model).optimizer)
+            sharding.shard(model, info, cfg.precision)
+        loop = _Loop(model, task, cfg, output_dir, seed, log, info)
+        loop.settings = runfolder.run_settings(model, task, cfg, seed, settings)
+        if found is not None:
+            loop.restore(found)
+        wrapped = model if fsdp else distributed.wrap(model, info)
+        try:
+            with runfolder.sigterm_as_interrupt():
+                loop.run(wrapped)
+        except KeyboardInterrupt:
+            note = loop.save_on_interrupt()
+            raise TrainingInterrupted(f"interrupted at step {loop.step}/{loop.total_steps}; {note}; continue with "
+                                      "trainer.resume=true") from None
+        metrics = loop.final_metrics()
+    finally:
+        if lock is not None:
+            runfolder.unlock_folder(lock)
     return TrainResult(metrics=metrics, score=metrics[loop.main_key], main_metric=loop.main_key,
                        best_step=loop.best_step, steps=loop.step,
                        train_loss=sum(loop.recent_losses) / max(1, len(loop.recent_losses)),

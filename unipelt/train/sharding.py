@@ -304,6 +304,24 @@ def find_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_finder(sharded: bool) -> Callable[[Path], Path | None]:
+    """This run's kind of checkpoint (sharded, or the whole-model last.pt); the other kind in the folder is refused in
+    one line, never silently ignored."""
+    from . import checkpoint as ckpt
+
+    mine, other = (find_checkpoint, ckpt.find_checkpoint) if sharded else (ckpt.find_checkpoint, find_checkpoint)
+
+    def find(output_dir: Path) -> Path | None:
+        found, foreign = mine(output_dir), other(output_dir)
+        if found is None and foreign is not None:
+            written = "ddp or one process" if sharded else "fsdp with several processes"
+            raise UnipeltError(f"checkpoint {foreign} was written with trainer.strategy {written}; resume it the "
+                               "same way (strategy and number of processes), or give this run another folder")
+        return found
+
+    return find
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: Dist) -> dict[str, Any]:
     """Load the shards into the model and optimizer; returns the bookkeeping with this rank's RNG state as `rng`."""
     import torch.distributed.checkpoint as dcp
@@ -332,6 +350,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return {**saved, "rng": rngs[info.rank], "best_state": best}
 
 
-__all__ = ["evaluating", "find_checkpoint", "gradient_sync", "is_sharded", "load_checkpoint",
+__all__ = ["checkpoint_finder", "evaluating", "find_checkpoint", "gradient_sync", "is_sharded", "load_checkpoint",
            "load_local_trainable_state", "local_trainable_state", "save_adapter", "save_adapter_with",
            "save_checkpoint", "shard", "transformer_blocks"]

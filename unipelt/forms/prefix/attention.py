@@ -7,10 +7,10 @@ touched, so encoders, decoders (with a KV cache in generate()) and encoder-decod
 
 compose `gate`: attention over [P_k; K], [P_v; V] — exactly He et al.'s (1−λ)·Attn(x) + λ·softmax(q P_kᵀ) P_v.
 compose `add` / `scale`: the ungated ablation Attn(x) + s·softmax(q P_kᵀ) P_v.
-compose `sigmoid_gate` (UniPELT): Attn(x) + g·Δ with g = σ(W_g·mean_tokens(x)) one scalar per example and
-Δ = Attn([P; K]) − Attn(x) what the (softmax-gated) prefix changes. Mao et al. multiply P_K and P_V by g; a
-closed gate there still leaves zero keys drawing softmax mass, so we gate the prefix's whole change instead:
-g = 0 is exactly the base attention and g = 1 exactly He et al.'s gated prefix.
+compose `sigmoid_gate` (UniPELT), g = mean over tokens of σ(W_g·x), one scalar per example:
+  prefix_gate `kv` (the preset; Mao et al.'s code): attention over [g·P_k; K], [g·P_v; V];
+  prefix_gate `delta` (our earlier variant, kept as an option): Attn(x) + g·(Attn([P; K]) − Attn(x)), so that a
+  closed gate is exactly the base attention (under `kv` zero keys still draw softmax mass).
 """
 
 from __future__ import annotations
@@ -39,8 +39,12 @@ class PrefixSlot(Slot):
     FORM_ATTR = "prefix"
 
     def __init__(self, spec: Any, prefix: Prefix, site: str, base_config: Any,
-                 eager_fn: Callable, d_gate_in: int = 0) -> None:
+                 eager_fn: Callable, d_gate_in: int = 0, query: tuple[nn.Module, Any] | None = None) -> None:
         super().__init__(spec, prefix, Composer(spec, d_gate_in), site)
+        # score relu (He et al.'s multi-head parallel adapter): the LayerNorm it adds, and the attention's own query
+        # projection (module, fused chunk), kept as a plain reference so it stays the base model's.
+        self.norm = nn.LayerNorm(d_gate_in) if spec.score == "relu" else None
+        self._query = [query] if query is not None else []
         # Plain references (not submodules): the model's real config decides the inner implementation at each
         # call, so set_attn_implementation() after attach keeps working.
         self._base_config = [base_config]
@@ -51,9 +55,33 @@ class PrefixSlot(Slot):
         handles: list[Any] = []
         if ROUTED not in attention.__dict__:  # the first prefix on this attention module routes it
             handles.append(_Routing(attention))
-        if self.composer.gate is not None:  # UniPELT's prefix gate reads the attention input x
+        if self.reads_input:  # UniPELT's prefix gate, He et al.'s ReLU prefix read the attention input x
             handles.append(attention.register_forward_pre_hook(capture_hook(self), with_kwargs=True))
         return handles
+
+    @property
+    def gate(self) -> nn.Linear | None:
+        """UniPELT's gate W_g (the composer's), or None."""
+        return self.composer.gate
+
+    @property
+    def reads_input(self) -> bool:
+        """True when the slot needs the attention input x (a sigmoid gate, or the ReLU prefix's own query)."""
+        return self.composer.gate is not None or self.norm is not None
+
+    @property
+    def concatenated(self) -> bool:
+        """True when the prefix joins the attention's keys and values (gate, or sigmoid_gate on P_K and P_V)."""
+        return self.spec.compose == "gate" or (self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv")
+
+    def batched_key_values(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, kv_heads, length, head_dim] keys and values, multiplied by the gate under sigmoid_gate `kv`."""
+        keys, values = (_batched(t, batch, like) for t in self.prefix.key_values())
+        if self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv":
+            x, self.captured_x = self.captured_x, None
+            gate = self.composer.factor(x, like=keys).to(like.dtype)  # [batch, 1, 1, 1]
+            keys, values = keys * gate, values * gate
+        return keys, values
 
     def exported_parameters(self) -> dict[str, torch.Tensor]:
         """What is saved and counted as added: the prefix as plain key/value vectors (a reparameterisation MLP's
@@ -131,6 +159,26 @@ def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.
     return (weights @ values).transpose(1, 2)
 
 
+def relu_prefix_attention(slot: PrefixSlot, query_like: torch.Tensor, dropout: float) -> torch.Tensor:
+    """He et al.'s cross_attn_relu: ReLU(W_q·LN(x) P_kᵀ) P_v per head, unscaled, [batch, q, heads, head_dim]."""
+    x, slot.captured_x = slot.captured_x, None
+    if x is None:
+        raise RuntimeError("relu prefix: the attention input was not captured")
+    projection, chunk = slot._query[0]
+    query = projection(slot.norm(x.to(slot.norm.weight.dtype)))
+    if chunk is not None:
+        query = query.chunk(chunk[1], dim=-1)[chunk[0]]
+    batch, length = query.shape[:2]
+    heads, head_dim = query_like.shape[1], query_like.shape[-1]
+    query = query.view(batch, length, heads, head_dim).transpose(1, 2).to(query_like.dtype)
+    keys, values = (_batched(t, batch, query_like) for t in slot.prefix.key_values())
+    if heads > keys.shape[1]:  # grouped key/value heads
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        values = values.repeat_interleave(heads // values.shape[1], dim=1)
+    weights = nn.functional.dropout(torch.relu(query @ keys.transpose(-1, -2)), p=dropout, training=dropout > 0)
+    return (weights @ values).transpose(1, 2)
+
+
 def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     every = [child for child in module.children() if isinstance(child, PrefixSlot)]
@@ -138,16 +186,23 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)
-    gated = [s for s in slots if s.spec.compose == "gate"]
-    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, gated)
     batch = query.shape[0]
+    # each joined prefix's keys and values once per call (a sigmoid gate reads its captured input once)
+    joined = [s.batched_key_values(batch, key) for s in slots if s.concatenated]
+    output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, joined)
     base = output
     for slot in slots:
-        if slot.spec.compose == "sigmoid_gate":
-            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, gated + [slot])
+        if slot.concatenated:
+            continue
+        if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
+            own = slot.batched_key_values(batch, key)
+            with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, joined + [own])
             x, slot.captured_x = slot.captured_x, None
             output = slot.composer(output, with_prefix - base, x)
-        elif slot.spec.compose != "gate":
+        elif slot.spec.score == "relu":
+            extra = relu_prefix_attention(slot, query, float(kwargs.get(compat.ATTN_DROPOUT) or 0.0))
+            output = slot.composer(output, extra)
+        else:
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
                                             _batched(p_values, batch, query), kwargs.get(compat.ATTN_SCALING))
@@ -156,17 +211,17 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _attend(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attention_mask: torch.Tensor | None, kwargs: dict, gated: list[PrefixSlot]):
-    """The inner attention over [P_k; K], [P_v; V] with the prefixes of `gated` (none: the plain attention)."""
+            attention_mask: torch.Tensor | None, kwargs: dict, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The inner attention over [P_k; K], [P_v; V] with the batched prefix (keys, values) `pairs` (none: the plain
+    attention)."""
     kwargs = dict(kwargs)
-    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    if gated:
-        pairs = [s.prefix.key_values() for s in gated]
-        p_keys = torch.cat([k for k, _ in pairs], dim=1)
-        p_values = torch.cat([v for _, v in pairs], dim=1)
-        length = p_keys.shape[1]
-        key = torch.cat([_batched(p_keys, batch, key), key], dim=2)
-        value = torch.cat([_batched(p_values, batch, value), value], dim=2)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if pairs:
+        p_keys = torch.cat([k for k, _ in pairs], dim=2)
+        p_values = torch.cat([v for _, v in pairs], dim=2)
+        length = p_keys.shape[2]
+        key = torch.cat([p_keys, key], dim=2)
+        value = torch.cat([p_values, value], dim=2)
         is_causal = kwargs.pop(compat.ATTN_IS_CAUSAL, getattr(module, "is_causal", False))
         if attention_mask is None and is_causal and q_len > 1:
             attention_mask = _causal_mask(q_len, k_len, query)

@@ -19,7 +19,8 @@ class PrefixReparam(nn.Module):
         self.offsets = [0]  # site i's keys-then-values are rows offsets[i]:offsets[i + 1] of W2
         for kv_dim in site_kv_dims:
             self.offsets.append(self.offsets[-1] + 2 * kv_dim)
-        self.embedding = nn.Parameter(torch.empty(length, d_model).normal_(std=0.02))
+        # nn.Embedding's N(0, 1), as Li & Liang's and He et al.'s prefix modules (no custom init there)
+        self.embedding = nn.Parameter(torch.empty(length, d_model).normal_(std=1.0))
         self.hidden = nn.Linear(d_model, mlp_dim)
         self.out = nn.Linear(mlp_dim, self.offsets[-1])
 
@@ -40,9 +41,9 @@ class Prefix(nn.Module):
         # A plain list keeps the shared MLP out of this module's parameters (it is registered once, on the model).
         self._reparam = [reparam] if reparam is not None else []
         self.site_index = site_index
-        if reparam is None:
-            self.keys = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
-            self.values = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=0.02))
+        if reparam is None:  # P-tuning v2's prefix is an nn.Embedding: N(0, 1)
+            self.keys = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=1.0))
+            self.values = nn.Parameter(torch.empty(kv_heads, length, head_dim).normal_(std=1.0))
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._reparam:

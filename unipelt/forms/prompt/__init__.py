@@ -39,13 +39,14 @@ class PromptOptions:
 
 
 def _encoder_count(kind: str, d: int, h: int) -> int:
-    """Parameters of tokens.PromptEncoder: an MLP d → h → d, or a 2-layer bidirectional LSTM (width h per
-    direction, gate blocks 4h, two bias vectors) followed by an MLP 2h → h → d."""
+    """Parameters of tokens.PromptEncoder: an MLP d → h → d, or a 2-layer bidirectional LSTM (q = h/2 per direction,
+    gate blocks 4q, two bias vectors) followed by an MLP 2q → h → d."""
     if kind == "mlp":
         return d * h + h + h * d + d
-    layer1 = 4 * h * d + 4 * h * h + 8 * h
-    layer2 = 4 * h * (2 * h) + 4 * h * h + 8 * h
-    return 2 * (layer1 + layer2) + (2 * h * h + h) + (h * d + d)
+    q = max(1, h // 2)
+    layer1 = 4 * q * d + 4 * q * q + 8 * q
+    layer2 = 4 * q * (2 * q) + 4 * q * q + 8 * q
+    return 2 * (layer1 + layer2) + (2 * q * h + h) + (h * d + d)
 
 
 class PromptForm(Form):

@@ -17,8 +17,9 @@ example's real tokens (padding stays outside), so left and right padding both wo
   token j, read after any virtual tokens between j and j+1 (the last one after a trailing prompt).
   token classification / masked LM: labels widened with -100, logits returned at the input tokens' positions.
   decoder sequence classification: the head's last-non-pad pooling reads the last position of the widened
-  sequence. encoder sequence classification: the head reads widened position 0 (the pooled [CLS] when the template
-  starts with `input_first`). Base models (no head): widened outputs. Hidden states / attentions stay widened.
+  sequence. encoder sequence classification: the head reads the first real token ([CLS], <s>; P-tuning v2's prompt
+  baseline), swapped into widened position 0 before the pooler (BERT) and in last_hidden_state (RoBERTa).
+  Base models (no head): widened outputs. Hidden states / attentions stay widened.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from ... import compat
 from ...errors import AttachError
-from .layout import Layout, align, plan, widen, widen_positions
+from .layout import Layout, align, first_real_order, plan, widen, widen_positions
 
 if TYPE_CHECKING:
     from ...placement import Placement
@@ -205,12 +206,14 @@ def _aligned(output: Any, layout: Layout, positions: torch.Tensor, keys: tuple[s
     return output
 
 
-def _output_hook(slot: "PromptSlot", name: str, keys: tuple[str, ...], use_after: bool):
+def _output_hook(slot: "PromptSlot", name: str, keys: tuple[str, ...], use_after: bool | str):
+    """use_after: True → `after` positions, False → `real`, "first" → widened, first real token at position 0."""
     def hook(module, args, kwargs, output):
         layout = slot._layouts.pop(name, None)
         if layout is None or output is None or not slot.active:
             return None
-        return _aligned(output, layout, layout.after if use_after else layout.real, keys)
+        positions = first_real_order(layout) if use_after == "first" else layout.after if use_after else layout.real
+        return _aligned(output, layout, positions, keys)
     return hook
 
 
@@ -230,7 +233,18 @@ def head_policy(model: nn.Module, decoder_only: bool) -> str:
         return "token"
     if "SequenceClassification" in name and decoder_only:
         return "pool_last"
+    if "SequenceClassification" in name or "MultipleChoice" in name:
+        return "pool_first"
     return "none"
+
+
+def _pooler_hook(slot: "PromptSlot"):
+    def hook(module, args, kwargs):
+        layout = slot._layouts.get("base")
+        if layout is None or not slot.active or not args:
+            return None
+        return (align(args[0], first_real_order(layout)),) + tuple(args[1:]), kwargs
+    return hook
 
 
 def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Placement", modules: dict) -> list[Any]:
@@ -243,9 +257,15 @@ def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Place
         handles.append(base.register_forward_hook(_clear_handoff(slot), with_kwargs=True, always_call=True))
         handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
         return handles
-    record = slot.policy == "pool_last"
+    record = slot.policy in ("pool_last", "pool_first")
     handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record), with_kwargs=True))
-    if record:
+    if slot.policy == "pool_first":
+        pooler = getattr(base, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            handles.append(pooler.register_forward_pre_hook(_pooler_hook(slot), with_kwargs=True))
+        handles.append(base.register_forward_hook(_output_hook(slot, "base", ("last_hidden_state",), "first"),
+                                                  with_kwargs=True, always_call=True))
+    elif record:
         handles.append(base.register_forward_hook(_output_hook(slot, "base", ("last_hidden_state",), True),
                                                   with_kwargs=True, always_call=True))
     if slot.policy in ("causal", "token"):

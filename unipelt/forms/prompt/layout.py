@@ -101,3 +101,16 @@ def widen_positions(positions: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 
 __all__ = ["Layout", "plan", "widen", "align", "widen_positions"]
+
+
+def first_real_order(layout: Layout) -> torch.Tensor:
+    """[B, W] widened positions with, per example, position 0 and the first real token's position swapped, so that
+    `align(hidden, order)` puts [CLS] / <s> where a head reads position 0 (the identity if it is already there)."""
+    batch = layout.real.shape[0]
+    rows = torch.arange(batch, device=layout.real.device)
+    first = torch.tensor([start for start, _ in layout.blocks], dtype=torch.long, device=layout.real.device)
+    cls = layout.real[rows, first]
+    order = torch.arange(layout.width, device=layout.real.device).repeat(batch, 1)
+    order[rows, cls] = 0
+    order[:, 0] = cls
+    return order

@@ -13,9 +13,10 @@ from torch import nn
 
 
 class PromptEncoder(nn.Module):
-    """P-tuning's re-parameterisation of the virtual tokens: [l, d] → [l, d].
+    """P-tuning's re-parameterisation of the virtual tokens: [l, d] → [l, d], as THUDM/P-tuning's PromptEncoder.
 
-    lstm: a 2-layer bidirectional LSTM over the l inputs (hidden width h per direction), then ReLU MLP 2h → h → d.
+    lstm: a 2-layer bidirectional LSTM over the l inputs, h/2 per direction (h in all, h = d by default), then
+          ReLU MLP h → h → d.
     mlp:  ReLU MLP d → h → d applied to each input."""
 
     def __init__(self, kind: str, d_model: int, hidden: int) -> None:
@@ -23,8 +24,9 @@ class PromptEncoder(nn.Module):
         self.lstm = None
         width = d_model
         if kind == "lstm":
-            self.lstm = nn.LSTM(d_model, hidden, num_layers=2, bidirectional=True, batch_first=True)
-            width = 2 * hidden
+            per_direction = max(1, hidden // 2)
+            self.lstm = nn.LSTM(d_model, per_direction, num_layers=2, bidirectional=True, batch_first=True)
+            width = 2 * per_direction
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, d_model))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
