@@ -7,16 +7,18 @@ happens before anything on the model changes.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, DistilBertConfig
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 import unipelt
 from unipelt.sites.table import FAMILIES
-from tiny_models import tiny_batch, tiny_model
+from unipelt.forms import FORMS
+from tiny_models import tiny_batch, tiny_model, unsupported_model
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 
@@ -99,10 +101,10 @@ SPEC_CASES = [
     # (id, spec, match)
     ("unknown-top-key", {"name": "bad", "modules": [ADAPTER], "modulez": []}, r"method: unknown key 'modulez'"),
     ("unknown-module-key", method(dimm=8), r"module 0: unknown key 'dimm' for form 'bottleneck'"),
-    ("missing-form", method(form=DROP), r"module 0: missing key 'form' \(allowed: bottleneck, prefix, svd, prompt\)"),
+    ("missing-form", method(form=DROP), rf"module 0: missing key 'form' \(allowed: {re.escape(', '.join(FORMS))}\)"),
     ("missing-at", method(at=DROP), r"module 0: missing key 'at'"),
     ("missing-compose", method(compose=DROP), r"module 0: missing key 'compose'"),
-    ("unknown-form", method(form="adaptor"), r"form: unknown value 'adaptor' \(allowed: bottleneck, prefix, svd, prompt\)"),
+    ("unknown-form", method(form="adaptor"), rf"form: unknown value 'adaptor' \(allowed: {re.escape(', '.join(FORMS))}\)"),
     ("unknown-insertion", method(insertion="serial"), r"insertion: unknown value 'serial' \(allowed: sequential"),
     ("unknown-compose", method(compose="multiply"), r"compose: unknown value 'multiply' \(allowed: add, scale"),
     ("unknown-activation", method(activation="swish"), r"activation: unknown value 'swish' \(allowed: relu"),
@@ -205,10 +207,9 @@ def test_spec_does_not_fit_model(family, spec, match):
 
 
 def test_unsupported_family_lists_supported_ones():
-    config = DistilBertConfig(vocab_size=101, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
+    model = unsupported_model()
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(unipelt.AttachError, match=r"model type 'distilbert' is not supported") as exc_info:
+    with pytest.raises(unipelt.AttachError, match=r"model type 'unknown_family' is not supported") as exc_info:
         unipelt.attach(model, "lora")
     supported = one_line(exc_info).split("(supported: ", 1)[1].split(")", 1)[0].split(", ")
     assert supported == sorted(FAMILIES)

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification, DistilBertConfig
+from transformers import AutoModelForSequenceClassification
 
 import unipelt
 from test_bad_input import Snapshot, attach_fails, logits, method
 from unipelt.attach import state_of
-from tiny_models import tiny_model
+from tiny_models import tiny_model, unsupported_model
 
 LORA = {"form": "bottleneck", "at": ["attn.q", "attn.v"], "insertion": "parallel", "compose": "scale", "scale": 2.0,
         "dim": 4, "activation": "none", "init": "lora"}
@@ -220,9 +220,8 @@ def test_import_peft_onto_an_attached_model(peft_dir, bert):
 
 
 def test_import_peft_unsupported_family(peft_dir):
-    config = DistilBertConfig(vocab_size=101, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    with pytest.raises(unipelt.AttachError, match=r"model type 'distilbert' is not supported \(supported: ") as e:
+    model = unsupported_model()
+    with pytest.raises(unipelt.AttachError, match=r"model type 'unknown_family' is not supported \(supported: ") as e:
         unipelt.import_peft(model, peft_dir)
     one_line(e)
     assert not unipelt.is_attached(model)

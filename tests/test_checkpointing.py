@@ -9,7 +9,7 @@ import torch
 
 import unipelt
 from unipelt.attach import state_of
-from unipelt.compose import Slot
+from unipelt.slot import Slot
 from tiny_models import perturb_adapters, tiny_batch, tiny_model
 
 METHODS = ("lora", "mam", "houlsby", "pa")

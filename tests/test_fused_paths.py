@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unipelt.compose import Composer, Slot
+from unipelt.compose import Composer
+from unipelt.slot import Slot
 from unipelt.forms.bottleneck import Bottleneck, matmul_input
 from unipelt.spec import load_method
 

@@ -6,20 +6,21 @@ import pytest
 import torch
 
 import unipelt
-from tiny_models import FAMILIES, tiny_batch, tiny_model
+from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model
 
 PRESETS = unipelt.list_presets()
 # Presets whose every up-projection starts at zero: the attached model equals the base model at init. (mh_pa is
 # He et al.'s ReLU prefix: its prefix vectors are not zero at init, so it is not the identity there.)
-IDENTITY_AT_INIT = {"lora", "scaled_pa", "bitfit", "full", "adalora"}
+IDENTITY_AT_INIT = {"lora", "scaled_pa", "bitfit", "full", "adalora", "ia3"}
 # Every module folds into the weights (no "unmerged" warning).
-FULLY_MERGEABLE = {"lora", "adalora"}
+FULLY_MERGEABLE = {"lora", "adalora", "ia3"}
 # The base itself changes at attach (4-bit NF4): "disabled" is the quantized base, and merging requantizes.
 # Both are tested against their own references in test_qlora.py.
 QUANTIZED = {p for p in PRESETS if unipelt.load_method(p).quantize != "none"}
-# T5 and Llama have no biases: bitfit is refused there (see test_bad_input).
+# Families without biases (T5, Llama, Gemma): bitfit is refused there (see test_bad_input).
+BIASED = {family for family in FAMILIES if has_biases(family)}
 CASES = [(family, preset) for family in FAMILIES for preset in PRESETS
-         if not (preset == "bitfit" and family in ("t5", "llama"))]
+         if not (preset == "bitfit" and family not in BIASED)]
 
 
 def _outputs(model, batch) -> torch.Tensor:
@@ -50,6 +51,17 @@ def _train_steps(model, batch, steps: int = 3) -> None:
 def case(request):
     family, preset = request.param
     return family, preset, tiny_model(family), tiny_batch(family)
+
+
+def test_counts_from_forms_equal_counts_of_the_attached_modules(case):
+    """Each form's Appendix-B formula (counted from placements, nothing attached) equals what attach builds."""
+    family, preset, model, batch = case
+    formula = unipelt.count_parameters(model, preset)
+    assert not unipelt.is_attached(model)
+    unipelt.attach(model, preset)
+    attached = unipelt.count_parameters(model)
+    for key in ("added", "reparam", "trainable", "trained_base", "head", "base"):
+        assert formula[key] == attached[key], key
 
 
 def test_forward_backward_reach_every_adapter(case):

@@ -137,23 +137,33 @@ ROBERTA_BASE = RobertaConfig(hidden_size=768, num_hidden_layers=12, num_attentio
                              vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1)
 
 
-def _mam(budget: str, shares: tuple[float, float] | None = None) -> dict:
+def _mam(budget: str, shares: tuple[float | None, float | None] = (None, None)) -> dict:
+    """The mam preset at `budget` with the given shares (None: the module has none)."""
     raw = yaml.safe_load((preset_dir() / "mam.yaml").read_text())
     raw["budget"] = budget
-    if shares is not None:
-        for module, share in zip(raw["modules"], shares):
+    for module, share in zip(raw["modules"], shares):
+        module.pop("budget_share", None)
+        if share is not None:
             module["budget_share"] = share
     return raw
+
+
+def test_the_mam_preset_keeps_a_real_prefix_under_a_budget():
+    preset = yaml.safe_load((preset_dir() / "mam.yaml").read_text())
+    assert [m.get("budget_share") for m in preset["modules"]] == [0.5, 0.5]
+    preset["budget"] = "0.5%"
+    assert solve(preset, BART_LARGE).sizes == solve(_mam("0.5%", (0.5, 0.5)), BART_LARGE).sizes
 
 
 def test_mam_budget_with_shares_keeps_both_modules():
     assert solve(_mam("0.5%"), BART_LARGE).sizes["prefix.length"] <= 2  # the common factor on 30 : 512
     solution = solve(_mam("0.5%", (0.5, 0.5)), BART_LARGE)
     length, dim = solution.sizes["prefix.length"], solution.sizes["ffn_adapter.dim"]
-    assert length >= 16 and dim >= 16
+    assert length >= 12 and dim >= 16  # both ingredients stay real (unshared: l=2)
     assert solution.added <= solution.budget < solution.next_added
-    # each module alone fits its half: prefix 2 * l * d per self-attention (24 layers), adapter 2 * d * r + r + d
-    assert 2 * length * 1024 * 24 <= solution.budget / 2 < 2 * (length + 1) * 1024 * 24
+    # each module alone fits its half: prefix 2 * l * d per attention module (He et al.'s placement: 12 encoder
+    # self, 12 decoder self and 12 decoder cross-attention), adapter 2 * d * r + r + d per FFN (24 layers)
+    assert 2 * length * 1024 * 36 <= solution.budget / 2 < 2 * (length + 1) * 1024 * 36
     assert (2 * 1024 * dim + dim + 1024) * 24 <= solution.budget / 2 < (2 * 1024 * (dim + 1) + dim + 1025) * 24
 
 
@@ -166,10 +176,7 @@ def test_table2_mam_stays_at_the_papers_sizes_under_the_half_percent_budget():
 @pytest.mark.parametrize("shares, culprit", [((0.5, None), "no budget_share"), ((0.7, 0.6), "sum to 1.3"),
                                              ((0.0, 0.5), "budget_share")])
 def test_bad_shares_are_named(shares, culprit):
-    raw = _mam("0.5%")
-    for module, share in zip(raw["modules"], shares):
-        if share is not None:
-            module["budget_share"] = share
+    raw = _mam("0.5%", shares)
     with pytest.raises(MethodConfigError, match=culprit):
         load_method(raw)
 

@@ -173,11 +173,14 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, s.d // 16, bias=True) + gate) \
             + 2 * s.self_attn * (lora(8, s.d, s.d) + gate)
         return {**zero, "added": added, "prefix_vectors": vectors, "reparam": prefix_mlp(10, s.d, 512, s.self_attn)}
+    if preset == "ia3":  # (IA)³: a vector l over the keys and the values (d each) of every self-attention module and
+        # over the FFN's hidden activation (d_ff) of every layer
+        return {**zero, "added": s.self_attn * 2 * s.d + s.ffns * s.ffn}
     raise KeyError(preset)
 
 
 KNOWN_PRESETS = ("bitfit", "full", "houlsby", "lora", "mam", "mh_pa", "pa", "pfeiffer", "prefix", "scaled_pa",
-                 "prompt_tuning", "p_tuning", "p_tuning_v2", "adalora", "qlora", "unipelt")
+                 "prompt_tuning", "p_tuning", "p_tuning_v2", "adalora", "qlora", "unipelt", "ia3")
 
 
 def meta_parameter_count(config) -> int:

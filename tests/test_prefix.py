@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import unipelt
-from unipelt.attention import PrefixSlot, prefix_attention
-from tiny_models import FAMILIES, tiny_batch, tiny_model
+from unipelt.forms.prefix import PrefixSlot, prefix_attention
+from tiny_models import ENCODER_DECODERS, FAMILIES, tiny_batch, tiny_model
 
 GATED = {"name": "prefix4", "modules": [{"form": "prefix", "at": "attn.heads", "insertion": "parallel",
                                          "compose": "gate", "length": 4}]}
@@ -83,7 +83,7 @@ def _logits(model, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", [GATED, UNGATED, ALL_ATTENTION], ids=["gate", "add", "all_attention"])
 def test_eager_and_sdpa_agree_with_padding(family, method):
-    if method is ALL_ATTENTION and family not in ("bart", "t5"):
+    if method is ALL_ATTENTION and family not in ENCODER_DECODERS:
         method = {**GATED, "modules": [{**GATED["modules"][0], "mlp_dim": 16}]}
     outputs = []
     for impl in ("eager", "sdpa"):
@@ -124,7 +124,7 @@ def test_decoder_prefix_keeps_causality(family, impl):
 def test_generate_with_kv_cache_matches_recomputation(family, impl):
     model = tiny_model(family, attn=impl)
     torch.manual_seed(2)
-    unipelt.attach(model, ALL_ATTENTION if family in ("bart", "t5") else GATED)
+    unipelt.attach(model, ALL_ATTENTION if family in ENCODER_DECODERS else GATED)
     with torch.no_grad():
         for p in (p for n, p in model.named_parameters() if "unipelt_" in n):
             p.mul_(20)  # a strong prefix, so that a wrong cache or mask would change the tokens

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoModelForTokenCl
 import unipelt
 from unipelt.attach import state_of
 from unipelt.io import WEIGHTS_FILE
-from tiny_models import FAMILIES, VOCAB, tiny_batch, tiny_model
+from tiny_models import DECODERS, FAMILIES, VOCAB, tiny_batch, tiny_model
 
 PROMPT = {"form": "prompt", "at": "embeddings", "insertion": "parallel", "compose": "gate", "length": 3}
 TEMPLATE = ["input_first", {"prompt": 2}, "input_rest", {"anchor": [7, 8]}, {"prompt": 1}]
@@ -54,7 +54,7 @@ def test_prompt_equals_hand_concatenated_inputs_embeds(family):
     with torch.no_grad():
         reference["inputs_embeds"] = torch.cat([prompt.expand(n, -1, -1), model.get_input_embeddings()(ids)], 1)
     reference["attention_mask"] = torch.cat([torch.ones(n, length, dtype=mask.dtype), mask], 1)
-    causal = family in ("gpt2", "llama")
+    causal = family in DECODERS
     if causal:  # labels -100 at the virtual positions: the first token is predicted from the prompt
         reference["labels"] = torch.cat([torch.full((n, length), -100), batch["labels"]], 1)
     unipelt.detach(model)

@@ -139,7 +139,7 @@ def test_merge_into_4bit_warns_reports_rounding_and_unmerge_is_exact():
     slot_name, slot = next((n, s) for n, s in state_of(model).slots.items() if s.site == "ffn.down")
     host = model.get_submodule(slot_name.rpartition(".")[0])
     expected_target = bnbf.dequantize_4bit(host.weight.data, host.weight.quant_state).float()
-    expected_target += (slot.form.linear_delta()[0] * slot.composer.factor(None)).detach()
+    expected_target += (slot.linear_map().weight * slot.composer.factor(None)).detach()
     with pytest.warns(UserWarning, match="rounding error"):
         report = unipelt.merge(model)
     assert sorted(report["rounding_error"]) == sorted(report["merged"]) and len(report["merged"]) == 12

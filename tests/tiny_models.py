@@ -9,6 +9,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     BartConfig,
     BertConfig,
+    BertForSequenceClassification,
+    GemmaConfig,
     GPT2Config,
     LlamaConfig,
     RobertaConfig,
@@ -39,18 +41,47 @@ def _config(family: str, attn: str):
     if family == "t5":
         return T5Config(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
                         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, **common)
+    if family == "gemma":
+        return GemmaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=8, intermediate_size=48, max_position_embeddings=64, **common)
     raise ValueError(family)
 
 
-FAMILIES = ("bert", "roberta", "gpt2", "llama", "bart", "t5")
+FAMILIES = ("bert", "roberta", "gpt2", "llama", "gemma", "bart", "t5")
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
-        "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "bart": AutoModelForSeq2SeqLM,
-        "t5": AutoModelForSeq2SeqLM}
+        "gpt2": AutoModelForCausalLM, "llama": AutoModelForCausalLM, "gemma": AutoModelForCausalLM,
+        "bart": AutoModelForSeq2SeqLM, "t5": AutoModelForSeq2SeqLM}
+
+DECODERS = tuple(f for f in FAMILIES if AUTO[f] is AutoModelForCausalLM)
+ENCODER_DECODERS = tuple(f for f in FAMILIES if AUTO[f] is AutoModelForSeq2SeqLM)
 
 
-def tiny_model(family: str, seed: int = 0, attn: str = "sdpa"):
+class UnknownFamilyConfig(BertConfig):
+    """A BERT body under a model type that no row of the site table maps."""
+
+    model_type = "unknown_family"
+
+
+def unsupported_model():
+    """What "unsupported" means in tests: a model whose type the site table does not know. Not a real family, so
+    that adding one (a row of unipelt/sites/table.py) never turns a test of the refusal into a test of nothing."""
+    torch.manual_seed(0)
+    config = UnknownFamilyConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64)
+    return BertForSequenceClassification(config).eval()
+
+
+def has_biases(family: str) -> bool:
+    """Whether the family's base model has bias parameters (BitFit needs them; T5, Llama and Gemma have none)."""
+    return any(name.endswith("bias") for name, _ in tiny_model(family).base_model.named_parameters())
+
+
+def tiny_model(family: str, seed: int = 0, attn: str = "sdpa", **config_changes):
+    """A tiny random model of `family` (config fields overridden by `config_changes`), in eval mode."""
     torch.manual_seed(seed)
     config = _config(family, attn)
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     model = AUTO[family].from_config(config, attn_implementation=attn)
     return model.eval()
 
@@ -63,11 +94,11 @@ def tiny_batch(family: str, batch: int = 2, length: int = 7, seed: int = 1, padd
     if padded and batch > 1:
         mask[1, length - 2:] = 0
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if family in ("bart", "t5"):
+    if family in ENCODER_DECODERS:
         inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     if family in ("bert", "roberta"):
         inputs["labels"] = torch.tensor([0, 1][:batch] + [0] * max(0, batch - 2))
-    elif family in ("bart", "t5"):
+    elif family in ENCODER_DECODERS:
         inputs["labels"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     else:
         inputs["labels"] = ids.masked_fill(mask == 0, -100)

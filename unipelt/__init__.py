@@ -1,12 +1,15 @@
 """unipelt: parameter-efficient fine-tuning as points in He et al.'s four-axis design space.
 
-Layers, low to high: spec (method specs and validation) → forms / compose / sites (functional forms,
-composition functions, where sites live) → attention / attach (putting modules into a model) → merge / io /
-accounting / optim (operations on an attached model, and the contract with a training loop) → cli.
+Layers, low to high (tests/test_architecture.py holds them, function-level imports included):
+errors, compat → spec_values, sites (site vocabulary, family table, identity), quantize → compose, slot, forms
+(the composition axis, the slot base, the form registry and every form), rank_allocator → spec (method specs,
+validated against what forms declare) → placement (a spec resolved on a model) → attach → merge / io / accounting /
+optim / peft (operations on an attached model, the contract with a training loop) → budget → api (attach and
+count with a budget solved) → tasks → train → app, cli.
 """
 
-from .accounting import count_parameters
-from .attach import attach, detach, disabled, fold_prefixes, is_attached
+from .api import attach, count_parameters
+from .attach import detach, disabled, fold_prefixes, is_attached
 from .budget import solve_budget
 from .errors import AdapterFileError, AttachError, DataError, MethodConfigError, UnipeltError
 from .io import load_adapter, save_adapter

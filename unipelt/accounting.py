@@ -5,6 +5,10 @@ its reparameterisation MLP is a training aid, reported separately as `reparam`).
 optimizer updates (adapters, the MLP, the task head, and base weights the method trains). percent: added
 plus base weights the method trains (full, BitFit) over the base model's parameters; the task head is
 reported as `head` and left out of the percentage, as in the papers.
+
+Two ways to count, which the shared tests hold equal: an attached model is counted from its slots (what they
+export, after AdaLoRA's pruning); a method on a model or a config is counted from its placements and each form's
+formula (Form.count), without attaching anything. A budget is solved above this layer (unipelt.api).
 """
 
 from __future__ import annotations
@@ -14,33 +18,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import attach, detach, is_attached, state_of
-from .prompting import PromptSlot
+from .attach import check_train_base, is_attached, prepare_counting, state_of, trained_parameters
+from .forms import Counts
+from .placement import resolve
 from .quantize import element_count
+from .spec import MethodSpec, load_method
 
 
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _model_counts(model: nn.Module) -> dict[str, Any]:
-    state = state_of(model)
-    # Counted as saved and served: a prefix's 2·l·d vectors per attention module (its MLP folded), AdaLoRA's kept
-    # triplets (P, Λ, Q), a prompt's l vectors, plus scales and gates.
-    added = sum(p.numel() for slot in state.slots.values() for p in slot.exported_parameters().values())
-    reparam = sum(_count(r) for r in state.reparams.values())
-    # A P-tuning prompt encoder is a training aid like the prefix MLP: reported as reparam, not added.
-    reparam += sum(s.reparam_count() for s in state.slots.values() if isinstance(s, PromptSlot))
-    adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
-    adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
-    all_params = dict(model.named_parameters())
-    trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
-    trained_base = sum(all_params[n].numel() for n in state.trained_base)
-    head = sum(all_params[n].numel() for n in state.trained_head)
-    base_model = getattr(model, "base_model", model)
-    base = sum(element_count(p) for p in base_model.parameters() if id(p) not in adapter_ids)
+def _summary(method: str, added: int, reparam: int, trainable: int, trained_base: int, head: int,
+             base: int) -> dict[str, Any]:
     return {
-        "method": state.method.name,
+        "method": method,
         "added": added,
         "reparam": reparam,
         "trained_base": trained_base,
@@ -49,14 +41,52 @@ def _model_counts(model: nn.Module) -> dict[str, Any]:
         "base": base,
         "total": base + added,
         "percent": 100.0 * (added + trained_base) / base if base else 0.0,
-        **_svd_ranks(state),
     }
 
 
+def attached_counts(model: nn.Module) -> dict[str, Any]:
+    """Counts of the method attached to `model`, read from its slots."""
+    state = state_of(model)
+    # Counted as saved and served: a prefix's 2·l·d vectors per attention module (its MLP folded), AdaLoRA's kept
+    # triplets (P, Λ, Q), a prompt's l vectors, plus scales and gates.
+    added = sum(p.numel() for slot in state.slots.values() for p in slot.exported_parameters().values())
+    reparam = sum(_count(r) for r in state.reparams.values())
+    # A P-tuning prompt encoder is a training aid like the prefix MLP: reported as reparam, not added.
+    reparam += sum(s.reparam_count() for s in state.slots.values())
+    adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
+    adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
+    all_params = dict(model.named_parameters())
+    trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
+    trained_base = sum(all_params[n].numel() for n in state.trained_base)
+    head = sum(all_params[n].numel() for n in state.trained_head)
+    base_model = getattr(model, "base_model", model)
+    base = sum(element_count(p) for p in base_model.parameters() if id(p) not in adapter_ids)
+    counts = _summary(state.method.name, added, reparam, trainable, trained_base, head, base)
+    return {**counts, **_svd_ranks(state)}
+
+
 def _svd_ranks(state) -> dict[str, int]:
-    """AdaLoRA: the current effective total rank over all svd slots (absent for methods without svd)."""
-    forms = [s.form for s in state.slots.values() if hasattr(getattr(s, "form", None), "effective_rank")]
+    """AdaLoRA: the current effective total rank over all rank-pruned slots (absent for methods without)."""
+    forms = [s.delta_module for s in state.slots.values() if hasattr(s.delta_module, "effective_rank")]
     return {"svd_rank": sum(f.effective_rank for f in forms)} if forms else {}
+
+
+def placed_counts(model: nn.Module, method: Any) -> dict[str, Any]:
+    """Counts of `method` on `model` from its placements and the forms' formulas; nothing is attached."""
+    spec: MethodSpec = prepare_counting(model, load_method(method))
+    placements = resolve(model, spec) if spec.modules else []
+    counts = Counts()
+    for module in spec.modules:
+        counts += module.form_def.count(module, [p for p in placements if p.spec.name == module.name])
+    check_train_base(model, spec)
+    base_model = getattr(model, "base_model", model)
+    base = sum(element_count(p) for p in base_model.parameters())
+    params = dict(model.named_parameters())
+    base_names, head_names = trained_parameters(model, spec)
+    trained_base = sum(params[n].numel() for n in base_names)
+    head = sum(params[n].numel() for n in head_names)
+    return _summary(spec.name, counts.added, counts.reparam, counts.trainable + trained_base + head, trained_base,
+                    head, base)
 
 
 def build_meta_model(config: Any) -> nn.Module:
@@ -70,20 +100,17 @@ def build_meta_model(config: Any) -> nn.Module:
 
 
 def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]:
-    """Counts for an attached model, or for a config (object, hub id or local dir) plus a method, built on meta."""
+    """Counts for an attached model, or for a config (object, hub id or local dir) or a model plus a method whose
+    sizes are given (unipelt.count_parameters solves a budget first)."""
     if isinstance(model_or_config, nn.Module):
         if method is None:
-            return _model_counts(model_or_config)
+            return attached_counts(model_or_config)
         if is_attached(model_or_config):
             raise ValueError("count_parameters: the model already has a method attached; pass method=None")
-        attach(model_or_config, method)
-        try:
-            return _model_counts(model_or_config)
-        finally:
-            detach(model_or_config)
+        return placed_counts(model_or_config, method)
     if method is None:
         raise ValueError("count_parameters: a config needs a method (preset name, YAML path, dict or spec)")
-    model = build_meta_model(model_or_config)
-    with torch.device("meta"):  # build (and "initialise") the adapters on meta too: no memory, no init time
-        attach(model, method)
-    return _model_counts(model)
+    return placed_counts(build_meta_model(model_or_config), method)
+
+
+__all__ = ["attached_counts", "build_meta_model", "count_parameters", "placed_counts"]

@@ -1,33 +1,32 @@
 """attach / detach / disabled: put a method's modules into any supported transformers model, in place.
 
-Order of work: load and validate the spec, resolve every placement and build every new module (nothing on the
-model changes yet), then quantize the base (QLoRA), register slots as child modules of the modules they modify,
-add forward hooks, route prefixed attention modules, and freeze the base. All of it is recorded on
-`model._unipelt` so detach() can undo it exactly.
+Order of work: load and validate the spec, let each form resolve what needs the model (prepare), resolve every
+placement and let each form build its slots (nothing on the model changes yet), then quantize the base (QLoRA),
+register slots as child modules of their hosts, let every slot install its hooks, and freeze the base. All of it
+is recorded on `model._unipelt` so detach() can undo it exactly.
+
+Order at a shared site: parallel slots are installed before sequential ones, so a sequential module sees h with
+every parallel module's Δh already added (YAML order within each kind); see unipelt/slot.py.
+
+A budget (`method.budget`) is solved above this layer (unipelt.api.attach, which is `unipelt.attach`):
+attach_method takes sizes as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
 from . import compat
-from .attention import PrefixSlot, check_prefix_support, install_prefix_config, model_eager_attention
-from .compose import Composer, Slot
-from .errors import AttachError
-from .forms import Bottleneck, HeadBottleneck, Prefix, PrefixReparam
-from .forms.svd import OrthogonalRegulariser, SVDDelta
-from .prompting import PromptSlot, build_prompt_slot, install_prompt_hooks, resolve_prompt_texts
+from .errors import AttachError, MethodConfigError
+from .placement import Placement, projection_index, resolve
 from .quantize import check_quantization, quantize_base, restore_base
-from .rank_allocator import RankAllocator
-from .sites import Placement, resolve
+from .slot import Slot, like
 from .spec import MethodSpec, load_method
 
 STATE_ATTR = "_unipelt"
@@ -37,10 +36,11 @@ STATE_ATTR = "_unipelt"
 class AttachedState:
     method: MethodSpec
     placements: list[Placement]
-    slots: dict[str, nn.Module] = field(default_factory=dict)  # full slot name -> Slot / PrefixSlot
-    reparams: dict[str, PrefixReparam] = field(default_factory=dict)  # child name on the model -> shared MLP
+    slots: dict[str, Slot] = field(default_factory=dict)  # full slot name -> slot
+    # training-only modules a form registers on the model itself, shared by its slots (a prefix MLP), by name
+    reparams: dict[str, nn.Module] = field(default_factory=dict)
+    reparam_owners: dict[str, str] = field(default_factory=dict)  # reparam name -> the module spec that built it
     handles: list[Any] = field(default_factory=list)
-    attention_configs: list[tuple[nn.Module, Any]] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
     trained_head: list[str] = field(default_factory=list)  # task-head parameter names (outside base_model)
@@ -71,40 +71,54 @@ def refuse_wrapped(model: Any, caller: str) -> None:
         raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
 
 
-def attach(model: nn.Module, method: Any) -> nn.Module:
-    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place."""
-    spec = load_method(method)
-    refuse_wrapped(model, "attach")
+def check_model(model: Any, caller: str) -> None:
+    """One line for what cannot take a method: not a transformers model, or one that already has one."""
+    refuse_wrapped(model, caller)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise AttachError(f"attach: expected a transformers PreTrainedModel, got {type(model).__name__}")
+        raise AttachError(f"{caller}: expected a transformers PreTrainedModel, got {type(model).__name__}")
     if is_attached(model):
         raise AttachError(
-            f"attach: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
+            f"{caller}: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
         )
-    if spec.budget is not None:
-        # Solving counts on a meta copy of the architecture (never this model). budget.py sits above attach
-        # (it counts through accounting, which attaches), so it is imported lazily to keep the layering one-way.
-        from .budget import solve_budget
 
-        spec = solve_budget(spec, model.config)
-    spec = resolve_prompt_texts(model, spec)  # prompt texts -> token ids, checked against the vocabulary
-    placements = resolve(model, spec) if spec.modules else []
-    if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in model.base_model.named_parameters()):
+
+def prepare(model: nn.Module, spec: MethodSpec) -> MethodSpec:
+    """The spec with what needs the model resolved by each form (prompt texts to token ids, prefix support)."""
+    for index, module in enumerate(spec.modules):
+        where = f"method '{spec.name}' module {index} ('{module.name}')"
+        prepared = module.form_def.prepare(model, module, where)
+        if prepared is not module:
+            spec = spec.replace_module(index, **{"options": prepared.options})
+    return spec
+
+
+def prepare_counting(model: nn.Module, spec: MethodSpec) -> MethodSpec:
+    """The spec, refused if its sizes are still to be solved for a budget (that happens above this layer)."""
+    if spec.budget is not None:
+        raise MethodConfigError(f"method '{spec.name}': budget {spec.budget!r} is solved by unipelt.attach "
+                                "(or unipelt.solve_budget) before the modules are built")
+    return spec
+
+
+def check_train_base(model: nn.Module, spec: MethodSpec) -> None:
+    base = getattr(model, "base_model", model)
+    if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in base.named_parameters()):
         raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
-    modules = dict(model.named_modules())
-    # Every transformers-private name the placed forms will read is checked before anything changes.
-    compat.check_model(model, prompts=any(p.spec.form == "prompt" for p in placements),
-                       prefixed_attention=[modules[p.x_name] for p in placements if p.spec.form == "prefix"])
+
+
+def attach_method(model: nn.Module, method: Any) -> nn.Module:
+    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) with its sizes as given."""
+    check_model(model, "attach")
+    spec = prepare(model, prepare_counting(model, load_method(method)))
+    placements = resolve(model, spec) if spec.modules else []
+    check_train_base(model, spec)
     _listed_module_ids(model, spec)  # an unknown train_modules name fails here, before anything changes
-    if any(p.spec.form == "prefix" for p in placements):
-        check_prefix_support(model)
     to_quantize = []
     if spec.quantize != "none":
         check_quantization(model, spec)
-        to_quantize = _all_linear_names(model, spec)
-    modules = dict(model.named_modules())
+        to_quantize = _all_linear_names(model)
     try:
-        built, reparams = _build(placements, modules, model)
+        slots, reparams, controllers = _build(spec, placements, model, dict(model.named_modules()))
     except (MemoryError, RuntimeError) as exc:  # e.g. dim: 1000000000000; nothing on the model has changed
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
             raise
@@ -112,147 +126,34 @@ def attach(model: nn.Module, method: Any) -> nn.Module:
                                                   if isinstance(getattr(m, k, None), int)) for m in spec.modules})
         raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
                           f"{str(exc).splitlines()[0][:200]}") from None
-    controllers = _svd_controllers(placements, built)
     quantized = quantize_base(model, spec, to_quantize)
-    _install(model, spec, placements, built, reparams, dict(model.named_modules()))  # anew: quantize replaced some
+    _install(model, spec, placements, slots, reparams, dict(model.named_modules()))  # anew: quantize replaced some
     state_of(model).controllers.update(controllers)
     state_of(model).quantized.extend(quantized)
     return model
 
 
-def _all_linear_names(model: nn.Module, spec: MethodSpec) -> list[str]:
+def _all_linear_names(model: nn.Module) -> list[str]:
     """QLoRA quantizes every projection of the transformer layers (the `all_linear` sites), except those the
     model keeps in float32 (transformers' `_keep_in_fp32_modules`, e.g. T5's `wo`, as its own 4-bit loading does)."""
-    probe = load_method({"name": spec.name, "modules": [
-        {"form": "bottleneck", "at": "all_linear", "insertion": "parallel", "compose": "add"}]})
     keep = compat.keep_in_fp32_modules(model)
-    names = dict.fromkeys(p.h_name for p in resolve(model, probe))
-    return [name for name in names if name.rpartition(".")[2] not in keep]
+    return [name for name in projection_index(model) if name.rpartition(".")[2] not in keep]
 
 
-def _svd_key(p: Placement) -> str:
-    return f"{p.stack}.{p.layer}.{p.site}"
-
-
-def _svd_rank(p: Placement, known: dict[str, set[str]]) -> int:
-    if p.spec.rank_pattern is None:
-        return p.spec.init_r
-    pattern = dict(p.spec.rank_pattern)
-    unknown = sorted(set(pattern) - known[p.spec.name])
-    if unknown:
-        raise AttachError(f"module '{p.spec.name}': rank_pattern key '{unknown[0]}' matches no placement "
-                          f"(keys are 'stack.layer.site', e.g. '{sorted(known[p.spec.name])[0]}')")
-    return pattern.get(_svd_key(p), p.spec.init_r)
-
-
-def _svd_controllers(placements: list[Placement], built: list[nn.Module]) -> dict[str, Any]:
-    """Per svd module spec: its orthogonal regulariser (a mean over all its matrices, so it sees them all) and,
-    while it is still to be pruned (no rank_pattern yet), its rank allocator (one global budget)."""
-    groups: dict[str, dict[str, SVDDelta]] = {}
-    specs = {}
-    for p, slot in zip(placements, built):
-        if p.spec.form == "svd":
-            groups.setdefault(p.spec.name, {})[_svd_key(p)] = slot.form
-            specs[p.spec.name] = p.spec
+def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
+           modules: dict) -> tuple[list[Slot], dict[str, tuple[str, nn.Module]], dict[str, Any]]:
+    """Every form builds the slots of its module specs' placements, without touching the model."""
+    built: dict[int, Slot] = {}
+    reparams: dict[str, nn.Module] = {}
     controllers: dict[str, Any] = {}
-    for name, forms in groups.items():
-        controllers[f"unipelt_{name}_orthogonal_regulariser"] = OrthogonalRegulariser(
-            specs[name].orth_reg_weight, list(forms.values()))
-        if specs[name].rank_pattern is None:
-            controllers[f"unipelt_{name}_rank_allocator"] = RankAllocator(specs[name], forms)
-    return controllers
-
-
-def _like(module: nn.Module) -> dict[str, Any]:
-    weight = next((p for p in module.parameters(recurse=False)), None)
-    if weight is None:
-        weight = next(module.parameters(), None)
-    if weight is None:
-        return {}
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    return {"device": weight.device, "dtype": dtype}
-
-
-def _build(placements: list[Placement], modules: dict,
-           model: nn.Module) -> tuple[list[nn.Module], dict[str, PrefixReparam]]:
-    """Create every new module without touching the model."""
-    reparams: dict[str, PrefixReparam] = {}
-    built: list[nn.Module] = []
-    prefix_sites: dict[str, list[Placement]] = {}
-    for p in placements:
-        if p.spec.form == "prefix":
-            prefix_sites.setdefault(p.spec.name, []).append(p)
-    for name, group in prefix_sites.items():
-        spec = group[0].spec
-        if spec.mlp_dim is not None:
-            d_model = group[0].d_x
-            reparam = PrefixReparam(spec.length, d_model, spec.mlp_dim, [p.kv_heads * p.head_dim for p in group])
-            reparams[f"unipelt_{name}_reparam"] = reparam.to(**_like(modules[group[0].x_name]))
-    site_index: dict[str, int] = {}
-    svd_keys: dict[str, set[str]] = {}
-    for p in placements:
-        if p.spec.form == "svd":
-            svd_keys.setdefault(p.spec.name, set()).add(_svd_key(p))
-    for p in placements:
-        like = _like(modules[p.h_name])
-        if p.spec.form == "prefix":
-            index = site_index.get(p.spec.name, 0)
-            site_index[p.spec.name] = index + 1
-            reparam = reparams.get(f"unipelt_{p.spec.name}_reparam")
-            prefix = Prefix(p.spec.length, p.kv_heads, p.head_dim, reparam, index)
-            attention = modules[p.x_name]
-            query = (modules[p.q_name], p.q_chunk) if p.spec.score == "relu" else None
-            slot = PrefixSlot(p.spec, prefix, p.site, model.config, model_eager_attention(attention), p.d_x, query)
-        elif p.spec.form == "prompt":
-            slot = build_prompt_slot(p, modules, model)
-        else:
-            if p.spec.form == "svd":
-                form = SVDDelta(p.spec, p.d_in, p.d_out, _svd_rank(p, svd_keys))
-            elif p.kind == "heads":
-                form = HeadBottleneck(_sized(p.spec, p.d_in), p.d_in, p.n_heads, p.head_dim)
-            else:
-                form = Bottleneck(_sized(p.spec, p.d_in), p.d_in, p.d_out)
-            # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
-            # sequential adapter).
-            slot = Slot(p.spec, form, Composer(p.spec, p.d_in), p.site, p.chunk)
-        built.append(slot.to(**like))
-    return built, reparams
-
-
-def _sized(spec, d_in: int):
-    """The bottleneck width d / reduction_factor where the spec gives a factor (UniPELT's adapter: d/16)."""
-    if spec.reduction_factor is None:
-        return spec
-    return dataclasses.replace(spec, dim=max(1, d_in // spec.reduction_factor))
-
-
-def _capture_hook(slot: Slot):
-    def hook(module, args, kwargs):
-        slot.captured_x = compat.module_input(args, kwargs) if slot.enabled else None
-    return hook
-
-
-def _output_hook(slot: Slot, same_module: bool):
-    def hook(module, args, kwargs, output):
-        if not slot.enabled:
-            return None
-        if same_module:
-            x = compat.module_input(args, kwargs)
-        else:
-            x, slot.captured_x = slot.captured_x, None
-        if isinstance(output, tuple):
-            return (slot(output[0], x),) + output[1:]
-        return slot(output, x)
-    return hook
-
-
-def _heads_hook(slot: Slot):
-    def hook(module, args, kwargs):
-        if not slot.enabled:
-            return None
-        x, slot.captured_x = slot.captured_x, None
-        return (slot(args[0], x),) + tuple(args[1:]), kwargs
-    return hook
+    for module in spec.modules:
+        indices = [i for i, p in enumerate(placements) if p.spec.name == module.name]
+        result = module.form_def.build(module, [placements[i] for i in indices], model, modules)
+        for i, slot in zip(indices, result.slots):
+            built[i] = slot.to(**like(modules[placements[i].h_name]))
+        reparams.update({name: (module.name, child) for name, child in result.children.items()})
+        controllers.update(result.controllers)
+    return [built[i] for i in range(len(placements))], reparams, controllers
 
 
 class CopyableHook:
@@ -274,55 +175,22 @@ class CopyableHook:
         return CopyableHook(fn)
 
 
-def _norm_hook(slot: Slot):
-    """Pfeiffer placement (AdapterHub). Post-LN, at the output LayerNorm: its input is z = h + residual; Δ (and a
-    gate) read LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ. Pre-LN, at the module
-    whose output is z = h + residual: z + Δ with Δ read from z."""
-    def hook(module, args, output):
-        if not slot.enabled:
-            return None
-        if isinstance(module, nn.LayerNorm):
-            composed = slot.composer(args[0], slot.form(output), output)
-            return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
-        z = output[0] if isinstance(output, tuple) else output
-        composed = slot.composer(z, slot.form(z), z)
-        return (composed,) + tuple(output[1:]) if isinstance(output, tuple) else composed
-    return hook
-
-
-def _install(model, spec, placements, built, reparams, modules) -> None:
+def _install(model, spec, placements, slots, reparams, modules) -> None:
     state = AttachedState(method=spec, placements=placements)
-    for name, reparam in reparams.items():
+    for name, (owner, reparam) in reparams.items():
         model.add_module(name, reparam)
         state.reparams[name] = reparam
-    routed: set[int] = set()
-    for p, slot in zip(placements, built):
-        host = modules[p.host_name]
-        host.add_module(p.slot_name, slot)
+        state.reparam_owners[name] = owner
+    for p, slot in zip(placements, slots):
+        modules[p.host_name].add_module(p.slot_name, slot)
         state.slots[f"{p.host_name}.{p.slot_name}" if p.host_name else p.slot_name] = slot
-        if isinstance(slot, PrefixSlot):
-            if id(host) not in routed:
-                routed.add(id(host))
-                state.attention_configs.append((host, install_prefix_config(host)))
-            if slot.reads_input:  # UniPELT's prefix gate, He et al.'s ReLU prefix read the attention input x
-                state.handles.append(host.register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
-            continue
-        if isinstance(slot, PromptSlot):
-            state.handles.extend(install_prompt_hooks(model, slot, p, modules))
-            continue
-        h_module = modules[p.h_name]
-        same = p.x_name == p.h_name
-        if not same:
-            state.handles.append(modules[p.x_name].register_forward_pre_hook(_capture_hook(slot), with_kwargs=True))
-        if p.kind == "heads":
-            state.handles.append(h_module.register_forward_pre_hook(_heads_hook(slot), with_kwargs=True))
-        elif p.kind == "norm":
-            state.handles.append(h_module.register_forward_hook(_norm_hook(slot)))
-        else:
-            state.handles.append(h_module.register_forward_hook(_output_hook(slot, same), with_kwargs=True))
+    # Parallel before sequential at a shared site (sorted is stable: YAML order within each kind).
+    for p, slot in sorted(zip(placements, slots), key=lambda pair: pair[0].spec.insertion == "sequential"):
+        state.handles.extend(slot.install(p, modules, model))
     for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
-        hooks = handle.hooks_dict_ref()
-        hooks[handle.id] = CopyableHook(hooks[handle.id])
+        if hasattr(handle, "hooks_dict_ref"):
+            hooks = handle.hooks_dict_ref()
+            hooks[handle.id] = CopyableHook(hooks[handle.id])
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
     for module in [*state.slots.values(), *state.reparams.values()]:
         module.train(model.training)
@@ -359,19 +227,18 @@ def _norm_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if any(n in type(m).__name__ for n in names) for p in m.parameters()}
 
 
-def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
+def trained_parameters(model: nn.Module, spec: MethodSpec) -> tuple[list[str], list[str]]:
+    """Names of the base parameters and of the head parameters (outside base_model) that the method trains besides
+    its own modules: train_base (all, bias, layernorm), train_modules, and a newly initialised task head."""
     base = getattr(model, "base_model", model)
     base_ids = {id(p) for p in base.parameters()}
     norms = _norm_ids(base) if spec.train_base == "layernorm" else set()
     pretrained_head = _pretrained_head_ids(model) - base_ids
     listed = _listed_module_ids(model, spec)
+    trained_base, trained_head = [], []
     for name, param in model.named_parameters():
-        if ".unipelt_" in f".{name}":
-            param.requires_grad_(True)
+        if ".unipelt_" in f".{name}" or not param.dtype.is_floating_point:  # adapters; a quantized base weight
             continue
-        if not param.dtype.is_floating_point:  # a quantized base weight: frozen by nature, restored by detach
-            continue
-        state.requires_grad[name] = param.requires_grad
         in_base = id(param) in base_ids
         if spec.train_base == "all" or id(param) in listed:
             train = True
@@ -379,22 +246,30 @@ def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
             train = (spec.train_base == "bias" and name.endswith("bias")) or id(param) in norms
         else:
             train = spec.train_head and id(param) not in pretrained_head
-        param.requires_grad_(train)
         if train:
-            (state.trained_base if in_base else state.trained_head).append(name)
+            (trained_base if in_base else trained_head).append(name)
+    return trained_base, trained_head
+
+
+def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
+    state.trained_base, state.trained_head = trained_parameters(model, spec)
+    train = set(state.trained_base) | set(state.trained_head)
+    for name, param in model.named_parameters():
+        if ".unipelt_" in f".{name}":
+            param.requires_grad_(True)
+            continue
+        if not param.dtype.is_floating_point:  # a quantized base weight: frozen by nature, restored by detach
+            continue
+        state.requires_grad[name] = param.requires_grad
+        param.requires_grad_(name in train)
 
 
 def detach(model: nn.Module) -> nn.Module:
     """Remove every unipelt module, hook and routing; restores the original parameters' trainability."""
     state = state_of(model)
-    if state.merged:
-        from .merge import unmerge  # merge sits above attach; imported lazily to keep the layering one-way
-
-        unmerge(model)
-    for handle in state.handles:
+    unmerge_slots(model)
+    for handle in reversed(state.handles):
         handle.remove()
-    for attention, config in state.attention_configs:
-        attention.config = config
     modules = dict(model.named_modules())
     for full_name in state.slots:
         parent, _, child = full_name.rpartition(".")
@@ -409,18 +284,28 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
+def unmerge_slots(model: nn.Module) -> list[str]:
+    """Undo every merge (last merged first): each slot applies its own inverse to its host's weights."""
+    state = state_of(model)
+    modules = dict(model.named_modules())
+    undone = []
+    for name in reversed(state.merged):
+        state.slots[name].unmerge(modules[name.rpartition(".")[0]], name)
+        undone.append(name)
+    state.merged.clear()
+    return undone
+
+
 def fold_prefixes(model: nn.Module) -> None:
-    """Fold every prefix reparameterisation MLP (and P-tuning prompt encoder) into plain vectors and drop them
-    (outputs unchanged)."""
+    """Fold every training aid (a prefix reparameterisation MLP, a P-tuning prompt encoder) into the plain vectors
+    it produces and drop it (outputs unchanged)."""
     state = state_of(model)
     for slot in state.slots.values():
-        if isinstance(slot, PrefixSlot):
-            slot.prefix.fold()
-        elif isinstance(slot, PromptSlot):
-            slot.fold()
+        slot.fold()
     for name in state.reparams:
         delattr(model, name)
     state.reparams.clear()
+    state.reparam_owners.clear()
     state.method = state.method.folded()
 
 
@@ -445,5 +330,6 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
 
 
-__all__ = ["attach", "detach", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
+__all__ = ["attach_method", "check_model", "check_train_base", "prepare_counting", "trained_parameters", "detach",
+           "unmerge_slots", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
            "refuse_wrapped"]

@@ -32,16 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accounting import build_meta_model, count_parameters
+from .accounting import build_meta_model, placed_counts
 from .errors import MethodConfigError
-from .sites import resolve
-from .spec import FORM_KEYS, MethodSpec, ModuleSpec, load_method
+from .forms import MAX_VECTORS
+from .placement import resolve
+from .spec import MethodSpec, ModuleSpec, load_method
 
-# The size key of a module is the first of these that its dataclass has and its form uses.
-SIZE_KEYS = ("dim", "length", "rank", "init_rank", "init_r", "r")
-# A key scaled along with the size key, in proportion (svd: the rank budget after pruning follows the initial rank).
-COMPANIONS = {"init_r": "target_r"}
-MAX_LENGTH = 1024  # prefix / prompt vectors: far beyond any setting in the literature
+MAX_LENGTH = MAX_VECTORS  # prefix / prompt vectors: far beyond any setting in the literature
 
 
 @dataclass(frozen=True)
@@ -57,13 +54,11 @@ class BudgetSolution:
 
 
 def size_key(module: ModuleSpec) -> str:
-    """The key that sets a module's size (dim for bottlenecks, length for prefixes and prompts, svd rank)."""
-    fields = {f.name for f in dataclasses.fields(module)}
-    usable = FORM_KEYS.get(module.form, fields)
-    for key in SIZE_KEYS:
-        if key in fields and key in usable:
-            return key
-    raise MethodConfigError(f"budget: module '{module.name}' (form '{module.form}') has no size key to solve")
+    """The option that sets a module's size, as its form declares it (dim, length, svd's init_r...)."""
+    key = module.form_def.size_key
+    if key is None:
+        raise MethodConfigError(f"budget: module '{module.name}' (form '{module.form}') has no size key to solve")
+    return key
 
 
 def budget_parameters(budget: str | int, base: int) -> int:
@@ -73,29 +68,17 @@ def budget_parameters(budget: str | int, base: int) -> int:
 
 
 def _with_sizes(spec: MethodSpec, keys: list[str], sizes: list[int]) -> MethodSpec:
-    for index, (key, size) in enumerate(zip(keys, sizes)):
-        changes = {key: size}
-        if key == "dim" and spec.modules[index].reduction_factor is not None:
-            changes["reduction_factor"] = None  # a solved width replaces a width set as d / reduction_factor
-        if key in COMPANIONS:  # e.g. AdaLoRA's target_r follows init_r in proportion (and stays <= it)
-            companion = COMPANIONS[key]
-            old_size, old_companion = getattr(spec.modules[index], key), getattr(spec.modules[index], companion)
-            changes[companion] = max(1, min(size, old_companion * size // old_size))
-        spec = spec.replace_module(index, **changes)
+    """Each module at its size; options that follow the size (svd's target_r) follow in proportion."""
+    for index, size in enumerate(sizes):
+        module = spec.modules[index]
+        spec = spec.replace_module(index, options=module.form_def.with_size(module.options, size))
     return spec
 
 
-def _caps(meta: nn.Module, spec: MethodSpec, keys: list[str]) -> list[int]:
-    caps = []
+def _caps(meta: nn.Module, spec: MethodSpec) -> list[int]:
     placements = resolve(meta, spec)
-    for module, key in zip(spec.modules, keys):
-        if key == "length":
-            caps.append(MAX_LENGTH)
-            continue
-        widths = [p.head_dim if p.kind == "heads" else min(p.d_in, p.d_out)
-                  for p in placements if p.spec.name == module.name]
-        caps.append(max(1, min(widths)) if widths else 1)
-    return caps
+    return [module.form_def.size_cap([p for p in placements if p.spec.name == module.name])
+            for module in spec.modules]
 
 
 def _describe(keys: list[str], spec: MethodSpec, sizes: list[int]) -> str:
@@ -126,15 +109,15 @@ def solve(method: Any, model_or_config: Any) -> BudgetSolution:
         meta = build_meta_model(config)
 
         def count(sizes: list[int]) -> int:
-            return count_parameters(meta, _with_sizes(unbudgeted, keys, sizes))["added"]
+            return placed_counts(meta, _with_sizes(unbudgeted, keys, sizes))["added"]
 
         ones = [1] * len(keys)
-        at_ones = count_parameters(meta, _with_sizes(unbudgeted, keys, ones))
+        at_ones = placed_counts(meta, _with_sizes(unbudgeted, keys, ones))
         base = at_ones["base"]
         smallest = at_ones["added"]
         # added = constant + sum_i slope_i * size_i (every form's count is affine in its size)
         slopes = [count([2 if j == i else 1 for j in range(len(keys))]) - smallest for i in range(len(keys))]
-        caps = _caps(meta, unbudgeted, keys)
+        caps = _caps(meta, unbudgeted)
         if spec.modules[0].budget_share is not None:  # spec validation: every module has a share, or none
             return _solve_shares(spec, unbudgeted, keys, meta, base, slopes, caps, count)
 
@@ -189,7 +172,7 @@ def _solve_shares(spec: MethodSpec, unbudgeted: MethodSpec, keys: list[str], met
     sizes, nexts = [], []
     for index, (module, key) in enumerate(zip(unbudgeted.modules, keys)):
         alone = dataclasses.replace(unbudgeted, modules=(module,))
-        at_one = count_parameters(meta, _with_sizes(alone, [key], [1]))["added"]  # this module's count at size 1
+        at_one = placed_counts(meta, _with_sizes(alone, [key], [1]))["added"]  # this module's count at size 1
         share = math.floor(module.budget_share * target)
         if at_one > share:
             raise MethodConfigError(

@@ -44,6 +44,7 @@ MODULE_INPUT_KWARGS: tuple[str, ...] = ("hidden_states", "input")
 ATTN_IS_CAUSAL = "is_causal"  # SDPA: causal masking without an explicit mask
 ATTN_SCALING = "scaling"  # the softmax temperature the model uses (T5: 1.0)
 ATTN_POSITION_BIAS = "position_bias"  # T5's relative position bias, added to the scores
+ATTN_DROPOUT = "dropout"  # the attention-probability dropout rate of this call (0 in eval)
 
 # ---- attributes ----------------------------------------------------------------------------------------------
 _ATTN_IMPL_INTERNAL = "_attn_implementation_internal"  # PretrainedConfig's stored attention choice, 5.15-5.24
@@ -214,7 +215,7 @@ def check_model(model: nn.Module, *, prompts: bool, prefixed_attention: list[nn.
 
 __all__ = [
     "TRANSFORMERS_VERSION", "CHECKED_RANGE", "CACHE_KWARGS", "POSITION_KWARGS", "MODULE_INPUT_KWARGS",
-    "ATTN_IS_CAUSAL", "ATTN_SCALING", "ATTN_POSITION_BIAS", "cache_of", "cache_length", "module_input",
+    "ATTN_IS_CAUSAL", "ATTN_SCALING", "ATTN_POSITION_BIAS", "ATTN_DROPOUT", "cache_of", "cache_length", "module_input",
     "is_transposed_linear", "keep_in_fp32_modules", "name_or_path", "attention_implementation", "route_attention",
     "register_attention", "attention_function", "modeling_function", "eager_attention", "decoder_inputs_from",
     "model_types_with", "check_model",

@@ -1,14 +1,22 @@
-"""Composition functions (how Δh meets h) and the slot that pairs a functional form with one of them.
+"""The composition axis (how Δh meets h), written once and used by every slot: bottleneck, svd, (IA)³, prefix
+and prompt alike.
 
-`gate` (the prefix softmax gate) is not here: it falls out of attending over [P; K] and lives in attention.py.
+- `add`:          h + Δh
+- `scale`:        h + s·Δh, s fixed (α/r, 4, ...) or `learned` (a trainable scalar starting at 1)
+- `sigmoid_gate`: h + g·Δh, g = mean_tokens σ(W_g·x), one gate per example (UniPELT, Mao et al. 2022)
+- `gate`:         the prefix's softmax gate, (1−λ)·h + λ·Δh with λ the attention mass on the prefix: it falls out
+                  of attending over [P; K] (forms/prefix/attention.py), so here its factor is 1.
+
+The factor is linear in Δh, so a slot whose Δh is linear folds into a weight as factor·ΔW and unfolds by the
+inverse (merge_factor): a constant for add / scale, none for the gates (they depend on the input).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-
-from .spec import ModuleSpec
 
 
 def sigmoid_gate_linear(d_in: int) -> nn.Linear:
@@ -28,10 +36,10 @@ def mean_sigmoid_gate(gate: nn.Linear, x: torch.Tensor, keepdim: bool) -> torch.
 
 
 class Composer(nn.Module):
-    """h' = h + Δh (add), h + s·Δh (scale, s fixed or learned), or h + g·Δh (sigmoid_gate) with Mao et al.'s gate
-    g = mean over tokens of σ(W_g·x) (one scalar per example; W_g ~ N(0, 0.02), zero bias)."""
+    """The composition of one slot; `spec` is anything with `compose` and `scale` (a module spec). The sigmoid
+    gate is Mao et al.'s g = mean over tokens of σ(W_g·x), one scalar per example (W_g ~ N(0, 0.02), zero bias)."""
 
-    def __init__(self, spec: ModuleSpec, d_gate_in: int) -> None:
+    def __init__(self, spec: Any, d_gate_in: int) -> None:
         super().__init__()
         self.fixed_scale = 1.0
         self.learned_scale = None
@@ -45,14 +53,23 @@ class Composer(nn.Module):
         elif spec.compose == "sigmoid_gate":
             self.gate = sigmoid_gate_linear(d_gate_in)
 
-    def factor(self, x: torch.Tensor | None) -> torch.Tensor | float:
-        """The multiplier of Δh: a float, a learned scalar, or a gate of shape [batch, 1, 1]."""
+    @staticmethod
+    def parameter_count(spec: Any, d_gate_in: int) -> int:
+        """What a composer adds (Appendix B): one scalar for a learned scale, d + 1 for a sigmoid gate."""
+        if spec.compose == "scale" and spec.scale == "learned":
+            return 1
+        return d_gate_in + 1 if spec.compose == "sigmoid_gate" else 0
+
+    def factor(self, x: torch.Tensor | None, like: torch.Tensor | None = None) -> torch.Tensor | float:
+        """The multiplier of Δh: a float, a learned scalar, or a gate of shape [batch, 1, ..., 1] (as many dims as
+        `like`, the Δh it multiplies; [batch, 1, 1] without it)."""
         if self.gate is not None:
             if x is None:
                 raise RuntimeError("sigmoid_gate needs the sub-layer input, which was not captured")
-            gate = mean_sigmoid_gate(self.gate, x, keepdim=True)
+            gate = mean_sigmoid_gate(self.gate, x, keepdim=False)  # [batch, 1]
             self.last_gate = gate.detach().mean()
-            return gate
+            dims = (like.dim() if like is not None else 3) - gate.dim()
+            return gate.reshape(*gate.shape, *([1] * dims))
         if self.learned_scale is not None:
             return self.learned_scale
         return self.fixed_scale
@@ -61,65 +78,16 @@ class Composer(nn.Module):
         """The multiplier of Δh when it is a constant (add, fixed scale), else None."""
         return self.fixed_scale if self.gate is None and self.learned_scale is None else None
 
+    def merge_factor(self) -> float | None:
+        """The multiplier to fold into a weight with Δh (a learned scale at its current value), None for a gate."""
+        if self.gate is not None:
+            return None
+        if self.learned_scale is not None:
+            return float(self.learned_scale.detach())
+        return self.fixed_scale
+
     def forward(self, h: torch.Tensor, delta: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        factor = self.factor(x)
+        factor = self.factor(x, delta)
         if isinstance(factor, float):  # one multiply-add kernel, no scaled copy of Δh
             return torch.add(h, delta.to(h.dtype), alpha=factor)
         return h + (factor * delta).to(h.dtype)
-
-
-def chunk_rows(chunk: tuple[int, int] | None, out_features: int) -> slice:
-    """The output rows a slot modifies: all, or its (index, count) chunk of a fused projection (GPT-2's c_attn)."""
-    if chunk is None:
-        return slice(None)
-    index, count = chunk
-    width = out_features // count
-    return slice(index * width, (index + 1) * width)
-
-
-class Slot(nn.Module):
-    """One placed module: Δh = form(x or h), composed into h. `active` / `merged` switch it off in forward."""
-
-    def __init__(self, spec: ModuleSpec, form: nn.Module, composer: Composer, site: str,
-                 chunk: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        self.spec = spec
-        self.site = site
-        self.form = form
-        self.composer = composer
-        self.chunk = chunk  # (index, count): h is one slice of a fused projection output (GPT-2's c_attn)
-        self.active = True
-        self.merged = False
-        self.captured_x: torch.Tensor | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.active and not self.merged
-
-    def forward(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        parallel = self.spec.insertion == "parallel"
-        if self.chunk is None:
-            source = x if parallel else h
-            scale = self.composer.fixed_factor()
-            fusable = getattr(self.form, "can_add_into", None)
-            if scale is not None and fusable is not None and fusable(h):  # up-projection, scale and add: one GEMM
-                return self.form.add_scaled_into(h, source, scale)
-            return self.composer(h, self.form(source), source)
-        index, count = self.chunk
-        pieces = list(h.chunk(count, dim=-1))
-        source = x if parallel else pieces[index]
-        pieces[index] = self.composer(pieces[index], self.form(source), source)
-        return torch.cat(pieces, dim=-1)
-
-    def training_metrics(self) -> dict[str, float]:
-        if self.composer.last_gate is None:
-            return {}
-        return {"gate": float(self.composer.last_gate)}
-
-    def exported_parameters(self) -> dict[str, torch.Tensor]:
-        """What is saved: the parameters, with a rank-pruned form (svd) cut to its kept triplets."""
-        tensors = dict(self.named_parameters())
-        pruned = getattr(self.form, "pruned_parameters", None)
-        if pruned is not None:
-            tensors.update({f"form.{name}": value for name, value in pruned().items()})
-        return tensors

@@ -7,7 +7,6 @@ a half-written file that a later load would accept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,49 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import compat
-from .attach import attach, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
+from .attach import attach_method, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
 from .errors import AdapterFileError
-from .rank_allocator import with_rank_patterns
-from .spec import load_method
+from .sites.identity import base_identity, config_hash  # noqa: F401  config_hash: part of this module's API
+from .spec import MethodSpec, load_method
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "unipelt_adapter.json"
-IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "vocab_size", "d_model", "encoder_layers", "decoder_layers", "num_layers")
-
-
-# Further architecture fields (per family) that a config hash covers; together with IDENTITY_KEYS they fix the
-# shapes and the computation of the base. Training-time settings (dropout, dtype, labels, attention kernel) are left
-# out, so the same base loaded another way hashes the same.
-ARCHITECTURE_KEYS = IDENTITY_KEYS + (
-    "head_dim", "hidden_act", "activation_function", "max_position_embeddings", "type_vocab_size", "n_inner",
-    "encoder_attention_heads", "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "d_kv", "d_ff",
-    "num_heads", "num_decoder_layers", "feed_forward_proj", "relative_attention_num_buckets",
-)
-
-
-def architecture(config: Any) -> dict[str, Any]:
-    return {key: getattr(config, key) for key in ARCHITECTURE_KEYS if hasattr(config, key)}
-
-
-def config_hash(config: Any) -> str:
-    """A stable hash (16 hex digits) of the base config's architecture fields (ARCHITECTURE_KEYS present)."""
-    text = json.dumps(architecture(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def base_identity(config: Any) -> dict[str, Any]:
-    """What an adapter file records about its base: the main shape fields, the name, and a config hash (last, so a
-    mismatch in a named field is reported by name first)."""
-    identity = {key: getattr(config, key) for key in IDENTITY_KEYS if hasattr(config, key)}
-    identity["name_or_path"] = compat.name_or_path(config)
-    identity["architecture"] = json.loads(json.dumps(architecture(config), default=str))
-    identity["config_hash"] = config_hash(config)
-    return identity
-
-
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Everything the method trained, by parameter name, with reparameterised prefixes folded."""
     state = state_of(model)
@@ -120,6 +84,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = state_of(model)
     if state.merged:
         raise AdapterFileError("save_adapter: modules are merged into the weights; call unipelt.unmerge first")
+    adapters = [p for module in [*state.slots.values(), *state.reparams.values()] for p in module.parameters()]
+    if any(getattr(p, "full_tensor", None) is not None for p in adapters):  # FSDP2 keeps DTensor shards
+        raise AdapterFileError("save_adapter: the model is sharded (FSDP); call "
+                               "unipelt.train.sharding.save_adapter(model, directory, info) on every rank")
     tensors = adapter_state(model)
     bad = non_finite_tensor(tensors)
     if bad is not None:
@@ -127,13 +95,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = make_directory(directory, "save_adapter")
     meta = {
         "format_version": FORMAT_VERSION,
-        "method": with_rank_patterns(state.method.folded(), state.controllers).to_dict(),
+        "method": _with_controller_changes(state.method.folded(), state.controllers).to_dict(),
         "base_model": base_identity(model.config),
         "tensors": len(tensors),
     }
     atomic_write(out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return out
+
+
+def _with_controller_changes(method: MethodSpec, controllers: dict[str, Any]) -> MethodSpec:
+    """The method with what training controllers decided written in (AdaLoRA's allocator: the pruned ranks)."""
+    names = [m.name for m in method.modules]
+    for controller in controllers.values():
+        changes = getattr(controller, "spec_changes", None)
+        if changes is not None:
+            module, options = changes()
+            method = method.replace_module(names.index(module), **options)
+    return method
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -199,7 +178,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     method = load_method(meta["method"])
     attached_here = not is_attached(model)
     if attached_here:
-        attach(model, method)
+        attach_method(model, method)
     elif state_of(model).method.folded() != method:
         raise AdapterFileError(
             f"load_adapter: the attached method '{state_of(model).method.name}' differs from the saved one "

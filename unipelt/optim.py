@@ -55,10 +55,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
     for slot in state.slots.values():
         for param in slot.parameters():
             lr_of[id(param)] = slot.spec.lr or lr
+    specs = {m.name: m for m in state.method.modules}
     for reparam_name, reparam in state.reparams.items():
-        spec = next((m for m in state.method.modules if f"unipelt_{m.name}_reparam" == reparam_name), None)
         for param in reparam.parameters():
-            lr_of[id(param)] = (spec.lr if spec is not None else None) or lr
+            lr_of[id(param)] = specs[state.reparam_owners[reparam_name]].lr or lr
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -36,13 +36,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import compat
-from .attach import attach, detach, is_attached, refuse_wrapped, state_of
-from .compose import Slot, chunk_rows
-from .errors import AdapterFileError, AttachError
+from .attach import attach_method, check_model, detach, state_of
+from .errors import AdapterFileError
 from .io import atomic_write, make_directory, non_finite_tensor, read_json, read_tensors
-from .peft_names import layer_index, linear_in_out, name_matches, pattern_value, projection_index, target_suffixes
-from .sites.resolve import base_prefix, family_of
-from .spec import PROJECTION_SITES, load_method
+from .peft_names import layer_index, name_matches, pattern_value, target_suffixes
+from .placement import base_path, projection_index
+from .sites import family_of, is_transposed, linear_dims
+from .sites.names import PROJECTION_SITES
+from .slot import Slot, chunk_rows
+from .spec import load_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -65,32 +67,27 @@ PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
-def _not_lora_reason(slot: nn.Module) -> str | None:
-    if not isinstance(slot, Slot) or slot.spec.form not in ("bottleneck", "svd"):
+def _not_lora_reason(slot: Slot) -> str | None:
+    """Why a slot is not PEFT's LoRA; the form's own module says what of it differs (activation, bias...)."""
+    pair = getattr(slot.delta_module, "low_rank_pair", None)
+    if pair is None:
         return f"form '{slot.spec.form}'"
     spec = slot.spec
-    checks = [("insertion", spec.insertion, "parallel")]
-    if spec.form == "bottleneck":
-        checks += [("activation", spec.activation, "none"), ("layernorm", spec.layernorm, "none")]
-    for key, value, wanted in checks:
-        if value != wanted:
-            return f"{key} '{value}' (PEFT LoRA needs {key} '{wanted}')"
+    if spec.insertion != "parallel":
+        return f"insertion '{spec.insertion}' (PEFT LoRA needs insertion 'parallel')"
+    mismatch = slot.delta_module.lora_mismatch(spec.options)
+    if mismatch is not None and not mismatch.startswith("bias"):
+        return mismatch
     if spec.compose not in ("add", "scale"):
         return f"compose '{spec.compose}' (PEFT LoRA needs add or scale)"
     if slot.site not in PROJECTION_SITES:
         return f"site '{slot.site}' (PEFT LoRA acts on projections: {', '.join(PROJECTION_SITES)})"
-    if spec.form == "bottleneck" and spec.has_bias:
-        return "bias: true (PEFT LoRA has no bias in A and B)"
-    return None
+    return mismatch
 
 
 def _lora_pair(slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with Δh = B·A·x before scaling. svd (AdaLoRA): A = diag(λ)·Q, B = P, kept triplets only."""
-    if slot.spec.form == "svd":
-        keep = slot.form.kept_indices()
-        singular = slot.form.masked_singular()[keep]
-        return singular[:, None] * slot.form.right[keep], slot.form.left[:, keep]
-    return slot.form.down.weight, slot.form.up.weight
+    """(A, B) with Δh = B·A·x before scaling (AdaLoRA: A = diag(λ)·Q, B = P, kept triplets only)."""
+    return slot.delta_module.low_rank_pair()
 
 
 def _scale_of(slot: Slot) -> float:
@@ -115,7 +112,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
                 f"{reason}"
             )
         groups.setdefault(placement.h_name, []).append((placement, slot))
-    dropouts = sorted({p.spec.dropout for group in groups.values() for p, _ in group})
+    dropouts = sorted({getattr(p.spec, "dropout", 0.0) for group in groups.values() for p, _ in group})
     if len(dropouts) > 1:
         raise AdapterFileError(
             f"export_peft: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout"
@@ -135,7 +132,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
             ranks[name], alphas[name] = a.shape[0], _scale_of(slot) * a.shape[0]
         else:  # chunks of a fused projection, or several modules on one projection: stacked A, block B with
             # each module's B (times its scale) in its own output rows (a chunk's, or all) and its own columns
-            out_features = linear_in_out(host)[1]
+            out_features = linear_dims(host, name)[1]
             a = torch.cat([a for a, _ in pairs])
             b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
             column = 0
@@ -169,7 +166,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "rank_pattern": {n: r for n, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {n: a for n, a in sorted(alphas.items()) if a != alpha},
         "modules_to_save": head_modules or None,
-        "fan_in_fan_out": any(compat.is_transposed_linear(modules[n]) for n in ranks),
+        "fan_in_fan_out": any(is_transposed(modules[n]) for n in ranks),
         "bias": "none",
         "use_dora": False,
         "use_rslora": False,
@@ -282,7 +279,7 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
         rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8)))
         alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank  # PEFT's expressions, for identical floats
-        d_in, d_out = linear_in_out(modules[name])
+        d_in, d_out = linear_dims(modules[name], name)
         pair = []
         for part, shape in (("lora_A", (rank, d_in)), ("lora_B", (d_out, rank))):
             key = f"{KEY_PREFIX}{name}.{part}.weight"
@@ -332,7 +329,7 @@ def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict
     """One unipelt module per (stack, rank, scale, layer set), covering the sites that share them."""
     family = family_of(model.config)
     modules = dict(model.named_modules())
-    root = base_prefix(model)
+    root = base_path(model)
     groups: dict[tuple, dict[str, set[int]]] = {}
     for name, (rank, scale, _, _) in layout.items():
         for stack, layer, site, _ in index[name]:
@@ -355,17 +352,11 @@ def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach a PEFT LoRA adapter as unipelt modules with identical outputs; on any error the model is unchanged."""
-    refuse_wrapped(model, "import_peft")
-    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-        raise AttachError(f"import_peft: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    if is_attached(model):
-        raise AttachError(
-            f"import_peft: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
-        )
+    check_model(model, "import_peft")
     config, tensors = read_peft(directory)
     layout, head_tensors, index = _lora_layout(model, config, tensors)
     method = load_method(_method(model, layout, index, float(config.get("lora_dropout", 0.0) or 0.0)))
-    attach(model, method)
+    attach_method(model, method)
     try:
         state = state_of(model)
         params = dict(model.named_parameters())

@@ -9,20 +9,22 @@ restores the original model bit for bit while the accelerator holds only the 4-b
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import compat
 from .errors import AttachError
-from .spec import MethodSpec
+from .sites.linear import is_transposed
+
+if TYPE_CHECKING:  # types only: the spec layer sits above
+    from .spec import MethodSpec
 
 BLOCKSIZE = 64  # the QLoRA paper's NF4 block size
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 
 
-def check_quantization(model: nn.Module, spec: MethodSpec) -> None:
+def check_quantization(model: nn.Module, spec: "MethodSpec") -> None:
     """Raise before anything changes when the base cannot be quantized here."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise AttachError(f"method '{spec.name}': quantize '{spec.quantize}' needs bitsandbytes; "
@@ -39,10 +41,10 @@ def is_4bit(module: nn.Module) -> bool:
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
-    return module.weight.detach().T if compat.is_transposed_linear(module) else module.weight.detach()
+    return module.weight.detach().T if is_transposed(module) else module.weight.detach()
 
 
-def quantize_module(module: nn.Module, spec: MethodSpec) -> nn.Module:
+def quantize_module(module: nn.Module, spec: "MethodSpec") -> nn.Module:
     """A bitsandbytes Linear4bit computing what `module` (nn.Linear or Conv1D) computes, up to NF4 rounding."""
     import bitsandbytes as bnb
 
@@ -65,7 +67,7 @@ def quantize_module(module: nn.Module, spec: MethodSpec) -> nn.Module:
     return layer
 
 
-def quantize_base(model: nn.Module, spec: MethodSpec, names: list[str]) -> list[tuple[str, nn.Module, Any]]:
+def quantize_base(model: nn.Module, spec: "MethodSpec", names: list[str]) -> list[tuple[str, nn.Module, Any]]:
     """Replace the named projections by 4-bit layers; returns (name, original, device) to undo it."""
     if not names or next(model.parameters()).device.type == "meta":
         return []  # counting on meta: shapes only, quantization changes no parameter count

@@ -18,16 +18,20 @@ multiplies by it, so the pruned triplets contribute nothing and are dropped when
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
-from .forms.svd import SVDDelta
-from .spec import MethodSpec, ModuleSpec
+from .full_tensor import full
+
+if TYPE_CHECKING:  # types only: the svd form builds the allocator
+    from .forms.svd import SVDDelta
 
 
 class RankAllocator:
     """One global rank budget over the svd forms of one module spec, keyed 'stack.layer.site'."""
 
-    def __init__(self, spec: ModuleSpec, forms: dict[str, SVDDelta]) -> None:
+    def __init__(self, spec: Any, forms: dict[str, "SVDDelta"]) -> None:
         self.spec = spec
         self.forms = forms
         self.initial_budget = spec.init_r * len(forms)
@@ -68,7 +72,8 @@ class RankAllocator:
             for param in (form.left, form.singular, form.right):
                 if param.grad is None:
                     continue
-                sensitivity = (param * param.grad).abs().float()
+                # sharded (FSDP): the whole parameter and its whole reduced gradient, so every rank scores alike
+                sensitivity = (full(param) * full(param.grad)).abs().float()
                 key = id(param)
                 if key not in self._ema:
                     self._ema[key] = torch.zeros_like(sensitivity)
@@ -81,7 +86,7 @@ class RankAllocator:
             return torch.zeros(param.shape, device=param.device)
         return self._ema[id(param)] * self._uncertainty[id(param)]
 
-    def triplet_scores(self, form: SVDDelta) -> torch.Tensor:
+    def triplet_scores(self, form: "SVDDelta") -> torch.Tensor:
         return (self._score(form.singular) + self._score(form.left).mean(dim=0)
                 + self._score(form.right).mean(dim=1))
 
@@ -120,12 +125,6 @@ class RankAllocator:
     def training_metrics(self) -> dict[str, float]:
         return {"total_rank": float(self.total_rank), "budget": float(self.current_budget)}
 
-
-def with_rank_patterns(method: MethodSpec, controllers: dict[str, object]) -> MethodSpec:
-    """The method with every allocated svd module's current ranks written in (what save_adapter records)."""
-    for index, module in enumerate(method.modules):
-        allocator = controllers.get(f"unipelt_{module.name}_rank_allocator")
-        if module.form == "svd" and isinstance(allocator, RankAllocator):
-            pattern = tuple(sorted(allocator.rank_pattern().items()))
-            method = method.replace_module(index, rank_pattern=pattern)
-    return method
+    def spec_changes(self) -> tuple[str, dict[str, Any]]:
+        """(module name, option changes) that save_adapter writes into the method: the current ranks."""
+        return self.spec.name, {"rank_pattern": tuple(sorted(self.rank_pattern().items()))}

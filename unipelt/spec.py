@@ -3,7 +3,8 @@
 A method is a list of modules; each module fixes a functional form (`form`), the representation it modifies
 (`at`), what it reads (`insertion`) and how its output meets the hidden state (`compose`), plus the form's own
 options. Everything is checked here, before any model is touched: unknown keys, wrong types, unknown values
-and combinations that cannot work raise MethodConfigError with one line naming the key.
+and combinations that cannot work raise MethodConfigError with one line naming the key. What a form allows and
+which options it has is read from the form itself (unipelt.forms): this module names no form.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import MethodConfigError, allowed, read_utf8
-from .prompt_grammar import PROMPT_KEYS, prompt_options, template_to_yaml
+from .forms import FORMS, Form, form_of
+from .sites.names import ALL_AT, ALL_LINEAR, NORM_SITES, PROJECTION_SITES, SITES, STACKS
 from .spec_values import (
     budget_value,
     choice_value,
@@ -27,44 +29,26 @@ from .spec_values import (
     names_value,
     no_repeats,
     positive_float_value,
-    positive_int_value,
     probability_value,
     scale_value,
-    svd_options,
 )
 
-FORMS = ("bottleneck", "prefix", "svd", "prompt")
 INSERTIONS = ("sequential", "parallel")
 COMPOSITIONS = ("add", "scale", "gate", "sigmoid_gate")
-ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "none")
-INITS = ("bert", "lora", "lora_gaussian", "near_identity")
-LAYERNORMS = ("none", "in", "out")
-STACKS = ("encoder", "decoder")
 TRAIN_BASE = ("none", "all", "bias", "layernorm")
-
-ATTN_SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn", "attn.heads")
-CROSS_SITES = tuple(s.replace("attn", "cross_attn", 1) for s in ATTN_SITES)
-FFN_SITES = ("ffn.up", "ffn.gate", "ffn.down", "ffn")
-# AdapterHub's Pfeiffer placement (UniPELT's adapter uses it): post-LN layers (BERT, BART): Δ reads LN(h + residual)
-# and is added before that LayerNorm, which is applied again; pre-LN layers: Δ reads h + residual and is added to it.
-NORM_SITES = ("ffn.ln",)
-SITES = ATTN_SITES + CROSS_SITES + FFN_SITES + NORM_SITES
-HEAD_SITES = ("attn.heads", "cross_attn.heads")
-# Projection sites are single linear maps, so a linear parallel module there can be folded into the weight.
-PROJECTION_SITES = tuple(s for s in SITES if s.count(".") == 1 and not s.endswith(".heads") and s not in NORM_SITES)
-# The input sequence itself: where prompt tuning / P-tuning put their virtual tokens.
-INPUT_SITES = ("embeddings",)
-# `at: all_linear` (QLoRA's "all linear layers"): every projection site the model has, expanded per model.
-ALL_LINEAR = "all_linear"
 QUANTIZE = ("none", "nf4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 # Optimizer names a trainer reads from `method.optimizer` (QLoRA: paged 8-bit AdamW through bitsandbytes).
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+AXIS_KEYS = ("form", "at", "insertion", "compose")
 
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """One modification Δh: a point on the four axes plus the functional form's options."""
+    """One modification Δh: a point on the four axes, where it acts, and the functional form's typed options.
+
+    The form's options read as attributes too (`module.dim`, `module.length`), so a module spec reads like its
+    YAML; `replace(**changes)` changes axes and options alike and keeps them typed."""
 
     form: str
     at: tuple[str, ...]
@@ -78,59 +62,47 @@ class ModuleSpec:
     # under method.budget: this module's fraction of the budget, its size solved alone (He et al. size MAM's prefix
     # and adapter separately); None: sizes scale together in the spec's ratio (unipelt.budget)
     budget_share: float | None = None
-    # bottleneck
-    dim: int = 64
-    activation: str = "relu"
-    init: str = "bert"
-    layernorm: str = "none"
-    dropout: float = 0.0
-    bias: bool | None = None  # None: on for adapters, off for LoRA-style inits (the papers' choices)
-    reduction_factor: int | None = None  # bottleneck width d / reduction_factor (AdapterHub's; overrides dim)
-    # prefix
-    length: int = 30
-    mlp_dim: int | None = None
-    # sigmoid_gate on a prefix: "kv" multiplies P_K and P_V by the gate (Mao et al.'s code); "delta" scales the
-    # prefix's whole change to the attention output (g = 0: base attention exactly; our earlier variant)
-    prefix_gate: str = "kv"
-    # softmax: the prefix joins the attention (gate) or is attended apart (add / scale); relu: He et al.'s
-    # multi-head parallel adapter (attn_option cross_attn_relu): the query q_proj(LN(x)) with a new LayerNorm,
-    # ReLU(q·P_kᵀ)·P_v per head, unscaled, beside the attention (compose add / scale)
-    score: str = "softmax"
-    # prompt (prompt tuning / P-tuning; `length` above is the number of virtual tokens): see prompt_grammar.py
-    init_text: str | tuple[int, ...] | None = None
-    encoder: str = "none"
-    encoder_dim: int | None = None
-    template: tuple | None = None  # None: every virtual token before the input
-    # svd (AdaLoRA, Zhang et al. 2023): ranks, budget schedule (steps, or fractions of the run when < 1),
-    # importance smoothing, orthogonal-regulariser weight; rank_pattern holds the pruned ranks of a saved adapter
-    init_r: int = 12
-    target_r: int = 8
-    tinit: int | float = 0.1
-    tfinal: int | float = 0.5
-    delta_t: int = 100
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
-    rank_pattern: tuple[tuple[str, int], ...] | None = None
-    alpha: float | None = None  # svd: the scale is alpha / init_r (the reference's lora_alpha / ranknum)
+    options: Any = None  # the form's Options dataclass (None: its defaults)
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            object.__setattr__(self, "options", form_of(self.form).Options())
+
+    def __getattr__(self, key: str) -> Any:
+        options = self.__dict__.get("options")
+        if not key.startswith("__") and options is not None and hasattr(options, key):
+            return getattr(options, key)
+        raise AttributeError(f"module spec of form '{self.__dict__.get('form')}' has no option '{key}'")
 
     @property
-    def has_bias(self) -> bool:
-        if self.bias is not None:
-            return self.bias
-        return self.init not in ("lora", "lora_gaussian")
+    def form_def(self) -> Form:
+        return form_of(self.form)
 
-    @property
-    def is_linear(self) -> bool:
-        """True when Δh is a linear map of the input, so it can be folded into a projection weight."""
-        if self.form == "svd":
-            return self.compose in ("add", "scale")
-        return (
-            self.form == "bottleneck"
-            and self.activation == "none"
-            and self.layernorm == "none"
-            and self.compose in ("add", "scale")
-        )
+    def replace(self, **changes: Any) -> "ModuleSpec":
+        own = {f.name for f in dataclasses.fields(self)}
+        options = {k: v for k, v in changes.items() if k not in own}
+        common = {k: v for k, v in changes.items() if k in own}
+        if options:
+            common["options"] = dataclasses.replace(common.get("options", self.options), **options)
+        return dataclasses.replace(self, **common)
+
+    def to_yaml(self) -> dict[str, Any]:
+        """The module as load_method reads it back."""
+        form = self.form_def
+        entry: dict[str, Any] = {"form": self.form, "name": self.name, "at": list(self.at),
+                                 "insertion": self.insertion, "compose": self.compose}
+        if form.per_layer:
+            entry["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
+            entry["stacks"] = list(self.stacks)
+        if self.compose == "scale":
+            entry["scale"] = self.scale
+        if self.lr is not None:
+            entry["lr"] = self.lr
+        if self.budget_share is not None:
+            entry["budget_share"] = self.budget_share
+        entry.update(form.to_yaml(self.options))
+        form.finish_yaml(self, entry)
+        return entry
 
 
 @dataclass(frozen=True)
@@ -157,26 +129,7 @@ class MethodSpec:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that load_method reads back into an equal spec (used in adapter files)."""
         out: dict[str, Any] = {"name": self.name, "train_base": self.train_base, "train_head": self.train_head}
-        out["modules"] = []
-        for module in self.modules:
-            entry = {k: v for k, v in dataclasses.asdict(module).items() if k in FORM_KEYS[module.form]}
-            entry["at"] = list(module.at)
-            if "stacks" in FORM_KEYS[module.form]:
-                entry["stacks"] = list(module.stacks)
-            if module.form == "prompt":
-                _prompt_entry(entry)
-            if isinstance(module.layers, tuple):
-                entry["layers"] = list(module.layers)
-            if module.compose != "scale":
-                entry.pop("scale", None)
-            if entry.get("alpha") is not None:
-                entry.pop("scale", None)  # alpha / init_r gives it back
-            for optional in ("bias", "lr", "rank_pattern", "budget_share", "alpha", "reduction_factor"):
-                if entry.get(optional, False) is None:
-                    entry.pop(optional)
-            if entry.get("rank_pattern") is not None:
-                entry["rank_pattern"] = dict(entry["rank_pattern"])
-            out["modules"].append(entry)
+        out["modules"] = [module.to_yaml() for module in self.modules]
         if self.train_modules:
             out["train_modules"] = list(self.train_modules)
         if self.budget is not None:
@@ -188,36 +141,28 @@ class MethodSpec:
         return out
 
     def folded(self) -> "MethodSpec":
-        """The same method with prefix reparameterisation MLPs folded away (what is saved and served)."""
-        modules = tuple(dataclasses.replace(m, mlp_dim=None) if m.form == "prefix" else m for m in self.modules)
-        # A P-tuning encoder is folded into the plain vectors it produces, as a prefix MLP is.
-        modules = tuple(dataclasses.replace(m, encoder="none", encoder_dim=None) if m.form == "prompt" else m
-                        for m in modules)
+        """The same method with training aids (a prefix MLP, a prompt encoder) folded away: what is saved."""
+        modules = tuple(dataclasses.replace(m, options=m.form_def.folded(m.options)) for m in self.modules)
         return dataclasses.replace(self, modules=modules)
 
     def replace_module(self, index: int, **changes: Any) -> "MethodSpec":
         modules = list(self.modules)
-        modules[index] = dataclasses.replace(modules[index], **changes)
+        modules[index] = modules[index].replace(**changes)
         return dataclasses.replace(self, modules=tuple(modules))
 
 
-_COMMON_KEYS = {"form", "at", "insertion", "compose", "name", "scale", "layers", "stacks", "lr", "budget_share"}
-FORM_KEYS = {
-    "bottleneck": _COMMON_KEYS | {"dim", "activation", "init", "layernorm", "dropout", "bias", "reduction_factor"},
-    "prefix": _COMMON_KEYS | {"length", "mlp_dim", "prefix_gate", "score"},
-    "prompt": (_COMMON_KEYS - {"layers", "stacks", "scale"}) | PROMPT_KEYS,
-    "svd": _COMMON_KEYS | {"init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight",
-                           "rank_pattern", "alpha"},
-}
-METHOD_KEYS = ("name", "modules", "train_base", "train_head", "train_modules", "budget", "quantize", "compute_dtype", "double_quant",
-               "optimizer")
-# What each form can do on each axis; anything else is a combination that cannot work.
-FORM_SITES = {"bottleneck": SITES + (ALL_LINEAR,), "prefix": HEAD_SITES, "svd": PROJECTION_SITES + (ALL_LINEAR,),
-              "prompt": INPUT_SITES}
-# A prompt is computed from nothing in the model (parallel) and meets h through attention (gate).
-FORM_INSERTIONS = {"bottleneck": INSERTIONS, "prefix": ("parallel",), "svd": ("parallel",), "prompt": ("parallel",)}
-FORM_COMPOSITIONS = {"bottleneck": ("add", "scale", "sigmoid_gate"), "prefix": ("gate", "add", "scale", "sigmoid_gate"),
-                     "svd": ("add", "scale"), "prompt": ("gate",)}
+METHOD_KEYS = ("name", "modules", "train_base", "train_head", "train_modules", "budget", "quantize", "compute_dtype",
+               "double_quant", "optimizer")
+
+
+def module_keys(form: Form) -> set[str]:
+    """Every key a module of this form accepts: the axes, the common keys that apply, the form's options."""
+    keys = set(AXIS_KEYS) | {"name", "lr", "budget_share"} | set(form.option_names())
+    if "scale" in form.compositions:
+        keys.add("scale")
+    if form.per_layer:
+        keys |= {"layers", "stacks"}
+    return keys
 
 
 def preset_dir() -> Path:
@@ -298,8 +243,9 @@ def _build_method(raw: dict[str, Any]) -> MethodSpec:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise MethodConfigError(f"{where}: module name '{duplicate}' is used twice; names must be unique")
-    if sum(m.form == "prompt" for m in modules) > 1:  # one input sequence: all virtual tokens go in one template
-        raise MethodConfigError(f"{where}: more than one 'prompt' module; put all virtual tokens in one template")
+    for form in FORMS.values():
+        if form.once_per_method and sum(m.form == form.name for m in modules) > 1:
+            raise MethodConfigError(f"{where}: more than one '{form.name}' module; {form.once_per_method}")
     if not modules and train_base == "none":
         raise MethodConfigError(f"{where}: no modules and train_base 'none' leaves nothing to train")
     budget = budget_value(raw.get("budget"), f"{where}: budget")
@@ -325,11 +271,12 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     raw = dict(raw)
     if "form" not in raw:
         raise MethodConfigError(f"{where}: missing key 'form' (allowed: {allowed(FORMS)})")
-    form = choice_value(raw["form"], FORMS, f"{where}: form")
-    unknown = sorted(set(raw) - FORM_KEYS[form])
+    form = FORMS[choice_value(raw["form"], tuple(FORMS), f"{where}: form")]
+    keys = module_keys(form)
+    unknown = sorted(set(raw) - keys)
     if unknown:
         raise MethodConfigError(
-            f"{where}: unknown key '{unknown[0]}' for form '{form}' (allowed: {allowed(sorted(FORM_KEYS[form]))})"
+            f"{where}: unknown key '{unknown[0]}' for form '{form.name}' (allowed: {allowed(sorted(keys))})"
         )
     for key in ("at", "insertion", "compose"):
         if key not in raw:
@@ -337,11 +284,10 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     at_raw = raw["at"] if isinstance(raw["at"], (list, tuple)) else [raw["at"]]
     if not at_raw:
         raise MethodConfigError(f"{where}: 'at' is empty (allowed: {allowed(SITES)})")
-    at = tuple(choice_value(site, SITES + INPUT_SITES + (ALL_LINEAR,), f"{where}: at")
-               for site in no_repeats(at_raw, f"{where}: at"))
+    at = tuple(choice_value(site, ALL_AT, f"{where}: at") for site in no_repeats(at_raw, f"{where}: at"))
     insertion = choice_value(raw["insertion"], INSERTIONS, f"{where}: insertion")
     compose = choice_value(raw["compose"], COMPOSITIONS, f"{where}: compose")
-    values: dict[str, Any] = {"form": form, "at": at, "insertion": insertion, "compose": compose}
+    values: dict[str, Any] = {"form": form.name, "at": at, "insertion": insertion, "compose": compose}
     values["name"] = expect_value(raw.get("name", f"m{index}"), str, f"{where}: name")
     if not values["name"].isidentifier():
         raise MethodConfigError(f"{where}: name '{values['name']}' must be a Python identifier")
@@ -361,38 +307,8 @@ def _build_module(raw: Any, where: str, index: int) -> ModuleSpec:
     values["budget_share"] = None if share is None else probability_value(share, f"{where}: budget_share")
     if share is not None and values["budget_share"] <= 0:
         raise MethodConfigError(f"{where}: budget_share must be in (0, 1), got {share!r}")
-    if form == "prompt":
-        values.update(prompt_options(raw, where))
-        return ModuleSpec(**values)
-    if form == "svd":
-        values.update(svd_options(raw, where))
-        if values["alpha"] is not None:
-            if "scale" in raw or compose != "scale":
-                raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
-                                        f"'scale' and without 'scale'")
-            values["scale"] = values["alpha"] / values["init_r"]
-        return ModuleSpec(**values)
-
-    if form == "bottleneck":
-        values["dim"] = positive_int_value(raw.get("dim", 64), f"{where}: dim")
-        values["activation"] = choice_value(raw.get("activation", "relu"), ACTIVATIONS, f"{where}: activation")
-        values["init"] = choice_value(raw.get("init", "bert"), INITS, f"{where}: init")
-        values["layernorm"] = choice_value(raw.get("layernorm", "none"), LAYERNORMS, f"{where}: layernorm")
-        values["dropout"] = probability_value(raw.get("dropout", 0.0), f"{where}: dropout")
-        bias = raw.get("bias")
-        values["bias"] = None if bias is None else expect_value(bias, bool, f"{where}: bias")
-        factor = raw.get("reduction_factor")
-        values["reduction_factor"] = None if factor is None else positive_int_value(factor, f"{where}: reduction_factor")
-    else:
-        values["length"] = positive_int_value(raw.get("length", 30), f"{where}: length")
-        mlp_dim = raw.get("mlp_dim")
-        values["mlp_dim"] = None if mlp_dim is None else positive_int_value(mlp_dim, f"{where}: mlp_dim")
-        values["prefix_gate"] = choice_value(raw.get("prefix_gate", "kv"), ("kv", "delta"), f"{where}: prefix_gate")
-        values["score"] = choice_value(raw.get("score", "softmax"), ("softmax", "relu"), f"{where}: score")
-        if values["score"] == "relu" and compose not in ("add", "scale"):
-            raise MethodConfigError(f"{where}: score 'relu' (attended beside the attention) needs compose 'add' or "
-                                    f"'scale', got '{compose}'")
-    return ModuleSpec(**values)
+    options = form.parse({k: v for k, v in raw.items() if k in form.option_names()}, where)
+    return form.finish_module(ModuleSpec(**values, options=options), raw, where)
 
 
 def _check_shares(modules: list[ModuleSpec], where: str) -> None:
@@ -405,36 +321,26 @@ def _check_shares(modules: list[ModuleSpec], where: str) -> None:
         raise MethodConfigError(f"{where}: budget_share values sum to {total:g}, more than the whole budget (1)")
 
 
-def _prompt_entry(entry: dict[str, Any]) -> None:
-    """YAML form of a prompt module's own keys (in place): lists for token ids and the template, no nulls."""
-    for key in ("init_text", "encoder_dim", "template"):
-        if entry.get(key) is None:
-            entry.pop(key, None)
-    if isinstance(entry.get("init_text"), tuple):
-        entry["init_text"] = list(entry["init_text"])
-    if "template" in entry:
-        entry["template"] = template_to_yaml(entry["template"])
-
-
-def _check_combination(form: str, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:
+def _check_combination(form: Form, at: tuple[str, ...], insertion: str, compose: str, where: str) -> None:
     for site in at:
-        if site not in FORM_SITES[form]:
+        if site not in form.sites:
             raise MethodConfigError(
-                f"{where}: form '{form}' cannot act at '{site}' (allowed at: {allowed(FORM_SITES[form])})"
+                f"{where}: form '{form.name}' cannot act at '{site}' (allowed at: {allowed(form.sites)})"
             )
     if any(site in NORM_SITES for site in at) and insertion != "sequential":
         raise MethodConfigError(f"{where}: site 'ffn.ln' reads LN(h + residual), the sub-layer's normalised output: "
                                 f"use insertion 'sequential' (got '{insertion}')")
-    if insertion not in FORM_INSERTIONS[form]:
+    if insertion not in form.insertions:
         raise MethodConfigError(
-            f"{where}: form '{form}' cannot use insertion '{insertion}' "
-            f"(allowed insertion: {allowed(FORM_INSERTIONS[form])})"
+            f"{where}: form '{form.name}' cannot use insertion '{insertion}' "
+            f"(allowed insertion: {allowed(form.insertions)})"
         )
-    if compose not in FORM_COMPOSITIONS[form]:
+    if compose not in form.compositions:
         raise MethodConfigError(
-            f"{where}: form '{form}' cannot use compose '{compose}' "
-            f"(allowed compose: {allowed(FORM_COMPOSITIONS[form])})"
+            f"{where}: form '{form.name}' cannot use compose '{compose}' "
+            f"(allowed compose: {allowed(form.compositions)})"
         )
 
 
-__all__ = ["ModuleSpec", "MethodSpec", "load_method", "list_presets"]
+__all__ = ["ALL_LINEAR", "MethodSpec", "ModuleSpec", "PROJECTION_SITES", "list_presets", "load_method",
+           "module_keys"]

@@ -4,7 +4,7 @@ one line naming the key (`where`) and, where it helps, the allowed values."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -35,44 +35,6 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 def load_yaml(text: str) -> Any:
     """yaml.safe_load, refusing a repeated key (raises yaml.YAMLError naming the key and its line)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)
-
-
-def svd_options(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    out["init_r"] = positive_int_value(raw.get("init_r", 12), f"{where}: init_r")
-    out["target_r"] = positive_int_value(raw.get("target_r", 8), f"{where}: target_r")
-    if out["target_r"] > out["init_r"]:
-        raise MethodConfigError(f"{where}: target_r {out['target_r']} exceeds init_r {out['init_r']}")
-    for key, default in (("tinit", 0.1), ("tfinal", 0.5)):
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
-                isinstance(value, float) and not value < 1):
-            raise MethodConfigError(f"{where}: {key} must be a step count (int >= 0) or a fraction of the run "
-                                    f"(float in [0, 1)), got {value!r}")
-        out[key] = value
-    if all(isinstance(out[k], float) for k in ("tinit", "tfinal")) and out["tinit"] + out["tfinal"] >= 1:
-        raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
-                                f"{out['tinit']} + {out['tfinal']} >= 1)")
-    out["delta_t"] = positive_int_value(raw.get("delta_t", 100), f"{where}: delta_t")
-    for key in ("beta1", "beta2"):
-        out[key] = probability_value(raw.get(key, 0.85), f"{where}: {key}")
-    weight = raw.get("orth_reg_weight", 0.1)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-        raise MethodConfigError(f"{where}: orth_reg_weight must be a number >= 0, got {weight!r}")
-    out["orth_reg_weight"] = float(weight)
-    alpha = raw.get("alpha")
-    out["alpha"] = None if alpha is None else positive_float_value(alpha, f"{where}: alpha")
-    pattern = raw.get("rank_pattern")
-    if pattern is not None:
-        if not isinstance(pattern, Mapping):
-            raise MethodConfigError(f"{where}: rank_pattern must map 'stack.layer.site' to a rank, got {pattern!r}")
-        for key, rank in pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= out["init_r"]:
-                raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
-                                        f"({out['init_r']}), got {rank!r}")
-        pattern = tuple(sorted((str(k), int(v)) for k, v in pattern.items()))
-    out["rank_pattern"] = pattern
-    return out
 
 
 def scale_value(raw: Mapping[str, Any], compose: str, where: str) -> float | str:
@@ -134,6 +96,16 @@ def names_value(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip(".") for v in value):
         raise MethodConfigError(f"{where}: expected a list of module names, got {value!r}")
     return tuple(value)
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    """A check (value, where) -> value for one of `options`."""
+    return lambda value, where: choice_value(value, options, where)
+
+
+def expect(kind: type) -> Callable[[Any, str], Any]:
+    """A check (value, where) -> value for a value of type `kind` (bool is not an int here)."""
+    return lambda value, where: expect_value(value, kind, where)
 
 
 def choice_value(value: Any, options: tuple[str, ...], where: str) -> str:

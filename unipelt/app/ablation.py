@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..budget import size_key
 from ..errors import MethodConfigError, allowed
-from ..spec import FORM_KEYS, load_method, preset_dir
+from ..forms import FORMS
+from ..spec import load_method, module_keys, preset_dir
 
 AXES = ("form", "at", "insertion", "compose")
 
@@ -80,9 +81,9 @@ def _apply(module: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     module = dict(module)
     if "form" in given and given["form"] != module.get("form"):
         form = given["form"]
-        if form not in FORM_KEYS:
-            raise MethodConfigError(f"axes.form: unknown value '{form}' (allowed: {allowed(FORM_KEYS)})")
-        module = {k: v for k, v in module.items() if k in FORM_KEYS[form]}
+        if form not in FORMS:
+            raise MethodConfigError(f"axes.form: unknown value '{form}' (allowed: {allowed(FORMS)})")
+        module = {k: v for k, v in module.items() if k in module_keys(FORMS[form])}
     for key in AXES:
         if key in given:
             module[key] = given[key]

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import UnipeltError
 from ..train import runfolder
 from ..train.checkpoint import CHECKPOINT_DIR, LAST
+from ..train.sharding import SHARDED_CHECKPOINT
 
 # Config keys that do not change what a run computes (logging, naming, where results go, trainer conveniences).
 IGNORED_PREFIXES = ("hydra.", "logger.", "name", "results_file", "method_solved.", "choices.", "run_id")
@@ -63,12 +64,17 @@ def _stop(message: str) -> None:
 def check_run_folder(folder: Path, cfg: DictConfig) -> None:
     """Refuse (UnipeltError) what would mix two runs' files in one folder; see the module docstring."""
     resume = bool(OmegaConf.select(cfg, "trainer.resume", default=False))
-    checkpoint = folder / CHECKPOINT_DIR / LAST
-    if resume and not checkpoint.is_file():
+    # a sharded run (trainer.strategy=fsdp over several processes) checkpoints into a torch.distributed.checkpoint
+    # directory instead of last.pt
+    sharded = OmegaConf.select(cfg, "trainer.strategy", default="ddp") == "fsdp" and \
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+    checkpoint = folder / CHECKPOINT_DIR / (SHARDED_CHECKPOINT if sharded else LAST)
+    if resume and not checkpoint.exists():
         raise UnipeltError(f"trainer.resume=true but {checkpoint} does not exist; set trainer.resume=false to start "
                            "afresh")
     if not resume:
-        taken = [name for name in (f"{CHECKPOINT_DIR}/{LAST}", RESULTS_NAME, "best_adapter")
+        taken = [name for name in (f"{CHECKPOINT_DIR}/{LAST}", f"{CHECKPOINT_DIR}/{SHARDED_CHECKPOINT}",
+                                   RESULTS_NAME, "best_adapter")
                  if (folder / name).exists()]
         if taken:
             raise UnipeltError(f"run folder {folder} already holds another run ({taken[0]}); continue it with "

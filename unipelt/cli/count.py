@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from ..accounting import count_parameters
+from ..api import count_parameters
 from ..budget import solve
 from ..errors import UnipeltError
 from ..spec import load_method, preset_dir

@@ -1,7 +1,15 @@
-"""Functional forms: how Δh is computed. A new form is one small module here plus its spec options."""
+"""Functional forms: how Δh is computed. A form is one module here (or one package, for the prefix and the prompt,
+which bring their own attention routing and input layout) that subclasses `Form` and registers itself; see
+base.py for the contract. Every module of this package is imported here, so a new form is one new file."""
 
-from .bottleneck import Bottleneck, HeadBottleneck
-from .prefix import Prefix, PrefixReparam
-from .prompt import PromptEncoder, VirtualTokens
+from __future__ import annotations
 
-__all__ = ["Bottleneck", "HeadBottleneck", "Prefix", "PrefixReparam", "PromptEncoder", "VirtualTokens"]
+import importlib
+import pkgutil
+
+from .base import FORMS, MAX_VECTORS, Built, Counts, Form, form_of, option, optional, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["FORMS", "MAX_VECTORS", "Built", "Counts", "Form", "form_of", "option", "optional", "register"]

@@ -1,4 +1,5 @@
-"""The bottleneck functional form: Δh = up(act(down(x))), with the adapter and LoRA inits.
+"""The bottleneck functional form: Δh = up(act(down(x))), with the adapter and LoRA inits (Houlsby, Pfeiffer,
+parallel / scaled parallel adapters, LoRA, QLoRA, the multi-head parallel adapter).
 
 With activation `none` and the `lora` init this is LoRA's B·A·x; at a head site (`attn.heads`) each head gets its
 own bottleneck (He et al.'s multi-head parallel adapter), written as one block-structured map so it stays two
@@ -7,14 +8,61 @@ matrix products.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..spec import ModuleSpec
+from ..compose import Composer
+from ..sites.names import ALL_LINEAR, SITES
+from ..slot import LinearMap, Slot
+from ..spec_values import choice, expect, positive_int_value, probability_value
+from .base import Built, Counts, Form, option, optional, register
+
+if TYPE_CHECKING:
+    from ..placement import Placement
+    from ..spec import ModuleSpec
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "none": nn.Identity}
+INITS = ("bert", "lora", "lora_gaussian", "near_identity")
+LAYERNORMS = ("none", "in", "out")
+LORA_INITS = ("lora", "lora_gaussian")
+
+
+@dataclass(frozen=True)
+class BottleneckOptions:
+    dim: int = option(64, "bottleneck width r (LoRA's rank)", positive_int_value)
+    activation: str = option("relu", "activation between down and up; none + init lora is LoRA's B·A",
+                             choice(tuple(ACTIVATIONS)))
+    init: str = option("bert", "bert: small Gaussians; near_identity: Houlsby; lora / lora_gaussian: B starts at 0",
+                       choice(INITS))
+    layernorm: str = option("none", "a LayerNorm on the form's input (in) or output (out)", choice(LAYERNORMS))
+    dropout: float = option(0.0, "dropout on the form's input", probability_value)
+    bias: bool | None = option(None, "biases in down and up; default on for adapters, off for LoRA inits",
+                               optional(expect(bool)))
+    reduction_factor: int | None = option(None, "width d / reduction_factor at each site (AdapterHub's; overrides "
+                                                "dim)", optional(positive_int_value))
+
+    def width(self, d_in: int) -> int:
+        """The bottleneck width at a site whose form reads d_in features."""
+        return self.dim if self.reduction_factor is None else max(1, d_in // self.reduction_factor)
+
+    def at_site(self, d_in: int) -> "BottleneckOptions":
+        """These options with `dim` the width at a site reading d_in features."""
+        return dataclasses.replace(self, dim=self.width(d_in), reduction_factor=None)
+
+    @property
+    def has_bias(self) -> bool:
+        if self.bias is not None:
+            return self.bias
+        return self.init not in LORA_INITS
+
+    @property
+    def is_linear(self) -> bool:
+        return self.activation == "none" and self.layernorm == "none"
 
 
 def init_down_up(down_weight: torch.Tensor, up_weight: torch.Tensor, init: str, rank: int) -> None:
@@ -53,7 +101,7 @@ def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class Bottleneck(nn.Module):
     """down (d_in→r) → activation → up (r→d_out), with optional LayerNorm on the input or output and dropout."""
 
-    def __init__(self, spec: ModuleSpec, d_in: int, d_out: int) -> None:
+    def __init__(self, spec: "ModuleSpec | BottleneckOptions", d_in: int, d_out: int) -> None:
         super().__init__()
         self.norm_in = nn.LayerNorm(d_in) if spec.layernorm == "in" else None
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else None
@@ -61,6 +109,7 @@ class Bottleneck(nn.Module):
         self.act = ACTIVATIONS[spec.activation]()
         self.up = nn.Linear(spec.dim, d_out, bias=spec.has_bias)
         self.norm_out = nn.LayerNorm(d_out) if spec.layernorm == "out" else None
+        self.is_linear = spec.is_linear
         init_down_up(self.down.weight, self.up.weight, spec.init, spec.dim)
         for linear in (self.down, self.up):
             if linear.bias is not None:
@@ -94,19 +143,33 @@ class Bottleneck(nn.Module):
             out = out.add(self.up.bias.to(out.dtype), alpha=scale)  # fp32 bias must not promote bf16 h
         return out.view(h.shape)
 
-    def linear_delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(ΔW, Δb) with Δh = ΔW x + Δb; only valid for a linear bottleneck (no activation, no LayerNorm)."""
-        weight = self.up.weight @ self.down.weight
+    def linear_map(self) -> LinearMap | None:
+        """Δh = ΔW x + Δb, ΔW = up·down: only for a linear bottleneck (no activation, no LayerNorm)."""
+        if not self.is_linear:
+            return None
         bias = None
         if self.down.bias is not None:
             bias = self.up.weight @ self.down.bias + self.up.bias
-        return weight, bias
+        return LinearMap(self.up.weight @ self.down.weight, bias)
+
+    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with Δh = B·A·x: LoRA's matrices (PEFT interop)."""
+        return self.down.weight, self.up.weight
+
+    def lora_mismatch(self, options: BottleneckOptions) -> str | None:
+        """Why this bottleneck is not PEFT's LoRA (None when it is)."""
+        for key, value in (("activation", options.activation), ("layernorm", options.layernorm)):
+            if value != "none":
+                return f"{key} '{value}' (PEFT LoRA needs {key} 'none')"
+        if options.has_bias:
+            return "bias: true (PEFT LoRA has no bias in A and B)"
+        return None
 
 
 class HeadBottleneck(nn.Module):
     """One bottleneck per attention head: head i maps x (d_in) → r → head_dim, outputs concatenated over heads."""
 
-    def __init__(self, spec: ModuleSpec, d_in: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, spec: "ModuleSpec | BottleneckOptions", d_in: int, n_heads: int, head_dim: int) -> None:
         super().__init__()
         self.n_heads, self.rank, self.head_dim = n_heads, spec.dim, head_dim
         self.norm_in = nn.LayerNorm(d_in) if spec.layernorm == "in" else None
@@ -133,3 +196,47 @@ class HeadBottleneck(nn.Module):
         if self.norm_out is not None:
             delta = self.norm_out(delta)
         return delta
+
+
+class BottleneckForm(Form):
+    name = "bottleneck"
+    Options = BottleneckOptions
+    sites = SITES + (ALL_LINEAR,)
+    insertions = ("sequential", "parallel")
+    compositions = ("add", "scale", "sigmoid_gate")
+    size_key = "dim"
+
+    def with_size(self, options: BottleneckOptions, size: int) -> BottleneckOptions:
+        # a solved width replaces a width set as d / reduction_factor
+        return dataclasses.replace(options, dim=size, reduction_factor=None)
+
+    def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
+              modules: dict[str, nn.Module]) -> Built:
+        slots = []
+        for p in placements:
+            options = spec.options.at_site(p.d_in)
+            if p.kind == "heads":
+                form = HeadBottleneck(options, p.d_in, p.n_heads, p.head_dim)
+            else:
+                form = Bottleneck(options, p.d_in, p.d_out)
+            # A sigmoid gate reads what the form reads (Mao et al.: x for LoRA, the adapter's input h for a
+            # sequential adapter).
+            slots.append(Slot(spec, form, Composer(spec, p.d_in), p.site, p.chunk))
+        return Built(slots)
+
+    def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
+        """Per placement: down d_in·r and up r·d_out (per head at a head site), biases r + d_out when on,
+        2·width per LayerNorm, plus the composer's parameters."""
+        o = spec.options
+        total = 0
+        for p in placements:
+            width = o.width(p.d_in)
+            hidden, d_out = (p.n_heads * width, p.n_heads * p.head_dim) if p.kind == "heads" else (width, p.d_out)
+            up = hidden * (p.head_dim if p.kind == "heads" else d_out)
+            total += p.d_in * hidden + up + ((hidden + d_out) if o.has_bias else 0)
+            total += 2 * p.d_in * (o.layernorm == "in") + 2 * d_out * (o.layernorm == "out")
+            total += Composer.parameter_count(spec, p.d_in)
+        return Counts(added=total, trainable=total)
+
+
+register(BottleneckForm())

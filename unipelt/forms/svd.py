@@ -13,17 +13,76 @@ of the unsquared ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (`orthogonality_nor
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
 import torch
 from torch import nn
 
-from ..spec import ModuleSpec
+from ..compose import Composer
+from ..errors import MethodConfigError
+from ..full_tensor import full, laid_out_like
+from ..rank_allocator import RankAllocator
+from ..sites.names import ALL_LINEAR, PROJECTION_SITES
+from ..slot import LinearMap, Slot
+from ..spec_values import positive_float_value, positive_int_value, probability_value
+from .base import Built, Counts, Form, option, optional, register
 from .bottleneck import matmul_input
+
+if TYPE_CHECKING:
+    from ..placement import Placement
+    from ..spec import ModuleSpec
+
+
+def _schedule_point(value: Any, where: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or (
+            isinstance(value, float) and not value < 1):
+        key = where.rpartition(": ")[2]
+        raise MethodConfigError(f"{where.rpartition(': ')[0]}: {key} must be a step count (int >= 0) or a fraction "
+                                f"of the run (float in [0, 1)), got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        key = where.rpartition(": ")[2]
+        raise MethodConfigError(f"{where.rpartition(': ')[0]}: {key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _rank_pattern(value: Any, where: str) -> tuple[tuple[str, int], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise MethodConfigError(f"{where} must map 'stack.layer.site' to a rank, got {value!r}")
+    for key, rank in value.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise MethodConfigError(f"{where}['{key}'] must be an integer in 0..init_r, got {rank!r}")
+    return tuple(sorted((str(k), int(v)) for k, v in value.items()))
+
+
+@dataclass(frozen=True)
+class SVDOptions:
+    init_r: int = option(12, "initial rank of every target matrix", positive_int_value)
+    target_r: int = option(8, "average rank per matrix after pruning (the final budget)", positive_int_value)
+    tinit: int | float = option(0.1, "warm-up before pruning: steps (int) or fraction of the run (float)",
+                                _schedule_point)
+    tfinal: int | float = option(0.5, "final fine-tuning at the target budget: steps or fraction", _schedule_point)
+    delta_t: int = option(100, "steps between two budget updates", positive_int_value)
+    beta1: float = option(0.85, "smoothing of the sensitivity", probability_value)
+    beta2: float = option(0.85, "smoothing of the uncertainty", probability_value)
+    orth_reg_weight: float = option(0.1, "weight γ of the orthogonal regulariser", _non_negative)
+    rank_pattern: tuple[tuple[str, int], ...] | None = option(
+        None, "pruned ranks 'stack.layer.site' -> r of a saved adapter (written by save_adapter)", _rank_pattern)
+    alpha: float | None = option(None, "sets the scale to alpha / init_r (the reference's lora_alpha / ranknum)",
+                                 optional(positive_float_value))
 
 
 class SVDDelta(nn.Module):
     """One target matrix's update in SVD form, with the allocator's rank mask."""
 
-    def __init__(self, spec: ModuleSpec, d_in: int, d_out: int, rank: int) -> None:
+    def __init__(self, spec: "ModuleSpec | SVDOptions", d_in: int, d_out: int, rank: int) -> None:
         super().__init__()
         self.left = nn.Parameter(torch.empty(d_out, rank).normal_(std=0.02))  # P
         self.singular = nn.Parameter(torch.zeros(rank))  # λ
@@ -57,7 +116,7 @@ class SVDDelta(nn.Module):
     def apply_mask(self, keep: torch.Tensor, final: bool = False) -> None:
         """The allocator's decision: record it and zero the pruned λ (P and Q stay, as in the reference)."""
         self.rank_mask.copy_(keep.to(self.rank_mask.device))
-        self.singular.masked_fill_(~self.rank_mask, 0.0)
+        self.singular.masked_fill_(laid_out_like(~self.rank_mask, self.singular), 0.0)
         self.mask_is_final = self.mask_is_final or final
 
     def masked_singular(self) -> torch.Tensor:
@@ -69,15 +128,25 @@ class SVDDelta(nn.Module):
         x = matmul_input(x, self.right)
         return ((x @ self.right.T) * self.masked_singular()) @ self.left.T
 
-    def linear_delta(self) -> tuple[torch.Tensor, None]:
-        """(ΔW, None) with Δh = ΔW x: ΔW = P·diag(λ)·Q over the triplets that can act (no bias)."""
-        return (self.left * self.masked_singular()) @ self.right, None
+    def linear_map(self) -> LinearMap:
+        """Δh = ΔW x with ΔW = P·diag(λ ⊙ m)·Q (no bias)."""
+        return LinearMap((self.left * self.masked_singular()) @ self.right)
+
+    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with Δh = B·A·x (PEFT interop): A = diag(λ)·Q, B = P, kept triplets only."""
+        keep = self.kept_indices()
+        return self.masked_singular()[keep][:, None] * self.right[keep], self.left[:, keep]
+
+    def lora_mismatch(self, options: SVDOptions) -> str | None:
+        return None
 
     def orthogonality_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared as in the reference code."""
-        eye = torch.eye(self.rank, device=self.left.device, dtype=self.left.dtype)
-        left = torch.linalg.matrix_norm(self.left.T @ self.left - eye)
-        right = torch.linalg.matrix_norm(self.right @ self.right.T - eye)
+        # outside the forward, where a sharded model holds only shards: the whole P and Q (identity unsharded)
+        whole_left, whole_right = full(self.left), full(self.right)
+        eye = torch.eye(self.rank, device=whole_left.device, dtype=whole_left.dtype)
+        left = torch.linalg.matrix_norm(whole_left.T @ whole_left - eye)
+        right = torch.linalg.matrix_norm(whole_right @ whole_right.T - eye)
         return left, right
 
     def pruned_parameters(self) -> dict[str, torch.Tensor]:
@@ -101,3 +170,84 @@ class OrthogonalRegulariser:
             return None
         total = sum(sum(form.orthogonality_norms()) for form in self.forms)
         return self.weight * total / (2 * len(self.forms))
+
+
+def _key(p: "Placement") -> str:
+    return f"{p.stack}.{p.layer}.{p.site}"
+
+
+class SVDForm(Form):
+    name = "svd"
+    Options = SVDOptions
+    sites = PROJECTION_SITES + (ALL_LINEAR,)
+    insertions = ("parallel",)
+    compositions = ("add", "scale")
+    size_key = "init_r"
+    size_companions = ("target_r",)
+
+    def check(self, options: SVDOptions, where: str) -> None:
+        if options.target_r > options.init_r:
+            raise MethodConfigError(f"{where}: target_r {options.target_r} exceeds init_r {options.init_r}")
+        if all(isinstance(v, float) for v in (options.tinit, options.tfinal)) and options.tinit + options.tfinal >= 1:
+            raise MethodConfigError(f"{where}: tinit + tfinal must leave steps for the schedule (got "
+                                    f"{options.tinit} + {options.tfinal} >= 1)")
+        for key, rank in options.rank_pattern or ():
+            if rank > options.init_r:
+                raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
+                                        f"({options.init_r}), got {rank!r}")
+
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        alpha = spec.options.alpha
+        if alpha is None:
+            return spec
+        if "scale" in raw or spec.compose != "scale":
+            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
+                                    f"'scale' and without 'scale'")
+        return spec.replace(scale=alpha / spec.options.init_r)
+
+    def to_yaml(self, options: SVDOptions) -> dict[str, Any]:
+        out = super().to_yaml(options)
+        if options.rank_pattern is not None:
+            out["rank_pattern"] = dict(options.rank_pattern)
+        return out
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        if spec.options.alpha is not None:
+            entry.pop("scale", None)  # alpha / init_r gives it back
+
+    def _ranks(self, spec: "ModuleSpec", placements: list["Placement"]) -> list[int]:
+        pattern = spec.options.rank_pattern
+        if pattern is None:
+            return [spec.options.init_r] * len(placements)
+        pattern = dict(pattern)
+        known = sorted(_key(p) for p in placements)
+        unknown = sorted(set(pattern) - set(known))
+        if unknown:
+            from ..errors import AttachError  # noqa: PLC0415 - the one error this layer raises about a model
+
+            raise AttachError(f"module '{spec.name}': rank_pattern key '{unknown[0]}' matches no placement "
+                              f"(keys are 'stack.layer.site', e.g. '{known[0]}')")
+        return [pattern.get(_key(p), spec.options.init_r) for p in placements]
+
+    def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
+              modules: dict[str, nn.Module]) -> Built:
+        forms = [SVDDelta(spec.options, p.d_in, p.d_out, rank)
+                 for p, rank in zip(placements, self._ranks(spec, placements))]
+        slots = [Slot(spec, form, Composer(spec, p.d_in), p.site, p.chunk) for p, form in zip(placements, forms)]
+        # The orthogonal regulariser is a mean over all the module's matrices, so it sees them all; while the ranks
+        # are still to be pruned (no rank_pattern yet), one allocator keeps one global budget.
+        controllers: dict[str, Any] = {
+            f"unipelt_{spec.name}_orthogonal_regulariser": OrthogonalRegulariser(spec.options.orth_reg_weight, forms)}
+        if spec.options.rank_pattern is None:
+            allocator = RankAllocator(spec, {_key(p): form for p, form in zip(placements, forms)})
+            controllers[f"unipelt_{spec.name}_rank_allocator"] = allocator
+        return Built(slots, controllers=controllers)
+
+    def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
+        """P (d_out × r), λ (r), Q (r × d_in) per target matrix: r·(d_in + d_out + 1), plus the composer."""
+        total = sum(rank * (p.d_in + p.d_out + 1) + Composer.parameter_count(spec, p.d_in)
+                    for p, rank in zip(placements, self._ranks(spec, placements)))
+        return Counts(added=total, trainable=total)
+
+
+register(SVDForm())

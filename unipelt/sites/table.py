@@ -4,12 +4,16 @@ Paths are relative to one transformer layer of a stack. A projection site is one
 chunk of a fused map); a sub-layer site reads x at the input of `x` and modifies h at the output of `h`; a head
 site modifies the concatenated head outputs at the input of the output projection `o`.
 
-To add a family: map its `config.model_type` to a Family below (look at `print(model)` for the paths).
+To add a family: map its `config.model_type` to a Family below (look at `print(model)` for the paths). That is
+all: an adapter's identity is the model config itself (identity.py), and the shared tests pick the family up
+once tests/tiny_models.py can build a tiny one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..errors import AttachError, allowed
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,13 @@ class Projection:
 class SubLayer:
     x: str  # module whose input is the sub-layer input x
     h: str  # module whose output is the sub-layer output h (before residual / norm)
+
+
+@dataclass(frozen=True)
+class Activation:
+    h: str  # the projection whose input is h (the FFN's down projection: its input is the hidden activation)
+    x: str  # module whose input is the sub-layer input x
+    up: str  # a projection reading x (its input width is the width of x)
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,7 @@ class Norm:
 @dataclass(frozen=True)
 class Stack:
     path: str  # the ModuleList of layers, relative to model.base_model
-    sites: dict[str, Projection | SubLayer | Heads | Norm] = field(default_factory=dict)
+    sites: dict[str, Projection | SubLayer | Heads | Activation | Norm] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,8 @@ def attention_sites(kind: str, module: str, q: str, k: str, v: str, o: str) -> d
 
 
 def ffn_sites(x: str, up: str, down: str, gate: str | None = None) -> dict:
-    sites = {"ffn.up": Projection(up), "ffn.down": Projection(down), "ffn": SubLayer(x=x, h=down)}
+    sites = {"ffn.up": Projection(up), "ffn.down": Projection(down), "ffn": SubLayer(x=x, h=down),
+             "ffn.act": Activation(h=down, x=x, up=up)}
     if gate is not None:
         sites["ffn.gate"] = Projection(gate)
     return sites
@@ -162,6 +174,7 @@ def _t5_ffn(index: int) -> dict:
         "ffn.gate": Projection(f"{ffn}.wi_0"),
         "ffn.down": Projection(f"{ffn}.wo"),
         "ffn": SubLayer(x=ffn, h=f"{ffn}.wo"),
+        "ffn.act": Activation(h=f"{ffn}.wo", x=ffn, up=f"{ffn}.wi|{ffn}.wi_1"),
         "ffn.ln": Norm(f"layer.{index}", pre_ln=True, down=f"{ffn}.wo"),
     }
 
@@ -193,8 +206,19 @@ FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
+    "gemma": _LLAMA,
     "bart": _BART,
     "mbart": _BART,
     "t5": _T5,
     "mt5": _T5,
 }
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise AttachError(
+            f"model type '{model_type}' is not supported (supported: {allowed(sorted(FAMILIES))}); "
+            "add its module paths as a Family in unipelt/sites/table.py"
+        )
+    return FAMILIES[model_type]

@@ -12,6 +12,7 @@ from ..errors import UnipeltError, allowed
 # transformers' curves; polynomial: power 1 down to 1e-7 (what He et al.'s scripts use)
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt", "polynomial")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")  # with several processes: replicate the model (DDP) or shard it (FSDP2)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class TrainConfig:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     precision: str = "fp32"  # bf16 / fp16 autocast need CUDA
     device: str = "auto"
+    strategy: str = "ddp"  # several processes: ddp (a whole model per process) or fsdp (sharded, FSDP2)
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of every epoch
     eval_split: Optional[str] = None  # the split that picks the best checkpoint; None: the task's first
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: never stop early
@@ -86,6 +88,11 @@ def check(cfg: TrainConfig) -> None:
         raise UnipeltError(f"trainer.scheduler: unknown value '{cfg.scheduler}' (allowed: {allowed(SCHEDULES)})")
     if cfg.precision not in PRECISIONS:
         raise UnipeltError(f"trainer.precision: unknown value '{cfg.precision}' (allowed: {allowed(PRECISIONS)})")
+    if cfg.strategy not in STRATEGIES:
+        raise UnipeltError(f"trainer.strategy: unknown value '{cfg.strategy}' (allowed: {allowed(STRATEGIES)})")
+    if cfg.strategy == "fsdp" and cfg.precision == "fp16":
+        raise UnipeltError("trainer.precision 'fp16' is not supported with trainer.strategy 'fsdp' (its loss "
+                           "scaler is not shard-aware); use precision=bf16 or fp32")
 
 
 def position_limit(config: Any, reserved: int = 0) -> int | None:

@@ -43,8 +43,25 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _export_slurm_ranks() -> None:
+    """A SLURM job with several tasks (hydra/launcher=slurm with tasks_per_node or nodes > 1) starts one process per
+    task without torchrun: submitit's TorchDistributedEnvironment sets RANK, WORLD_SIZE, LOCAL_RANK and the
+    rendezvous address from SLURM's variables. Every task keeps seeing all of its node's GPUs (LOCAL_RANK picks)."""
+    # SLURM_STEP_NUM_TASKS: set by srun (which starts submitit's tasks), not in a plain shell of an allocation
+    if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        raise UnipeltError("a SLURM job with several tasks needs submitit (a dependency of unipelt) or "
+                           "torchrun to set RANK / WORLD_SIZE") from None
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def setup(device: str = "auto") -> Dist:
-    """Join the process group when started by torchrun / accelerate (WORLD_SIZE > 1), else a single process."""
+    """Join the process group when started by torchrun / accelerate / a multi-task SLURM job (WORLD_SIZE > 1),
+    else a single process."""
+    _export_slurm_ranks()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -23,7 +23,7 @@ from .. import compat, optim
 from ..errors import UnipeltError, allowed
 from ..tasks.losses import token_cross_entropy
 from . import checkpoint as ckpt
-from . import distributed, runfolder
+from . import distributed, runfolder, sharding
 from .config import TrainConfig, check, check_max_length
 from .optimizers import make_optimizer
 from .schedules import make_schedule
@@ -84,6 +84,7 @@ class _Loop:
     def __init__(self, model, task, cfg: TrainConfig, output_dir: Path, seed: int, log: LogFn | None,
                  info: distributed.Dist):
         self.model, self.task, self.cfg, self.seed, self.info = model, task, cfg, seed, info
+        self.sharded = sharding.is_sharded(model)  # FSDP2: every rank evaluates, saves and checkpoints together
         self.output_dir = Path(output_dir)
         self.log = log if (log is not None and info.is_main) else (lambda metrics, step: None)
         splits = list(task.eval_splits)
@@ -128,8 +129,7 @@ class _Loop:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
-            "trainable": ckpt.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+        state = {
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
             "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
@@ -137,16 +137,32 @@ class _Loop:
             "total_steps": self.total_steps, "seed": self.seed, "first_losses": self.first_losses,
             "window": self.window, "settings": self.settings,
         }
+        if not self.sharded:  # a sharded model and optimizer go to torch.distributed.checkpoint files instead
+            state.update(trainable=ckpt.trainable_state(self.model), optimizer=self.optimizer.state_dict())
+        return state
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return sharding.local_trainable_state(self.model) if self.sharded else ckpt.trainable_state(self.model)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            sharding.load_local_trainable_state(self.model, state)
+        else:
+            ckpt.load_trainable_state(self.model, state)
 
     def restore(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(path)
+        if self.sharded:
+            saved = sharding.load_checkpoint(path, self.model, self.optimizer, self.info)
+        else:
+            saved = ckpt.load_checkpoint(path)
         if "settings" in saved:  # checkpoints of older versions carry only the step count and the seed
             runfolder.refuse_changed_settings(saved["settings"], self.settings, f"checkpoint {path}")
         if saved.get("total_steps") != self.total_steps or saved.get("seed") != self.seed:
             raise UnipeltError(f"checkpoint {path} was written for {saved.get('total_steps')} steps with seed "
                                f"{saved.get('seed')}; this run has {self.total_steps} steps and seed {self.seed}")
-        ckpt.load_trainable_state(self.model, saved["trainable"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if not self.sharded:
+            ckpt.load_trainable_state(self.model, saved["trainable"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
@@ -159,14 +175,17 @@ class _Loop:
         self.resumed_from = self.saved_step = self.step
 
     def save(self) -> None:
-        if self.info.is_main:
+        if self.sharded:
+            sharding.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state(), self.info)
+        elif self.info.is_main:
             ckpt.save_checkpoint(self.output_dir, self.state())
         distributed.barrier(self.info)
         self.saved_step, self.last_save = self.step, time.monotonic()
 
     def save_on_interrupt(self) -> str:
         """Save the state of the last fully processed step, if the interrupt came outside one's processing."""
-        if self.boundary_rng is None or self.saved_step == self.step or not self.info.is_main:
+        # sharded: saving is collective, and the ranks may be interrupted at different points: keep the last one
+        if self.boundary_rng is None or self.saved_step == self.step or not self.info.is_main or self.sharded:
             return self.checkpoint_note()
         state = self.state()
         state["rng"] = self.boundary_rng
@@ -182,9 +201,10 @@ class _Loop:
     # --- evaluation --------------------------------------------------------------------------------------------
     def evaluate(self, split: str) -> dict[str, float]:
         result = None
-        if self.info.is_main:
+        if self.info.is_main or self.sharded:  # a sharded model needs every rank in its forward
             self.model.eval()
-            with torch.no_grad(), _autocast(self.cfg, self.info.device):
+            gathered = sharding.evaluating(self.model) if self.sharded else contextlib.nullcontext()
+            with torch.no_grad(), _autocast(self.cfg, self.info.device), gathered:
                 raw = self.task.evaluate(self.model, split, batch_size=self.cfg.eval_batch_size,
                                          device=self.info.device, max_new_tokens=self.cfg.max_new_tokens)
             self.model.train()
@@ -203,8 +223,10 @@ class _Loop:
         better = self.best_score is None or self._rank(score) > self._rank(self.best_score)
         if better:
             self.best_score, self.best_step, self.bad_evals = score, self.step, 0
-            self.best_state = ckpt.trainable_state(self.model)
-            if self.cfg.save_best and self.info.is_main:
+            self.best_state = self.trainable_state()
+            if self.cfg.save_best and self.sharded:
+                sharding.save_adapter_with(self.model, self.info, ckpt.save_best_adapter, self.output_dir)
+            elif self.cfg.save_best and self.info.is_main:
                 ckpt.save_best_adapter(self.model, self.output_dir)
         else:
             self.bad_evals += 1
@@ -287,7 +309,10 @@ class _Loop:
                 group_start = index - index % cfg.grad_accum
                 in_group = min(cfg.grad_accum, len(batches) - group_start)
                 last = index == group_start + in_group - 1
-                sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
+                if self.sharded:
+                    sync = sharding.gradient_sync(wrapped, enabled=last)
+                else:
+                    sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
                 with sync:
                     with _autocast(cfg, self.info.device):
                         loss = self.loss(wrapped, _to_device(batch, self.info.device))
@@ -325,7 +350,7 @@ class _Loop:
     def final_metrics(self) -> dict[str, float]:
         """Every evaluation split, on the best state (the selection split's numbers come from its evaluation)."""
         if self.best_state is not None:
-            ckpt.load_trainable_state(self.model, self.best_state)
+            self.load_trainable_state(self.best_state)
         best = next((h for h in self.history if h["step"] == self.best_step), {})
         metrics = {k: v for k, v in best.items() if k != "step"}
         for split in self.task.eval_splits:
@@ -349,13 +374,19 @@ def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | P
     output_dir = Path(output_dir)
     lock = runfolder.lock_folder(output_dir) if info.is_main else None
     try:
-        found = runfolder.check_folder(cfg, output_dir)
-        model.to(info.device)
+        fsdp = cfg.strategy == "fsdp" and info.enabled
+        found = runfolder.check_folder(cfg, output_dir, sharding.checkpoint_finder(fsdp),
+                                       sharding.SHARDED_CHECKPOINT if fsdp else ckpt.LAST)
+        if not fsdp or sharding.holds_4bit(model):
+            model.to(info.device)  # else fully_shard moves one layer at a time: the model never sits whole on a device
+        if fsdp:  # before the optimizer exists: sharding replaces the parameters
+            sharding.check_optimizer(optim.method_of(model).optimizer)
+            sharding.shard(model, info, cfg.precision)
         loop = _Loop(model, task, cfg, output_dir, seed, log, info)
         loop.settings = runfolder.run_settings(model, task, cfg, seed, settings)
         if found is not None:
             loop.restore(found)
-        wrapped = distributed.wrap(model, info)
+        wrapped = model if fsdp else distributed.wrap(model, info)
         try:
             with runfolder.sigterm_as_interrupt():
                 loop.run(wrapped)

@@ -19,7 +19,7 @@ import socket
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -143,11 +143,13 @@ def run_settings(model: torch.nn.Module, task: Any, cfg: Any, seed: int, extra: 
     return {**found, **(extra or {})}
 
 
-def check_folder(cfg: Any, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from; refuses a resume with nothing to resume and a fresh run over another's files."""
-    found = ckpt.find_checkpoint(output_dir)
+def check_folder(cfg: Any, output_dir: Path, find: Callable[[Path], Path | None] = ckpt.find_checkpoint,
+                 name: str = ckpt.LAST) -> Path | None:
+    """The checkpoint to resume from; refuses a resume with nothing to resume and a fresh run over another's files.
+    `find` and `name`: the run's kind of checkpoint (a sharded run's is a torch.distributed.checkpoint directory)."""
+    found = find(output_dir)
     if cfg.resume and found is None:
-        raise UnipeltError(f"trainer.resume=true but {output_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST} does not exist; "
+        raise UnipeltError(f"trainer.resume=true but {output_dir / ckpt.CHECKPOINT_DIR / name} does not exist; "
                            "set trainer.resume=false to start afresh")
     if not cfg.resume and found is not None:
         raise UnipeltError(f"{output_dir} already holds a run's checkpoint ({found.relative_to(output_dir)}); continue "

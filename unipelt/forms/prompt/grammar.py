@@ -1,7 +1,7 @@
 """The `prompt` form's options: virtual tokens at the input (prompt tuning, P-tuning).
 
 Validated here, before any model is touched, with one-line errors naming the key. spec.py calls
-`prompt_options`; nothing here imports from spec.py (no cycle).
+`prompt_options` (through the form, __init__.py).
 
     length: 20            # l virtual tokens
     init: vocab           # random (uniform in [-0.5, 0.5], Lester et al.) | vocab (embeddings of tokens drawn
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .errors import MethodConfigError, allowed
+from ...errors import MethodConfigError, allowed
 
 PROMPT_INITS = ("random", "vocab", "text")
 PROMPT_ENCODERS = ("none", "mlp", "lstm")
-PROMPT_KEYS = {"length", "init", "init_text", "encoder", "encoder_dim", "template"}
 INPUT_ITEMS = ("input", "input_first", "input_rest")
 TEMPLATE_KEYS = ("prompt", "anchor")
 DEFAULT_LENGTH = 20
@@ -138,5 +137,5 @@ def template_to_yaml(template: tuple[TemplateItem, ...]) -> list[Any]:
     return out
 
 
-__all__ = ["PROMPT_INITS", "PROMPT_ENCODERS", "PROMPT_KEYS", "prompt_options", "parse_template",
+__all__ = ["PROMPT_INITS", "PROMPT_ENCODERS", "prompt_options", "parse_template",
            "default_template", "template_to_yaml"]

@@ -20,77 +20,68 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import compat
-from .compose import mean_sigmoid_gate, sigmoid_gate_linear
-from .errors import AttachError
-from .forms.prefix import Prefix
-from .spec import ModuleSpec
+from ... import compat
+from ...compose import Composer
+from ...errors import AttachError
+from ...slot import Slot, capture_hook
+from .vectors import Prefix
 
 PREFIX_ATTENTION = "unipelt_prefix"
+ROUTED = "_unipelt_prefix_routed"  # set in an attention module's __dict__ while its calls are routed here
 SUPPORTED_INNER = ("eager", "sdpa")
 
 
-class PrefixSlot(nn.Module):
-    """A prefix placed on one attention module, with its composition (gate, add or scale)."""
+class PrefixSlot(Slot):
+    """A prefix placed on one attention module, composed by the slot's composer (gate, add, scale or sigmoid_gate).
 
-    def __init__(self, spec: ModuleSpec, prefix: Prefix, site: str, base_config: Any,
+    It has no hook on h: the attention module's calls are routed to `prefix_attention` (install)."""
+
+    FORM_ATTR = "prefix"
+
+    def __init__(self, spec: Any, prefix: Prefix, site: str, base_config: Any,
                  eager_fn: Callable, d_gate_in: int = 0, query: tuple[nn.Module, Any] | None = None) -> None:
-        super().__init__()
-        self.spec = spec
-        self.site = site
-        self.prefix = prefix
-        self.active = True
+        super().__init__(spec, prefix, Composer(spec, d_gate_in), site)
         # score relu (He et al.'s multi-head parallel adapter): the LayerNorm it adds, and the attention's own query
         # projection (module, fused chunk), kept as a plain reference so it stays the base model's.
         self.norm = nn.LayerNorm(d_gate_in) if spec.score == "relu" else None
         self._query = [query] if query is not None else []
-        self.learned_scale = nn.Parameter(torch.ones(())) if spec.scale == "learned" else None
-        self.gate = sigmoid_gate_linear(d_gate_in) if spec.compose == "sigmoid_gate" else None
-        self.captured_x: torch.Tensor | None = None  # the attention input, captured by a pre-hook (attach.py)
-        self.last_gate: torch.Tensor | None = None
         # Plain references (not submodules): the model's real config decides the inner implementation at each
         # call, so set_attn_implementation() after attach keeps working.
         self._base_config = [base_config]
         self._eager_fn = eager_fn
 
-    @property
-    def enabled(self) -> bool:
-        return self.active
+    def install(self, placement: Any, modules: dict[str, nn.Module], model: nn.Module) -> list[Any]:
+        attention = modules[placement.x_name]
+        handles: list[Any] = []
+        if ROUTED not in attention.__dict__:  # the first prefix on this attention module routes it
+            handles.append(_Routing(attention))
+        if self.reads_input:  # UniPELT's prefix gate, He et al.'s ReLU prefix read the attention input x
+            handles.append(attention.register_forward_pre_hook(capture_hook(self), with_kwargs=True))
+        return handles
 
-    def scale(self) -> torch.Tensor | float:
-        if self.learned_scale is not None:
-            return self.learned_scale
-        return float(self.spec.scale)
+    @property
+    def gate(self) -> nn.Linear | None:
+        """UniPELT's gate W_g (the composer's), or None."""
+        return self.composer.gate
 
     @property
     def reads_input(self) -> bool:
         """True when the slot needs the attention input x (a sigmoid gate, or the ReLU prefix's own query)."""
-        return self.gate is not None or self.norm is not None
+        return self.composer.gate is not None or self.norm is not None
 
     @property
     def concatenated(self) -> bool:
         """True when the prefix joins the attention's keys and values (gate, or sigmoid_gate on P_K and P_V)."""
         return self.spec.compose == "gate" or (self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv")
 
-    def gate_factor(self) -> torch.Tensor:
-        """mean over tokens of σ(W_g·x), shaped [batch, 1, 1, 1] (broadcasts over heads, positions, head_dim)."""
-        x, self.captured_x = self.captured_x, None
-        if x is None:
-            raise RuntimeError("sigmoid_gate prefix: the attention input was not captured")
-        gate = mean_sigmoid_gate(self.gate, x, keepdim=False)
-        self.last_gate = gate.detach().mean()
-        return gate[:, :, None, None]
-
     def batched_key_values(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[batch, kv_heads, length, head_dim] keys and values, multiplied by the gate under sigmoid_gate `kv`."""
         keys, values = (_batched(t, batch, like) for t in self.prefix.key_values())
         if self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv":
-            gate = self.gate_factor().to(like.dtype)
+            x, self.captured_x = self.captured_x, None
+            gate = self.composer.factor(x, like=keys).to(like.dtype)  # [batch, 1, 1, 1]
             keys, values = keys * gate, values * gate
         return keys, values
-
-    def training_metrics(self) -> dict[str, float]:
-        return {} if self.last_gate is None else {"gate": float(self.last_gate)}
 
     def exported_parameters(self) -> dict[str, torch.Tensor]:
         """What is saved and counted as added: the prefix as plain key/value vectors (a reparameterisation MLP's
@@ -99,8 +90,30 @@ class PrefixSlot(nn.Module):
         own = {name: param for name, param in self.named_parameters() if not name.startswith("prefix.")}
         return {"prefix.keys": keys, "prefix.values": values, **own}
 
+    def cannot_merge(self, host: nn.Module) -> str | None:
+        return "a prefix acts inside attention (not a weight update)"
+
+    def fold(self) -> None:
+        self.prefix.fold()
+
     def inner_attention(self) -> Callable:
         return compat.attention_function(compat.attention_implementation(self._base_config[0]), self._eager_fn)
+
+
+class _Routing:
+    """The shadow config that routes an attention module's calls to the prefix function; remove() restores it."""
+
+    def __init__(self, attention: nn.Module) -> None:
+        original = getattr(attention, "config", None)
+        if original is None:
+            raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
+        self.attention, self.original = attention, original
+        attention.config = compat.route_attention(original, PREFIX_ATTENTION)
+        attention.__dict__[ROUTED] = True
+
+    def remove(self) -> None:
+        self.attention.config = self.original
+        self.attention.__dict__.pop(ROUTED, None)
 
 
 def model_eager_attention(attention: nn.Module) -> Callable:
@@ -115,15 +128,6 @@ def check_prefix_support(model: nn.Module) -> None:
             f"prefix: attention implementation '{impl}' is not supported (allowed: eager, sdpa); "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-
-
-def install_prefix_config(attention: nn.Module) -> Any:
-    """Give `attention` a shadow config that routes its calls to the prefix function; returns the original."""
-    original = getattr(attention, "config", None)
-    if original is None:
-        raise AttachError(f"prefix: {type(attention).__name__} keeps no config; cannot route its attention")
-    attention.config = compat.route_attention(original, PREFIX_ATTENTION)
-    return original
 
 
 def _batched(t: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -193,15 +197,16 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
             own = slot.batched_key_values(batch, key)
             with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, joined + [own])
-            output = output + (slot.gate_factor() * (with_prefix - base)).to(output.dtype)
+            x, slot.captured_x = slot.captured_x, None
+            output = slot.composer(output, with_prefix - base, x)
         elif slot.spec.score == "relu":
-            extra = relu_prefix_attention(slot, query, float(kwargs.get("dropout") or 0.0))
-            output = output + (slot.scale() * extra).to(output.dtype)
+            extra = relu_prefix_attention(slot, query, float(kwargs.get(compat.ATTN_DROPOUT) or 0.0))
+            output = slot.composer(output, extra)
         else:
             p_keys, p_values = slot.prefix.key_values()
             extra = prefix_scores_attention(module, query, _batched(p_keys, batch, query),
                                             _batched(p_values, batch, query), kwargs.get(compat.ATTN_SCALING))
-            output = output + (slot.scale() * extra).to(output.dtype)
+            output = slot.composer(output, extra)
     return output, weights
 
 

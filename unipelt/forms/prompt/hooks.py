@@ -25,63 +25,18 @@ example's real tokens (padding stays outside), so left and right padding both wo
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from . import compat
-from .errors import AttachError, one_line
-from .forms.prompt import VirtualTokens, initial_vectors
-from .prompt_grammar import default_template
-from .prompt_layout import Layout, align, first_real_order, plan, widen, widen_positions
-from .sites import family_of
-from .sites.resolve import Placement
-from .spec import MethodSpec, ModuleSpec
+from ... import compat
+from ...errors import AttachError
+from .layout import Layout, align, first_real_order, plan, widen, widen_positions
 
-
-class PromptSlot(nn.Module):
-    """Virtual tokens placed at the input of one model, with the template that says where they go."""
-
-    def __init__(self, spec: ModuleSpec, tokens: VirtualTokens, template: tuple, embed: nn.Module,
-                 policy: str) -> None:
-        super().__init__()
-        self.spec = spec
-        self.site = "embeddings"
-        self.tokens = tokens
-        self.template = template
-        self.anchor_ids = tuple(i for item in template if item[0] == "anchor" for i in item[1])
-        self.extra = tokens.length + len(self.anchor_ids)  # positions inserted per example
-        self.policy = policy
-        self.active = True
-        self._embed = [embed]  # a plain list: the base model's embedding must not become a child of the slot
-        self._handoff: torch.Tensor | None = None  # encoder-decoders: widened embeddings the base hands its encoder
-        self._layouts: dict[str, Layout] = {}  # layout of the call in flight, for the output hooks
-
-    @property
-    def enabled(self) -> bool:
-        return self.active
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._embed[0](ids)
-
-    def inserted(self, like: torch.Tensor) -> torch.Tensor:
-        """The [virtual; anchor] vectors [extra, d] in the template's order of appearance."""
-        parts = [self.tokens.vectors()]
-        if self.anchor_ids:
-            ids = torch.tensor(self.anchor_ids, device=like.device)
-            parts.append(self.embed(ids))
-        return torch.cat([p.to(like.dtype) for p in parts], dim=0)
-
-    def exported_parameters(self) -> dict[str, torch.Tensor]:
-        """What is saved and counted as added: the l vectors as served (a P-tuning encoder's output, folded)."""
-        return {"tokens.embedding": self.tokens.vectors()}
-
-    def reparam_count(self) -> int:
-        return self.tokens.reparam_count()
-
-    def fold(self) -> None:
-        self.tokens.fold()
+if TYPE_CHECKING:
+    from ...placement import Placement
+    from .slot import PromptSlot
 
 
 # ---- hooks ---------------------------------------------------------------------------------------------------
@@ -109,7 +64,7 @@ def _check_mask(mask: torch.Tensor | None) -> None:
                          f"got shape {tuple(mask.shape)}")
 
 
-def _widen_inputs(slot: PromptSlot, kw: dict) -> Layout | None:
+def _widen_inputs(slot: "PromptSlot", kw: dict) -> Layout | None:
     """Insert the prompt into kw in place; None when there is nothing to do (no input, or both kinds given)."""
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if (ids is None) == (embeds is None):
@@ -133,12 +88,12 @@ def _widen_inputs(slot: PromptSlot, kw: dict) -> Layout | None:
     return layout
 
 
-def _widened_mask(slot: PromptSlot, mask: torch.Tensor) -> torch.Tensor:
+def _widened_mask(slot: "PromptSlot", mask: torch.Tensor) -> torch.Tensor:
     """A 2-D mask of a call whose prompt is already in place (cache or encoder outputs), widened to match."""
     return widen(mask, plan(slot.template, mask, mask.shape[0], mask.shape[1], mask.device), 1)
 
 
-def _continue(slot: PromptSlot, kw: dict, past_len: int) -> None:
+def _continue(slot: "PromptSlot", kw: dict, past_len: int) -> None:
     """A call whose cache already holds the prompt: widen the mask, shift positions by the inserted count."""
     source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     mask = kw.get("attention_mask")
@@ -150,7 +105,7 @@ def _continue(slot: PromptSlot, kw: dict, past_len: int) -> None:
             kw[key] = kw[key] + slot.extra
 
 
-def _base_hook(slot: PromptSlot, bind: Callable, record: bool):
+def _base_hook(slot: "PromptSlot", bind: Callable, record: bool):
     def hook(module, args, kwargs):
         if not slot.active:
             return None
@@ -168,7 +123,7 @@ def _base_hook(slot: PromptSlot, bind: Callable, record: bool):
     return hook
 
 
-def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
+def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
     def hook(module, args, kwargs):
         if not slot.active:
             return None
@@ -193,7 +148,7 @@ def _seq2seq_base_hook(slot: PromptSlot, bind: Callable):
     return hook
 
 
-def _encoder_hook(slot: PromptSlot, bind: Callable):
+def _encoder_hook(slot: "PromptSlot", bind: Callable):
     def hook(module, args, kwargs):
         if not slot.active:
             return None
@@ -207,13 +162,13 @@ def _encoder_hook(slot: PromptSlot, bind: Callable):
     return hook
 
 
-def _clear_handoff(slot: PromptSlot):
+def _clear_handoff(slot: "PromptSlot"):
     def hook(module, args, kwargs, output):
         slot._handoff = None
     return hook
 
 
-def _top_pre_hook(slot: PromptSlot, bind: Callable):
+def _top_pre_hook(slot: "PromptSlot", bind: Callable):
     def hook(module, args, kwargs):
         slot._layouts.pop("top", None)
         if not slot.active:
@@ -251,7 +206,7 @@ def _aligned(output: Any, layout: Layout, positions: torch.Tensor, keys: tuple[s
     return output
 
 
-def _output_hook(slot: PromptSlot, name: str, keys: tuple[str, ...], use_after: bool | str):
+def _output_hook(slot: "PromptSlot", name: str, keys: tuple[str, ...], use_after: bool | str):
     """use_after: True → `after` positions, False → `real`, "first" → widened, first real token at position 0."""
     def hook(module, args, kwargs, output):
         layout = slot._layouts.pop(name, None)
@@ -283,7 +238,7 @@ def head_policy(model: nn.Module, decoder_only: bool) -> str:
     return "none"
 
 
-def _pooler_hook(slot: PromptSlot):
+def _pooler_hook(slot: "PromptSlot"):
     def hook(module, args, kwargs):
         layout = slot._layouts.get("base")
         if layout is None or not slot.active or not args:
@@ -292,23 +247,12 @@ def _pooler_hook(slot: PromptSlot):
     return hook
 
 
-def build_prompt_slot(placement: Placement, modules: dict, model: nn.Module) -> PromptSlot:
-    spec = placement.spec
-    embed = modules[placement.h_name]
-    weight = embed.weight
-    vectors = initial_vectors(spec.init, spec.length, embed, int(weight.shape[0]), spec.init_text, weight)
-    tokens = VirtualTokens(vectors, spec.encoder, spec.encoder_dim)
-    template = spec.template or default_template(spec.length)
-    return PromptSlot(spec, tokens, template, embed, head_policy(model, placement.stack == "decoder"))
-
-
-def install_prompt_hooks(model: nn.Module, slot: PromptSlot, placement: Placement, modules: dict) -> list[Any]:
+def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Placement", modules: dict) -> list[Any]:
     """Hooks that route the prompt through the model; returns their handles (detach removes them)."""
     base = modules[placement.x_name]
     handles = []
     if slot.policy == "seq2seq":
-        family = family_of(model.config)
-        encoder = modules[".".join(p for p in (placement.x_name, family.inputs.encoder) if p)]
+        encoder = modules[placement.encoder_name]
         handles.append(base.register_forward_pre_hook(_seq2seq_base_hook(slot, _binder(base)), with_kwargs=True))
         handles.append(base.register_forward_hook(_clear_handoff(slot), with_kwargs=True, always_call=True))
         handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
@@ -331,62 +275,4 @@ def install_prompt_hooks(model: nn.Module, slot: PromptSlot, placement: Placemen
     return handles
 
 
-# ---- texts → token ids, before anything is built ---------------------------------------------------------------
-
-
-def _tokenizer(model: nn.Module, where: str):
-    name = compat.name_or_path(model.config)
-    if not name:
-        raise AttachError(f"{where}: text needs the base model's tokenizer, but this model has no name_or_path; "
-                          "give token ids instead (a list of integers)")
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - any loading failure gets the same one-line advice
-        first = one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise AttachError(f"{where}: cannot load the tokenizer of '{name}' for text ({first[:160]}); "
-                          "give token ids instead") from None
-
-
-def resolve_prompt_texts(model: nn.Module, method: MethodSpec) -> MethodSpec:
-    """The method with every prompt text (init_text, anchors) replaced by token ids of the base model's tokenizer,
-    and every id checked against the vocabulary, so that what is attached, saved and reloaded needs no tokenizer."""
-    if not any(m.form == "prompt" for m in method.modules):
-        return method
-    embedding = model.get_input_embeddings()
-    vocab = int(embedding.weight.shape[0])
-    cache: list[Any] = []
-
-    def ids_of(value: Any, where: str) -> tuple[int, ...]:
-        if isinstance(value, str):
-            if not cache:
-                cache.append(_tokenizer(model, where))
-            value = tuple(cache[0](value, add_special_tokens=False)["input_ids"])
-            if not value:
-                raise AttachError(f"{where}: text tokenizes to no tokens")
-        bad = next((i for i in value if i >= vocab), None)
-        if bad is not None:
-            raise AttachError(f"{where}: token id {bad} is outside the vocabulary (size {vocab})")
-        return tuple(value)
-
-    for index, module in enumerate(method.modules):
-        if module.form != "prompt":
-            continue
-        where = f"method '{method.name}' module {index} ('{module.name}')"
-        changes: dict[str, Any] = {}
-        if module.init_text is not None:
-            ids = ids_of(module.init_text, f"{where}: init_text")
-            if len(ids) > module.length:
-                raise AttachError(f"{where}: init_text has {len(ids)} tokens, more than length {module.length}")
-            changes["init_text"] = ids
-        if module.template is not None:
-            changes["template"] = tuple(
-                (item[0], ids_of(item[1], f"{where}: template anchor")) if item[0] == "anchor" else item
-                for item in module.template)
-        method = method.replace_module(index, **changes)
-    return method
-
-
-__all__ = ["PromptSlot", "build_prompt_slot", "install_prompt_hooks",
-           "resolve_prompt_texts", "head_policy"]
+__all__ = ["head_policy", "install_prompt_hooks"]

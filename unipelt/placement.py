@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .. import compat
-from ..errors import AttachError, allowed
-from ..spec import ALL_LINEAR, PROJECTION_SITES, MethodSpec, ModuleSpec
-from .table import FAMILIES, Family, Heads, Norm, Projection, SubLayer
+from .errors import AttachError, allowed
+from .sites import family_of, linear_dims
+from .sites.names import ALL_LINEAR, INPUT_SITES, PROJECTION_SITES
+from .sites.table import Activation, Family, Heads, Norm, Projection, SubLayer
+from .spec import MethodSpec, ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,8 @@ class Placement:
     site: str
     stack: str
     layer: int
-    kind: str  # "projection", "sublayer", "heads", "norm" or "embeddings" (a prompt at the input)
-    h_name: str  # module whose output (projection, sub-layer) or input (heads) is h
+    kind: str  # "projection", "sublayer", "heads", "activation", "norm" or "embeddings" (a prompt at the input)
+    h_name: str  # module whose output (projection, sub-layer, norm) or input (heads, activation) is h
     x_name: str  # module whose input is x (the same as h_name for projections)
     chunk: tuple[int, int] | None
     d_in: int  # input width of the functional form (x for parallel, h for sequential)
@@ -34,6 +35,7 @@ class Placement:
     n_heads: int = 0
     head_dim: int = 0
     kv_heads: int = 0
+    encoder_name: str = ""  # encoder-decoders, at the input: the encoder stack, which generate() calls directly
     q_name: str = ""  # heads: the attention's query projection (He et al.'s ReLU prefix attention re-applies it)
     q_chunk: tuple[int, int] | None = None
 
@@ -43,31 +45,17 @@ class Placement:
 
     @property
     def host_name(self) -> str:
-        """The module that owns the slot: the attention module for a prefix, the base model for a prompt (whose
-        forward it rewrites), else the h module."""
-        return self.x_name if self.spec.form in ("prefix", "prompt") else self.h_name
+        """The module that owns the slot: the h module, or the x module for forms that act through it (the
+        attention module for a prefix, the base model for a prompt)."""
+        return self.x_name if self.spec.form_def.host == "x" else self.h_name
+
+    @property
+    def modifies_input(self) -> bool:
+        """h is the input of the h module (heads, activation), not its output."""
+        return self.kind in ("heads", "activation")
 
 
-def family_of(config) -> Family:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise AttachError(
-            f"model type '{model_type}' is not supported (supported: {allowed(sorted(FAMILIES))}); "
-            "add its module paths as a Family in unipelt/sites/table.py"
-        )
-    return FAMILIES[model_type]
-
-
-def linear_dims(module: nn.Module, name: str) -> tuple[int, int]:
-    """(in, out) of a linear map: nn.Linear and its quantized subclasses, or GPT-2's transposed Conv1D."""
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    if compat.is_transposed_linear(module):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    raise AttachError(f"module '{name}' ({type(module).__name__}) is not a linear projection")
-
-
-def base_prefix(model: nn.Module) -> str:
+def base_path(model: nn.Module) -> str:
     base = getattr(model, "base_model", model)
     for name, module in model.named_modules():
         if module is base:
@@ -78,7 +66,7 @@ def base_prefix(model: nn.Module) -> str:
 def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     family = family_of(model.config)
     modules = dict(model.named_modules())
-    root = base_prefix(model)
+    root = base_path(model)
     placements: list[Placement] = []
     missing: list[AttachError] = []
     for index, spec in enumerate(method.modules):
@@ -92,7 +80,7 @@ def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     if missing and not placements:
         raise missing[0]
     for error in missing:
-        warnings.warn(f"{error} -- that module is skipped on this model", stacklevel=3)
+        warnings.warn(f"{error} -- that module is skipped on this model", stacklevel=4)
     return placements
 
 
@@ -105,8 +93,8 @@ def _join(*parts: str) -> str:
 
 
 def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> list[Placement]:
-    if spec.form == "prompt":
-        return [_prompt_placement(spec, where, family, modules, root)]
+    if any(site in INPUT_SITES for site in spec.at):
+        return [_input_placement(spec, where, family, modules, root)]
     stacks = [s for s in spec.stacks if s in family.stacks]
     if not stacks:
         raise AttachError(
@@ -127,15 +115,15 @@ def _place_module(spec: ModuleSpec, where: str, family: Family, modules: dict, r
                         f"{where}: layers: index {layer} out of range for the {stack_name} stack "
                         f"({n_layers} layers: 0..{n_layers - 1})"
                     )
-                prefix = _join(root, stack.path, str(layer))
+                layer_path = _join(root, stack.path, str(layer))
                 out.append(_placement(spec, site, stack_name, layer, stack.sites[site], stack.sites,
-                                      prefix, modules, family, where))
+                                      layer_path, modules, family, where))
     return out
 
 
-def _prompt_placement(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> Placement:
-    """A prompt acts once, on the input sequence: h is the token embedding output, the hook sits on the base model
-    (x_name). For encoder-decoders the prompt goes to the encoder only."""
+def _input_placement(spec: ModuleSpec, where: str, family: Family, modules: dict, root: str) -> Placement:
+    """A module at the input acts once, on the input sequence: h is the token embedding output, x the base model
+    (whose forward it sees). For encoder-decoders it goes to the encoder only."""
     if family.inputs is None:
         raise AttachError(f"{where}: site 'embeddings' is not mapped for this model family (add Inputs to its Family)")
     tokens = _join(root, family.inputs.tokens)
@@ -144,8 +132,9 @@ def _prompt_placement(spec: ModuleSpec, where: str, family: Family, modules: dic
         raise AttachError(f"{where}: token embedding '{tokens}' not found in the model")
     d_model = int(embedding.weight.shape[1])
     stack = "encoder" if "encoder" in family.stacks else "decoder"
+    encoder = _join(root, family.inputs.encoder) if family.inputs.encoder else ""
     return Placement(spec=spec, site="embeddings", stack=stack, layer=0, kind="embeddings", h_name=tokens,
-                     x_name=root, chunk=None, d_in=d_model, d_out=d_model, d_x=d_model)
+                     x_name=root, chunk=None, d_in=d_model, d_out=d_model, d_x=d_model, encoder_name=encoder)
 
 
 def _site_stacks(spec: ModuleSpec, stacks: list[str], family: Family, modules: dict, root: str,
@@ -181,35 +170,49 @@ def _projection_exists(stack, site: str, modules: dict, root: str) -> bool:
     return any(_join(first_layer, path) in modules for path in entry.path.split("|"))
 
 
-def _find(modules: dict, prefix: str, paths: str, where: str) -> str:
+def _find(modules: dict, layer_path: str, paths: str, where: str) -> str:
     """Full name of the first existing candidate among 'a|b' alternatives."""
     for path in paths.split("|"):
-        name = _join(prefix, path)
+        name = _join(layer_path, path)
         if name in modules:
             return name
-    raise AttachError(f"{where}: module '{_join(prefix, paths)}' not found in the model")
+    raise AttachError(f"{where}: module '{_join(layer_path, paths)}' not found in the model")
 
 
-def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, family, where) -> Placement:
+def _input_width(modules: dict, layer_path: str, entry: Activation, where: str) -> int:
+    """Width of the FFN input x: the input of its up projection."""
+    up = _find(modules, layer_path, entry.up, where)
+    return linear_dims(modules[up], up)[0]
+
+
+def _placement(spec, site, stack, layer, entry, stack_sites, layer_path, modules, family, where) -> Placement:
     common = dict(spec=spec, site=site, stack=stack, layer=layer)
     if isinstance(entry, Projection):
-        name = _find(modules, prefix, entry.path, where)
+        name = _find(modules, layer_path, entry.path, where)
         d_x, d_out = linear_dims(modules[name], name)
         if entry.chunk is not None:
             d_out //= entry.chunk[1]
         d_in = d_out if spec.insertion == "sequential" else d_x
         return Placement(**common, kind="projection", h_name=name, x_name=name, chunk=entry.chunk,
                          d_in=d_in, d_out=d_out, d_x=d_x)
+    if isinstance(entry, Activation):  # h: the input of the projection `h`, the FFN's hidden activation
+        h_name = _find(modules, layer_path, entry.h, where)
+        x_name = _find(modules, layer_path, entry.x, where)
+        width, _ = linear_dims(modules[h_name], h_name)
+        d_x = _input_width(modules, layer_path, entry, where)
+        d_in = width if spec.insertion == "sequential" else d_x
+        return Placement(**common, kind="activation", h_name=h_name, x_name=x_name, chunk=None,
+                         d_in=d_in, d_out=width, d_x=d_x)
     if isinstance(entry, SubLayer):
-        h_name = _find(modules, prefix, entry.h, where)
-        x_name = _find(modules, prefix, entry.x, where)
+        h_name = _find(modules, layer_path, entry.h, where)
+        x_name = _find(modules, layer_path, entry.x, where)
         _, d_model = linear_dims(modules[h_name], h_name)
         return Placement(**common, kind="sublayer", h_name=h_name, x_name=x_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
     if isinstance(entry, Norm):
-        ln_name = _find(modules, prefix, entry.ln, where) if entry.ln else prefix
+        ln_name = _find(modules, layer_path, entry.ln, where) if entry.ln else layer_path
         if entry.pre_ln:
-            down = _find(modules, prefix, entry.down, where)
+            down = _find(modules, layer_path, entry.down, where)
             d_model = linear_dims(modules[down], down)[1]
         else:
             shape = getattr(modules[ln_name], "normalized_shape", None)
@@ -219,18 +222,39 @@ def _placement(spec, site, stack, layer, entry, stack_sites, prefix, modules, fa
         return Placement(**common, kind="norm", h_name=ln_name, x_name=ln_name, chunk=None,
                          d_in=d_model, d_out=d_model, d_x=d_model)
     assert isinstance(entry, Heads)
-    attn_name = _find(modules, prefix, entry.attention, where)
-    o_name = _find(modules, prefix, entry.o, where)
+    attn_name = _find(modules, layer_path, entry.attention, where)
+    o_name = _find(modules, layer_path, entry.o, where)
     attention = modules[attn_name]
     head_dim = getattr(attention, family.head_dim_attr, None)
     if not isinstance(head_dim, int):
         raise AttachError(f"{where}: attention module '{attn_name}' has no integer '{family.head_dim_attr}'")
     heads_in, d_model = linear_dims(modules[o_name], o_name)
     k_entry = stack_sites[site.replace("heads", "k")]
-    k_name = _find(modules, prefix, k_entry.path, where)
+    k_name = _find(modules, layer_path, k_entry.path, where)
     k_out = linear_dims(modules[k_name], k_name)[1] // (k_entry.chunk[1] if k_entry.chunk else 1)
     d_in = heads_in if spec.insertion == "sequential" else d_model
     q_entry = stack_sites[site.replace("heads", "q")]
     return Placement(**common, kind="heads", h_name=o_name, x_name=attn_name, chunk=None, d_in=d_in,
                      d_out=heads_in, d_x=d_model, n_heads=heads_in // head_dim, head_dim=head_dim, kv_heads=k_out // head_dim,
-                     q_name=_find(modules, prefix, q_entry.path, where), q_chunk=q_entry.chunk)
+                     q_name=_find(modules, layer_path, q_entry.path, where), q_chunk=q_entry.chunk)
+
+
+
+def projection_index(model: nn.Module) -> dict[str, list[tuple[str, int, str, tuple[int, int] | None]]]:
+    """Every projection module of the model -> its unipelt sites as (stack, layer, site, chunk)."""
+    family = family_of(model.config)
+    modules = dict(model.named_modules())
+    root = base_path(model)
+    index: dict[str, list] = {}
+    for stack_name, stack in family.stacks.items():
+        layers = modules.get(".".join(p for p in (root, stack.path) if p))
+        for layer in range(len(layers) if layers is not None else 0):
+            layer_path = ".".join(p for p in (root, stack.path, str(layer)) if p)
+            for site, entry in stack.sites.items():
+                if not isinstance(entry, Projection):
+                    continue
+                name = next((f"{layer_path}.{path}" for path in entry.path.split("|") if f"{layer_path}.{path}" in modules),
+                            None)
+                if name is not None:
+                    index.setdefault(name, []).append((stack_name, layer, site, entry.chunk))
+    return index

@@ -1,0 +1,175 @@
+"""The contract of a functional form, and the registry of forms.
+
+A form is one module under unipelt/forms/ that defines a `Form` subclass and registers one instance with
+`register`. The form declares, in one place, everything the rest of the toolkit needs to know about it:
+
+- `Options`: a frozen dataclass of the form's own YAML keys, each made with `option(default, help, check)`;
+- `sites`, `insertions`, `compositions`: what it allows on the other three axes (the spec layer refuses the rest);
+- `build`: the slots (and any model-level children or training controllers) for one module spec's placements;
+- `count`: its parameter count in the paper's accounting (He et al. 2022, Appendix B), from placements alone;
+- `size_key` / `size_cap`: how a budget resizes it (unipelt.budget);
+- on the built module, `linear_map()` where Δh is linear, so that merge() can fold it.
+
+Nothing outside a form's own module names it: the spec, attach, accounting, budget, merge and io layers go
+through this contract. The form modules sit below the spec layer: they receive a module spec and its placements
+but never import spec.py, attach.py or anything above them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+from torch import nn
+
+from ..errors import MethodConfigError, allowed
+
+if TYPE_CHECKING:  # types only: the spec and placement layers sit above the forms
+    from ..placement import Placement
+    from ..spec import ModuleSpec
+
+Check = Callable[[Any, str], Any]
+MAX_VECTORS = 1024  # the largest prefix / prompt a budget may ask for: far beyond any setting in the literature
+
+
+def option(default: Any, help: str, check: Check | None = None) -> Any:
+    """A form option: its default, one line of help, and the check that validates (and normalises) a raw value."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+def optional(check: Check) -> Check:
+    """`check` for an option whose YAML value may also be null (None)."""
+    return lambda value, where: None if value is None else check(value, where)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One module spec's parameters in the paper's accounting: `added` as saved and served, `reparam` the
+    training-only reparameterisation (prefix MLP, prompt encoder), `trainable` what the optimizer updates."""
+
+    added: int = 0
+    reparam: int = 0
+    trainable: int = 0
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(self.added + other.added, self.reparam + other.reparam, self.trainable + other.trainable)
+
+
+@dataclass
+class Built:
+    """What a form builds for one module spec: one slot per placement, in the placements' order, plus children
+    registered on the model itself (e.g. a prefix MLP shared by all sites) and training controllers (e.g. an
+    AdaLoRA rank allocator), both by name."""
+
+    slots: list[nn.Module]
+    children: dict[str, nn.Module] = field(default_factory=dict)
+    controllers: dict[str, Any] = field(default_factory=dict)
+
+
+class Form:
+    """Base class of every functional form; see the module docstring. Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    sites: ClassVar[tuple[str, ...]]
+    insertions: ClassVar[tuple[str, ...]]
+    compositions: ClassVar[tuple[str, ...]]
+    # False: the form acts once on the input sequence, so `layers` and `stacks` do not apply.
+    per_layer: ClassVar[bool] = True
+    # The option a budget scales (None: the form has no size), and options that follow it in proportion.
+    size_key: ClassVar[str | None] = None
+    size_companions: ClassVar[tuple[str, ...]] = ()
+    # The module the slot lives on: "h" (the module whose output or input it modifies) or "x" (the module it acts
+    # through: the attention module for a prefix, the base model for a prompt).
+    host: ClassVar[str] = "h"
+    # Set (to the advice shown) when a method may hold at most one module of this form.
+    once_per_method: ClassVar[str | None] = None
+
+    # ---- options --------------------------------------------------------------------------------------------
+
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.Options))
+
+    def option_help(self) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(self.Options)}
+
+    def parse(self, raw: Mapping[str, Any], where: str) -> Any:
+        """The typed options of a raw module mapping (its form keys only; the axes are read by the spec layer)."""
+        values = {}
+        for f in dataclasses.fields(self.Options):
+            if f.name in raw:
+                check = f.metadata.get("check")
+                values[f.name] = check(raw[f.name], f"{where}: {f.name}") if check else raw[f.name]
+        options = self.Options(**values)
+        self.check(options, where)
+        return options
+
+    def check(self, options: Any, where: str) -> None:
+        """Checks across options (and against nothing else); raise MethodConfigError naming the key."""
+
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        """The validated module spec: checks that involve the axes too (an option that only makes sense with one
+        composition), and axis values an option implies (`raw`: the module as written); default: unchanged."""
+        return spec
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        """Adjust a module's YAML entry in place (drop an axis value an option implies); default: nothing."""
+
+    def to_yaml(self, options: Any) -> dict[str, Any]:
+        """The options as load_method reads them back: nulls left out, tuples as lists."""
+        out = {}
+        for f in dataclasses.fields(self.Options):
+            value = getattr(options, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def folded(self, options: Any) -> Any:
+        """The options once training aids are folded away (what is saved and served); default: unchanged."""
+        return options
+
+    def with_size(self, options: Any, size: int) -> Any:
+        """The options with the size key set to `size` (companions follow in proportion, see budget.py)."""
+        changes = {self.size_key: size}
+        old = getattr(options, self.size_key)
+        for companion in self.size_companions:
+            changes[companion] = max(1, min(size, getattr(options, companion) * size // old))
+        return dataclasses.replace(options, **changes)
+
+    # ---- on a model -----------------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, spec: "ModuleSpec", where: str) -> "ModuleSpec":
+        """The spec with anything that needs the model resolved (e.g. texts to token ids); default: unchanged."""
+        return spec
+
+    def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
+              modules: dict[str, nn.Module]) -> Built:
+        raise NotImplementedError
+
+    def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
+        raise NotImplementedError
+
+    def size_cap(self, placements: list["Placement"]) -> int:
+        """The largest size that still makes sense: default the narrowest width the module maps (low rank)."""
+        widths = [p.head_dim if p.kind == "heads" else min(p.d_in, p.d_out) for p in placements]
+        return max(1, min(widths)) if widths else 1
+
+
+FORMS: dict[str, Form] = {}
+
+
+def register(form: Form) -> Form:
+    if form.name in FORMS:
+        raise ValueError(f"form '{form.name}' is registered twice")
+    FORMS[form.name] = form
+    return form
+
+
+def form_of(name: str) -> Form:
+    if name not in FORMS:
+        raise MethodConfigError(f"form: unknown value {name!r} (allowed: {allowed(FORMS)})")
+    return FORMS[name]
+
+
+__all__ = ["MAX_VECTORS", "Built", "Counts", "FORMS", "Form", "form_of", "option", "optional", "register"]

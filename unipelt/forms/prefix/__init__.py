@@ -1,0 +1,109 @@
+"""The prefix functional form (Li & Liang 2021; P-tuning v2; the prefix half of MAM and UniPELT): l learned key and
+value vectors per attention module, attended together with the model's own keys and values.
+
+vectors.py holds the vectors and the optional reparameterisation MLP shared by all sites of a module spec;
+attention.py routes the attention calls (the slot and the attention function). Composition: `gate` is the
+softmax gate of attending over [P; K]; add / scale / sigmoid_gate go through the slot's composer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+from torch import nn
+
+from ... import compat
+from ...compose import Composer
+from ...errors import MethodConfigError
+from ...sites.names import HEAD_SITES
+from ...slot import like
+from ...spec_values import choice, positive_int_value
+from ..base import MAX_VECTORS, Built, Counts, Form, option, optional, register
+from .attention import PrefixSlot, check_prefix_support, model_eager_attention, prefix_attention
+from .vectors import Prefix, PrefixReparam
+
+if TYPE_CHECKING:
+    from ...placement import Placement
+    from ...spec import ModuleSpec
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    length: int = option(30, "l: key and value vectors per attention module", positive_int_value)
+    mlp_dim: int | None = option(None, "width of Li & Liang's reparameterisation MLP (training only; folded away "
+                                       "for saving); null: train the vectors directly", optional(positive_int_value))
+    prefix_gate: str = option("kv", "with compose sigmoid_gate: kv multiplies P_K and P_V by the gate (Mao et al.'s "
+                                    "code); delta scales the prefix's whole change to the attention output",
+                              choice(("kv", "delta")))
+    score: str = option("softmax", "softmax: the prefix joins the attention (gate) or is attended apart (add / "
+                                   "scale); relu: He et al.'s multi-head parallel adapter (cross_attn_relu): "
+                                   "ReLU(W_q·LN(x)·P_kᵀ)·P_v per head, unscaled, beside the attention",
+                        choice(("softmax", "relu")))
+
+
+class PrefixForm(Form):
+    name = "prefix"
+    Options = PrefixOptions
+    sites = HEAD_SITES
+    host = "x"
+    insertions = ("parallel",)
+    compositions = ("gate", "add", "scale", "sigmoid_gate")
+    size_key = "length"
+
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        if spec.options.score == "relu" and spec.compose not in ("add", "scale"):
+            raise MethodConfigError(f"{where}: score 'relu' (attended beside the attention) needs compose 'add' or "
+                                    f"'scale', got '{spec.compose}'")
+        return spec
+
+    def folded(self, options: PrefixOptions) -> PrefixOptions:
+        return dataclasses.replace(options, mlp_dim=None)
+
+    def prepare(self, model: nn.Module, spec: "ModuleSpec", where: str) -> "ModuleSpec":
+        check_prefix_support(model)
+        return spec
+
+    def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
+              modules: dict[str, nn.Module]) -> Built:
+        options = spec.options
+        # Every transformers-private name the routing reads is checked before anything changes.
+        compat.check_model(model, prompts=False, prefixed_attention=[modules[p.x_name] for p in placements])
+        children, reparam = {}, None
+        if options.mlp_dim is not None and placements:
+            first = placements[0]
+            reparam = PrefixReparam(options.length, first.d_x, options.mlp_dim,
+                                    [p.kv_heads * p.head_dim for p in placements])
+            reparam = reparam.to(**like(modules[first.x_name]))
+            children[f"unipelt_{spec.name}_reparam"] = reparam
+        slots = []
+        for index, p in enumerate(placements):
+            prefix = Prefix(options.length, p.kv_heads, p.head_dim, reparam, index)
+            eager = model_eager_attention(modules[p.x_name])
+            query = (modules[p.q_name], p.q_chunk) if options.score == "relu" else None
+            slots.append(PrefixSlot(spec, prefix, p.site, model.config, eager, p.d_x, query))
+        return Built(slots, children=children)
+
+    def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
+        """2·l·d_kv per attention module (keys and values of every key/value head) plus the composer (and, for the
+        ReLU score, its LayerNorm on x: 2·d); the MLP (embedding l·d, W1 d·m + m, W2 m·Σ2·d_kv + Σ2·d_kv) is
+        reparam: it trains, it is not added."""
+        length, mlp_dim = spec.options.length, spec.options.mlp_dim
+        vectors = sum(2 * length * p.kv_heads * p.head_dim for p in placements)
+        composers = sum(Composer.parameter_count(spec, p.d_x) + 2 * p.d_x * (spec.options.score == "relu")
+                        for p in placements)
+        reparam = 0
+        if mlp_dim is not None and placements:
+            d_model, out = placements[0].d_x, sum(2 * p.kv_heads * p.head_dim for p in placements)
+            reparam = length * d_model + d_model * mlp_dim + mlp_dim + mlp_dim * out + out
+        trainable = composers + (reparam if mlp_dim is not None else vectors)
+        return Counts(added=vectors + composers, reparam=reparam, trainable=trainable)
+
+    def size_cap(self, placements: list["Placement"]) -> int:
+        return MAX_VECTORS
+
+
+register(PrefixForm())
+
+__all__ = ["Prefix", "PrefixForm", "PrefixOptions", "PrefixReparam", "PrefixSlot", "prefix_attention"]
