@@ -11,6 +11,7 @@ unipelt-train's `axes` node (schema AxesConfig) turns a sweep over axis values i
       compose: null
       scale: null            # compose scale's factor: a number or "learned"
       sizes: {}              # module name -> its size (dim / length / rank); under method.budget only ratios count
+                             # (the modules' budget_share, if any, is dropped: the sizes split the budget)
 
 Method-level keys (`budget`, `train_base`, ...) come from the method group, so an experiment fixes the budget once
 and every cell is sized to it by unipelt.budget. A module whose compose is not `scale` drops its own scale factor,
@@ -127,6 +128,9 @@ def method_from_axes(method: Any, axes: Any) -> dict[str, Any] | None:
             raise MethodConfigError(f"axes.sizes: no module named '{name}' (modules: {allowed(names)})")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise MethodConfigError(f"axes.sizes.{name}: must be a positive integer, got {size!r}")
+    if sizes:  # sizes and budget shares are two ways to split a budget: the sizes given here win
+        for module in modules:
+            module.pop("budget_share", None)
     out["modules"] = modules
     out["name"] = cell_name(given, str(base.get("name", "custom")))
     if sizes:  # the size key is the form's own (dim, length, init_r): read it from the validated module
