@@ -91,13 +91,13 @@ def test_every_attention_kind_matches_the_reference_equations(family, method):
         torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{path}: {m}")
 
 
-def test_prefix_inits_are_nn_embedding_normal():
-    """The references build the prefix input (Li & Liang, He et al.) and P-tuning v2's prefix as nn.Embedding with
-    no custom init: N(0, 1)."""
+def test_prefix_inits():
+    """P-tuning v2's prefix is nn.Embedding's N(0, 1), as its reference. The reparameterised prefix's input is
+    N(0, 0.02), a recorded difference (docs/fidelity.md): N(0, 1) there keeps MAM at chance at 3e-3."""
     model = tiny_model("bart")
     unipelt.attach(model, unipelt.load_method("prefix").replace_module(0, length=200))
     embedding = next(iter(state_of(model).reparams.values())).embedding
-    assert 0.9 < float(embedding.std()) < 1.1
+    assert 0.015 < float(embedding.std()) < 0.025
     deep = tiny_model("bert")
     unipelt.attach(deep, unipelt.load_method("p_tuning_v2").replace_module(0, length=100))
     keys = torch.cat([slot.prefix.keys.flatten() for slot in state_of(deep).slots.values()])
