@@ -110,20 +110,27 @@ def test_table2_glue_cpu_variant(tmp_path):
     assert prefix["length"] >= 1 and adapter["dim"] >= 1
 
 
+def _save_tiny_seq2seq(config_class, tokenizer, positions: int, model_dir):
+    """A 2-layer, 32-wide BART-style model with random weights and `tokenizer`, saved to `model_dir`."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
+                          encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=positions, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                          decoder_start_token_id=2, forced_eos_token_id=None)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 @pytest.mark.slow
 def test_table6_xsum_cpu_variant(tmp_path):
-    from transformers import AutoModelForSeq2SeqLM, BartConfig
+    from transformers import BartConfig
 
     texts = [t for pair in DOCUMENTS for t in pair]
     tokenizer = word_tokenizer("bart", *texts)
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                        decoder_start_token_id=2, forced_eos_token_id=None)
-    model_dir = tmp_path / "bart"
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _save_tiny_seq2seq(BartConfig, tokenizer, 128, tmp_path / "bart")
     data = tmp_path / "xsum"
     data.mkdir()
     for split in ("train", "validation"):
@@ -141,17 +148,10 @@ def test_table6_xsum_cpu_variant(tmp_path):
 
 @pytest.mark.slow
 def test_table6_en_ro_cpu_variant(tmp_path):
-    from transformers import AutoModelForSeq2SeqLM, MBartConfig
+    from transformers import MBartConfig
 
     tokenizer = mbart_tokenizer()
-    torch.manual_seed(0)
-    config = MBartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2,
-                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                         max_position_embeddings=256, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                         decoder_start_token_id=2, forced_eos_token_id=None)
-    model_dir = tmp_path / "mbart"
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _save_tiny_seq2seq(MBartConfig, tokenizer, 256, tmp_path / "mbart")
     data = tmp_path / "wmt16"
     data.mkdir()
     for split in ("train", "validation"):
