@@ -145,3 +145,54 @@ def test_the_optimizer_the_method_asks_for_is_built(tiny, tmp_path, monkeypatch)
     assert type(built[-1]) is torch.optim.AdamW
     with pytest.raises(UnipeltError, match="method.optimizer: unknown value 'sgd'"):
         make_optimizer("sgd", [], 1e-3)
+
+
+ADALORA_SHORT = {"name": "adalora_short", "modules": [
+    {"form": "svd", "at": ["attn.q", "attn.v", "ffn.up"], "insertion": "parallel", "compose": "scale", "alpha": 8,
+     "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 6, "delta_t": 2, "beta1": 0.85, "beta2": 0.85,
+     "orth_reg_weight": 0.1}]}
+
+
+@pytest.mark.parametrize("method", [ADALORA_SHORT, "unipelt"], ids=["adalora", "unipelt"])
+def test_interrupt_then_resume_equals_the_uninterrupted_run(tiny, tmp_path, method):
+    """A method's own training state (AdaLoRA's importance averages, its rank masks and budget) travels with the
+    checkpoint: resuming mid-schedule gives bit-identical adapters, not a run whose allocator starts over."""
+    build, task = tiny
+    run = cfg(epochs=3, batch_size=8, checkpoint_every=1, eval_every=0)  # 24 steps; masking from step 4 to 18
+    reference = build(method)
+    expected = fit(reference, task, run, tmp_path / "reference")
+
+    def stop_at(step: int):
+        def log(metrics, at):
+            if at == step and "train/loss" in metrics:
+                raise KeyboardInterrupt
+        return log
+
+    victim_dir = tmp_path / "victim"
+    for stop in (7, 19):  # inside the masking phase, then inside the final phase (pattern fixed)
+        with pytest.raises(unipelt.train.TrainingInterrupted):
+            fit(build(method), task, TrainConfig(**{**run.__dict__, "resume": stop == 19}), victim_dir,
+                log=stop_at(stop))
+    resumed_model = build(method)
+    resumed = fit(resumed_model, task, TrainConfig(**{**run.__dict__, "resume": True}), victim_dir)
+    assert resumed.resumed_from == 18 and resumed.steps == expected.steps == 24
+    assert resumed.metrics == expected.metrics and resumed.train_loss == expected.train_loss
+    want = dict(reference.named_parameters())
+    for name, param in resumed_model.named_parameters():
+        assert param.equal(want[name]), name
+    want_buffers = dict(reference.named_buffers())
+    for name, buffer in resumed_model.named_buffers():
+        assert buffer.equal(want_buffers[name]), name
+
+
+def test_a_checkpoint_without_the_allocator_state_is_refused(tiny, tmp_path):
+    build, task = tiny
+    run = cfg(epochs=1, checkpoint_every=1)
+    fit(build(ADALORA_SHORT), task, run, tmp_path)
+    path = tmp_path / "checkpoints" / "last.pt"
+    saved = torch.load(path, weights_only=False)
+    assert list(saved["method_state"]) == ["unipelt_m0_rank_allocator"]  # AdaLoRA's one controller
+    saved.pop("method_state")  # as an older unipelt wrote it
+    torch.save(saved, path)
+    with pytest.raises(UnipeltError, match="holds no training state for .*older unipelt"):
+        fit(build(ADALORA_SHORT), task, TrainConfig(**{**run.__dict__, "resume": True}), tmp_path)

@@ -7,6 +7,10 @@ slot takes part by defining any of these optional methods; nothing here knows ab
 - `on_optimizer_step(step, total_steps)`      called after each optimizer step, before the gradients are
                                               cleared (e.g. AdaLoRA's importance scores and rank budget)
 - `training_metrics() -> dict[str, float]`    values worth logging (e.g. UniPELT's gate values)
+- `training_state() -> dict` and `load_training_state(state)`
+                                              state that changes during training but is not a parameter (e.g.
+                                              AdaLoRA's importance averages and rank masks): a resumable
+                                              checkpoint carries it
 """
 
 from __future__ import annotations
@@ -112,3 +116,26 @@ def training_metrics(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = ["method_of", "param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]
+
+
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """Every participant's non-parameter training state, keyed by its name; {} when the method has none."""
+    out: dict[str, Any] = {}
+    for name, module in _participants(model):
+        fn = getattr(module, "training_state", None)
+        if fn is not None:
+            out[name] = fn()
+    return out
+
+
+def load_training_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """Restore what training_state returned; `source` (a checkpoint path) names the culprit of a mismatch."""
+    owners = {name: module for name, module in _participants(model) if hasattr(module, "load_training_state")}
+    if set(owners) != set(state):
+        culprit = sorted(set(owners) ^ set(state))[0]
+        what = "holds no" if culprit in owners else "holds a"
+        raise AttachError(f"{source} {what} training state for '{culprit}', which the attached method "
+                          f"{'needs' if culprit in owners else 'lacks'}; was it written with another method or by "
+                          "an older unipelt? Resuming would restart that state in silence")
+    for name, module in owners.items():
+        module.load_training_state(state[name])

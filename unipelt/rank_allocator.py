@@ -18,10 +18,11 @@ multiplies by it, so the pruned triplets contribute nothing and are dropped when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .errors import UnipeltError
 from .full_tensor import full
 
 if TYPE_CHECKING:  # types only: the svd form builds the allocator
@@ -124,6 +125,38 @@ class RankAllocator:
 
     def training_metrics(self) -> dict[str, float]:
         return {"total_rank": float(self.total_rank), "budget": float(self.current_budget)}
+
+    # --- what a resumable checkpoint carries: without it a resumed run would rescore from zero, in silence --------
+    def _roles(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, form in self.forms.items():
+            for role in ("left", "singular", "right"):
+                yield f"{key}.{role}", getattr(form, role)
+
+    def training_state(self) -> dict[str, Any]:
+        averages = {name: (self._ema[id(p)].cpu().clone(), self._uncertainty[id(p)].cpu().clone())
+                    for name, p in self._roles() if id(p) in self._ema}
+        return {"budget": self.current_budget, "frozen": self.frozen, "averages": averages,
+                "masks": {key: (form.rank_mask.cpu().clone(), form.mask_is_final) for key, form in self.forms.items()}}
+
+    @torch.no_grad()
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        masks, averages = state["masks"], state["averages"]
+        if set(masks) != set(self.forms):
+            culprit = sorted(set(masks) ^ set(self.forms))[0]
+            raise UnipeltError(f"AdaLoRA state of module '{self.spec.name}' does not match the model ('{culprit}')")
+        for key, form in self.forms.items():
+            mask, final = masks[key]
+            if mask.shape != form.rank_mask.shape:
+                raise UnipeltError(f"AdaLoRA state of module '{self.spec.name}': rank mask of '{key}' has "
+                                   f"{mask.shape[0]} triplets, the model {form.rank}")
+            form.rank_mask.copy_(mask.to(form.rank_mask.device))
+            form.mask_is_final = bool(final)
+        self._ema, self._uncertainty = {}, {}
+        for name, param in self._roles():
+            if name in averages:
+                self._ema[id(param)] = averages[name][0].to(param.device)
+                self._uncertainty[id(param)] = averages[name][1].to(param.device)
+        self.current_budget, self.frozen = int(state["budget"]), bool(state["frozen"])
 
     def spec_changes(self) -> tuple[str, dict[str, Any]]:
         """(module name, option changes) that save_adapter writes into the method: the current ranks."""

@@ -2,7 +2,8 @@
 
 A resumable checkpoint (`checkpoints/last.pt`) holds what the optimizer updates (the trainable parameters, with
 a prefix's reparameterisation MLP unfolded), the optimizer, scheduler and grad-scaler states, every RNG state,
-the data position (epoch and micro-batch index) and the trainer's bookkeeping (best score, patience, history).
+the data position (epoch and micro-batch index), the trainer's bookkeeping (best score, patience, history) and the
+method's own training state (unipelt.optim.training_state: AdaLoRA's importance averages and rank masks).
 Frozen base weights are never saved: they come back from the model's own files.
 """
 

@@ -24,10 +24,11 @@ from ..errors import UnipeltError, allowed
 from ..tasks.losses import token_cross_entropy
 from . import checkpoint as ckpt
 from . import distributed, runfolder, sharding
+from .batching import autocast, micro_batches, to_device
 from .config import TrainConfig, check, check_max_length
 from .optimizers import make_optimizer
 from .schedules import make_schedule
-from .seeding import epoch_order, rng_state, set_rng_state
+from .seeding import rng_state, set_rng_state
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -57,29 +58,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, with its step
 
 
-def _micro_batches(n: int, seed: int, epoch: int, cfg: TrainConfig, info: distributed.Dist) -> list[list[int]]:
-    """This process's example indices for each micro-batch of `epoch`. A global batch of batch_size * processes is
-    cut into per-process slices; with several processes an incomplete last global batch is dropped so that every
-    process holds equal slices (which makes DDP's averaged gradient that of the whole global batch)."""
-    order = epoch_order(n, seed, epoch)
-    size = cfg.batch_size * info.world_size
-    chunks = [order[i : i + size] for i in range(0, n, size)]
-    if info.enabled and chunks and len(chunks[-1]) < size:
-        chunks.pop()
-    return [c[info.rank * cfg.batch_size : (info.rank + 1) * cfg.batch_size] if info.enabled else c for c in chunks]
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)  # fit() allows bf16 / fp16 on CUDA only
-
-
 class _Loop:
     def __init__(self, model, task, cfg: TrainConfig, output_dir: Path, seed: int, log: LogFn | None,
                  info: distributed.Dist):
@@ -92,7 +70,7 @@ class _Loop:
         if self.eval_split not in task.eval_splits:
             raise UnipeltError(f"trainer.eval_split: unknown split '{cfg.eval_split}' (allowed: {allowed(splits)})")
         self.main_key = f"{self.eval_split}/{task.main_metric}"
-        n_micro = len(_micro_batches(len(task.train), seed, 0, cfg, info))
+        n_micro = len(micro_batches(len(task.train), seed, 0, cfg, info))
         if n_micro == 0:
             raise UnipeltError(f"task '{getattr(task, 'name', '?')}': {len(task.train)} training examples are fewer "
                                f"than one global batch ({cfg.batch_size} x {info.world_size} processes)")
@@ -135,7 +113,7 @@ class _Loop:
             "best_score": self.best_score, "best_step": self.best_step, "bad_evals": self.bad_evals,
             "best_state": self.best_state, "history": self.history, "recent_losses": self.recent_losses,
             "total_steps": self.total_steps, "seed": self.seed, "first_losses": self.first_losses,
-            "window": self.window, "settings": self.settings,
+            "window": self.window, "settings": self.settings, "method_state": optim.training_state(self.model),
         }
         if not self.sharded:  # a sharded model and optimizer go to torch.distributed.checkpoint files instead
             state.update(trainable=ckpt.trainable_state(self.model), optimizer=self.optimizer.state_dict())
@@ -163,6 +141,7 @@ class _Loop:
         if not self.sharded:
             ckpt.load_trainable_state(self.model, saved["trainable"])
             self.optimizer.load_state_dict(saved["optimizer"])
+        optim.load_training_state(self.model, saved.get("method_state", {}), f"checkpoint {path}")
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
@@ -204,7 +183,7 @@ class _Loop:
         if self.info.is_main or self.sharded:  # a sharded model needs every rank in its forward
             self.model.eval()
             gathered = sharding.evaluating(self.model) if self.sharded else contextlib.nullcontext()
-            with torch.no_grad(), _autocast(self.cfg, self.info.device), gathered:
+            with torch.no_grad(), autocast(self.cfg, self.info.device), gathered:
                 raw = self.task.evaluate(self.model, split, batch_size=self.cfg.eval_batch_size,
                                          device=self.info.device, max_new_tokens=self.cfg.max_new_tokens)
             self.model.train()
@@ -299,7 +278,7 @@ class _Loop:
                    disable=not (cfg.progress and self.info.is_main))
         self.model.train()
         while self.step < self.total_steps and not self.stopped_early:
-            batches = _micro_batches(len(self.task.train), self.seed, self.epoch, cfg, self.info)
+            batches = micro_batches(len(self.task.train), self.seed, self.epoch, cfg, self.info)
             # its own generator: creating the iterator draws a seed, which must not move the global RNG (dropout)
             loader = DataLoader(self.task.train, batch_sampler=batches[self.micro :], collate_fn=self.task.collate,
                                 num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(self.epoch))
@@ -314,8 +293,8 @@ class _Loop:
                 else:
                     sync = contextlib.nullcontext() if (last or not self.info.enabled) else wrapped.no_sync()
                 with sync:
-                    with _autocast(cfg, self.info.device):
-                        loss = self.loss(wrapped, _to_device(batch, self.info.device))
+                    with autocast(cfg, self.info.device):
+                        loss = self.loss(wrapped, to_device(batch, self.info.device))
                         extra = optim.regularization_loss(self.model)
                         if extra is not None:
                             loss = loss + extra
