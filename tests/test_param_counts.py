@@ -82,10 +82,17 @@ def prefix(length: int, d: int) -> int:
 
 
 def prefix_mlp(length: int, d: int, mlp_dim: int, n_sites: int) -> int:
-    """Li & Liang's reparameterisation, one MLP shared by every site of a module spec:
+    """Li & Liang's reparameterisation, one MLP shared by the n_sites layers of one kind of attention:
     embedding l·d, W1 d·m + b1 m, W2 m·(n_sites·2·d) + b2 n_sites·2·d."""
     out = n_sites * 2 * d
     return length * d + d * mlp_dim + mlp_dim + mlp_dim * out + out
+
+
+def prefix_mlps(length: int, d: int, mlp_dim: int, s: "Shape", cross: bool = True) -> int:
+    """One MLP per kind of attention, as Li & Liang's and He et al.'s BART code (wte_enc / wte / wte2): encoder
+    self-attention, decoder self-attention, decoder cross-attention."""
+    kinds = [s.encoder_layers, s.decoder_layers, s.decoder_layers if cross else 0]
+    return sum(prefix_mlp(length, d, mlp_dim, n) for n in kinds if n)
 
 
 def prompt(length: int, d: int) -> int:
@@ -145,15 +152,15 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         modules = s.self_attn + s.cross_attn
         vectors = modules * prefix(200, s.d)
         return {**zero, "added": vectors + modules * 2 * s.d, "prefix_vectors": vectors,
-                "reparam": prefix_mlp(200, s.d, 800, modules)}
+                "reparam": prefix_mlps(200, s.d, 800, s)}
     if preset == "prefix":  # l = 30, MLP width 800, at every attention (self and, on BART, cross)
         vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors, "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
+                "reparam": prefix_mlps(30, s.d, 800, s)}
     if preset == "mam":  # prefix l = 30 at every attention + scaled parallel adapter r = 512 (with biases) on the FFN
         vectors = (s.self_attn + s.cross_attn) * prefix(30, s.d)
         return {**zero, "added": vectors + s.ffns * bottleneck(s.d, 512, bias=True), "prefix_vectors": vectors,
-                "reparam": prefix_mlp(30, s.d, 800, s.self_attn + s.cross_attn)}
+                "reparam": prefix_mlps(30, s.d, 800, s)}
     if preset == "prompt_tuning":  # l = 20 virtual tokens of width d at the input (Lester et al.)
         return {**zero, "added": prompt(20, s.d)}
     if preset == "p_tuning":  # the served l = 20 vectors; the LSTM encoder that produces them is reparam
@@ -172,7 +179,8 @@ def expected_counts(preset: str, model: str) -> dict[str, int]:
         vectors = s.self_attn * prefix(10, s.d)
         added = vectors + s.self_attn * gate + s.ffns * (bottleneck(s.d, s.d // 16, bias=True) + gate) \
             + 2 * s.self_attn * (lora(8, s.d, s.d) + gate)
-        return {**zero, "added": added, "prefix_vectors": vectors, "reparam": prefix_mlp(10, s.d, 512, s.self_attn)}
+        return {**zero, "added": added, "prefix_vectors": vectors,
+                "reparam": prefix_mlps(10, s.d, 512, s, cross=False)}
     if preset == "ia3":  # (IA)³: a vector l over the keys and the values (d each) of every self-attention module and
         # over the FFN's hidden activation (d_ff) of every layer
         return {**zero, "added": s.self_attn * 2 * s.d + s.ffns * s.ffn}

@@ -102,3 +102,31 @@ def test_prefix_inits():
     unipelt.attach(deep, unipelt.load_method("p_tuning_v2").replace_module(0, length=100))
     keys = torch.cat([slot.prefix.keys.flatten() for slot in state_of(deep).slots.values()])
     assert 0.9 < float(keys.std()) < 1.1
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_one_reparameterisation_per_attention_kind(family):
+    """Li & Liang's and He et al.'s BART code trains three prefix MLPs (wte_enc/control_trans_enc for the encoder's
+    self-attention, wte/control_trans for the decoder's, wte2/control_trans2 for cross-attention), each producing
+    [l, layers·2·d] viewed as [l, layers·2, heads, head_dim]: layer i's keys are slice 2i, its values 2i + 1.
+    Re-derived here from each MLP's weights; a layer's prefix must depend on its own kind's MLP only."""
+    model = tiny_model(family)
+    unipelt.attach(model, PREFIX)
+    perturb_adapters(model, scale=0.5)
+    state = state_of(model)
+    kinds = {"encoder_attn_heads": "encoder.", "decoder_attn_heads": "decoder.",
+             "decoder_cross_attn_heads": "decoder."}
+    assert sorted(state.reparams) == sorted(f"unipelt_m0_reparam_{kind}" for kind in kinds)
+    for kind, stack in kinds.items():
+        mlp = state.reparams[f"unipelt_m0_reparam_{kind}"]
+        flat = F.linear(torch.tanh(F.linear(mlp.embedding, mlp.hidden.weight, mlp.hidden.bias)),
+                        mlp.out.weight, mlp.out.bias)
+        suffix = "_cross_attn_heads" if "cross" in kind else "_m0_attn_heads"
+        slots = [slot for name, slot in state.slots.items() if f".{stack}" in f".{name}" and name.endswith(suffix)]
+        heads, _, head_dim = slots[0].prefix.key_values()[0].shape
+        per_layer = flat.view(flat.shape[0], -1, heads, head_dim)  # [l, layers·2, heads, head_dim]
+        assert len(slots) == per_layer.shape[1] // 2 == 2  # the tiny models have 2 layers per stack
+        for layer, slot in enumerate(slots):
+            keys, values = slot.prefix.key_values()
+            torch.testing.assert_close(keys, per_layer[:, 2 * layer].transpose(0, 1))
+            torch.testing.assert_close(values, per_layer[:, 2 * layer + 1].transpose(0, 1))

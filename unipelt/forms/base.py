@@ -59,8 +59,8 @@ class Counts:
 @dataclass
 class Built:
     """What a form builds for one module spec: one slot per placement, in the placements' order, plus children
-    registered on the model itself (e.g. a prefix MLP shared by all sites) and training controllers (e.g. an
-    AdaLoRA rank allocator), both by name."""
+    registered on the model itself (e.g. a prefix MLP shared by the layers of one attention kind) and training
+    controllers (e.g. an AdaLoRA rank allocator), both by name."""
 
     slots: list[nn.Module]
     children: dict[str, nn.Module] = field(default_factory=dict)

@@ -1,7 +1,8 @@
 """The prefix functional form (Li & Liang 2021; P-tuning v2; the prefix half of MAM and UniPELT): l learned key and
 value vectors per attention module, attended together with the model's own keys and values.
 
-vectors.py holds the vectors and the optional reparameterisation MLP shared by all sites of a module spec;
+vectors.py holds the vectors and the optional reparameterisation MLP, one per kind of attention of a module spec
+(shared by its layers);
 attention.py routes the attention calls (the slot and the attention function). Composition: `gate` is the
 softmax gate of attending over [P; K]; add / scale / sigmoid_gate go through the slot's composer.
 """
@@ -43,6 +44,15 @@ class PrefixOptions:
                         choice(("softmax", "relu")))
 
 
+def attention_kinds(placements: list["Placement"]) -> dict[str, list[int]]:
+    """Placement indices per kind of attention (stack and site: encoder self, decoder self, decoder cross), in
+    order. Li & Liang and He et al. train one reparameterisation MLP (and input embedding) per kind."""
+    kinds: dict[str, list[int]] = {}
+    for index, p in enumerate(placements):
+        kinds.setdefault(f"{p.stack}_{p.site.replace('.', '_')}", []).append(index)
+    return kinds
+
+
 class PrefixForm(Form):
     name = "prefix"
     Options = PrefixOptions
@@ -70,16 +80,21 @@ class PrefixForm(Form):
         options = spec.options
         # Every transformers-private name the routing reads is checked before anything changes.
         compat.check_model(model, prompts=False, prefixed_attention=[modules[p.x_name] for p in placements])
-        children, reparam = {}, None
-        if options.mlp_dim is not None and placements:
-            first = placements[0]
-            reparam = PrefixReparam(options.length, first.d_x, options.mlp_dim,
-                                    [p.kv_heads * p.head_dim for p in placements])
-            reparam = reparam.to(**like(modules[first.x_name]))
-            children[f"unipelt_{spec.name}_reparam"] = reparam
+        children: dict[str, nn.Module] = {}
+        reparam_of: dict[int, tuple[PrefixReparam, int]] = {}  # placement -> (its MLP, its index there)
+        if options.mlp_dim is not None:
+            kinds = attention_kinds(placements)
+            for kind, members in kinds.items():
+                first = placements[members[0]]
+                reparam = PrefixReparam(options.length, first.d_x, options.mlp_dim,
+                                        [placements[i].kv_heads * placements[i].head_dim for i in members])
+                reparam = reparam.to(**like(modules[first.x_name]))
+                children[f"unipelt_{spec.name}_reparam" + (f"_{kind}" if len(kinds) > 1 else "")] = reparam
+                reparam_of.update({i: (reparam, position) for position, i in enumerate(members)})
         slots = []
         for index, p in enumerate(placements):
-            prefix = Prefix(options.length, p.kv_heads, p.head_dim, reparam, index)
+            reparam, position = reparam_of.get(index, (None, 0))
+            prefix = Prefix(options.length, p.kv_heads, p.head_dim, reparam, position)
             eager = model_eager_attention(modules[p.x_name])
             query = (modules[p.q_name], p.q_chunk) if options.score == "relu" else None
             slots.append(PrefixSlot(spec, prefix, p.site, model.config, eager, p.d_x, query))
@@ -87,16 +102,17 @@ class PrefixForm(Form):
 
     def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
         """2·l·d_kv per attention module (keys and values of every key/value head) plus the composer (and, for the
-        ReLU score, its LayerNorm on x: 2·d); the MLP (embedding l·d, W1 d·m + m, W2 m·Σ2·d_kv + Σ2·d_kv) is
+        ReLU score, its LayerNorm on x: 2·d); each kind's MLP (embedding l·d, W1 d·m + m, W2 m·Σ2·d_kv + Σ2·d_kv) is
         reparam: it trains, it is not added."""
         length, mlp_dim = spec.options.length, spec.options.mlp_dim
         vectors = sum(2 * length * p.kv_heads * p.head_dim for p in placements)
         composers = sum(Composer.parameter_count(spec, p.d_x) + 2 * p.d_x * (spec.options.score == "relu")
                         for p in placements)
         reparam = 0
-        if mlp_dim is not None and placements:
-            d_model, out = placements[0].d_x, sum(2 * p.kv_heads * p.head_dim for p in placements)
-            reparam = length * d_model + d_model * mlp_dim + mlp_dim + mlp_dim * out + out
+        for members in (attention_kinds(placements).values() if mlp_dim is not None else ()):
+            d_model = placements[members[0]].d_x
+            out = sum(2 * placements[i].kv_heads * placements[i].head_dim for i in members)
+            reparam += length * d_model + d_model * mlp_dim + mlp_dim + mlp_dim * out + out
         trainable = composers + (reparam if mlp_dim is not None else vectors)
         return Counts(added=vectors + composers, reparam=reparam, trainable=trainable)
 

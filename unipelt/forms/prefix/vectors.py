@@ -1,6 +1,7 @@
 """The prefix functional form: l learned key and value vectors per attention layer (per key/value head).
 
-Li & Liang train the prefix through a reparameterisation MLP shared by all layers; the MLP is a training aid,
+Li & Liang train the prefix through a reparameterisation MLP shared by the layers of one kind of attention (encoder
+self, decoder self, decoder cross: one MLP each); the MLP is a training aid,
 so `fold()` replaces it by the plain vectors it produces (what gets saved and served, and what the paper's
 parameter count covers).
 """
@@ -12,7 +13,7 @@ from torch import nn
 
 
 class PrefixReparam(nn.Module):
-    """Shared MLP P = W2·tanh(W1·E) producing the key/value prefixes of every site of one module spec."""
+    """MLP P = W2·tanh(W1·E) producing the key/value prefixes of the sites of one attention kind of a module spec."""
 
     def __init__(self, length: int, d_model: int, mlp_dim: int, site_kv_dims: list[int]) -> None:
         super().__init__()
