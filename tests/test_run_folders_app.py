@@ -143,3 +143,23 @@ def test_a_non_finite_lr_by_method_is_named():
         cfg = compose("train", overrides=["method=lora", "+lr_by_method.lora=nan"])
     with pytest.raises(UnipeltError, match=r"^lr_by_method.lora must be a positive finite number, got nan$"):
         validate(cfg)
+
+
+def test_a_refused_sweep_resume_keeps_each_jobs_record(tiny, tmp_path):
+    """Hydra writes a sweep job's .hydra/config.yaml before any callback sees the job: a resume with a changed
+    setting is refused by the trainer, and the job's record still describes the run its checkpoint holds."""
+    model, data = tiny
+    sweep = tmp_path / "sweep"
+    args = ["-m", *tiny_overrides(model, data), f"hydra.sweep.dir={sweep}", "seed=1,2"]
+    run_cli(args, cwd=tmp_path)
+    jobs = [sweep / "0", sweep / "1"]
+    assert [OmegaConf.load(job / ".hydra" / "config.yaml").trainer.lr for job in jobs] == [0.01, 0.01]
+    changed = run_cli([*args, "trainer.resume=true", "trainer.lr=0.5"], cwd=tmp_path, check=False)
+    refused = [r for r in records(sweep / "results.jsonl") if r["status"] == "failed"]
+    assert len(refused) == 2 and all("trainer.lr was 0.01" in r["reason"] for r in refused), changed.stderr[-3000:]
+    for job in jobs:
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").trainer.lr == 0.01
+        assert not (job / ".hydra.before_resume").exists()
+    # the same settings resume (nothing left to train) and leave no copy behind
+    run_cli([*args, "trainer.resume=true"], cwd=tmp_path)
+    assert all(not (job / ".hydra.before_resume").exists() for job in jobs)

@@ -5,17 +5,22 @@ run folder's lock (a second run in the same folder stops with one line), then ch
 fresh run over another run's checkpoint, a resume with no checkpoint, and a resume whose composed config differs
 from the folder's `.hydra/config.yaml` in anything that changes the result are refused, naming the key, before
 Hydra overwrites that record. A sweep locks its sweep folder the same way; each job's folder is then locked and
-checked by the trainer (unipelt.train.fit), which also compares the resumed checkpoint's own settings.
+checked by the trainer (unipelt.train.fit), which also compares the resumed checkpoint's own settings. Hydra writes
+a sweep job's `.hydra/` before any callback sees the job, so a resumed sweep first copies every job's record aside
+(`.hydra.before_resume/`) and, when a job's composed config changes its result, puts the old record back before the
+trainer refuses the job: the folder keeps describing the run its checkpoint holds.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +32,7 @@ from ..train.sharding import SHARDED_CHECKPOINT
 # Config keys that do not change what a run computes (logging, naming, where results go, trainer conveniences).
 IGNORED_PREFIXES = ("hydra.", "logger.", "name", "results_file", "method_solved.", "choices.", "run_id")
 RESULTS_NAME = "results.jsonl"
+RECORD, RECORD_BACKUP = ".hydra", ".hydra.before_resume"
 
 
 def _ignored(key: str) -> bool:
@@ -94,6 +100,26 @@ def check_sweep_folder(folder: Path, cfg: DictConfig) -> None:
                            "trainer.resume=true, or choose another hydra.sweep.dir")
 
 
+def keep_job_records(sweep: Path) -> None:
+    """Before a resumed sweep: copy each job folder's Hydra record aside (see the module docstring)."""
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []:
+        if (job / RECORD / "config.yaml").is_file() and not (job / RECORD_BACKUP).exists():
+            shutil.copytree(job / RECORD, job / RECORD_BACKUP)
+
+
+def restore_changed_record(job: Path, cfg: DictConfig) -> None:
+    """At a resumed sweep job's start: the old record back if the job's result-changing config differs from it (the
+    trainer then refuses the job, naming the key); the copy dropped otherwise."""
+    backup = job / RECORD_BACKUP
+    if not (backup / "config.yaml").is_file():
+        return
+    if result_config(OmegaConf.load(backup / "config.yaml"), resolve=False) != result_config(cfg, resolve=False):
+        shutil.rmtree(job / RECORD, ignore_errors=True)
+        os.replace(backup, job / RECORD)
+    else:
+        shutil.rmtree(backup)
+
+
 class RunFolderGuard(Callback):
     """Hydra callback: lock and check the run / sweep folder before Hydra writes into it."""
 
@@ -130,9 +156,22 @@ class RunFolderGuard(Callback):
             check_sweep_folder(folder, config)
         except UnipeltError as exc:
             _stop(str(exc))
+        if OmegaConf.select(config, "trainer.resume", default=False):
+            keep_job_records(folder)
 
-    def on_multirun_end(self, **kwargs: Any) -> None:
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self._main_process() or OmegaConf.select(config, "hydra.mode", default=None) != RunMode.MULTIRUN:
+            return
+        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        restore_changed_record(Path(str(config.hydra.runtime.output_dir)), task_cfg)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._main_process():  # the jobs of this sweep took their copies; a job it did not run left its own
+            sweep = Path(str(config.hydra.sweep.dir)).absolute()
+            for backup in sweep.glob(f"*/{RECORD_BACKUP}") if sweep.is_dir() else []:
+                shutil.rmtree(backup, ignore_errors=True)
         self.on_run_end()
 
 
-__all__ = ["RunFolderGuard", "check_run_folder", "check_sweep_folder", "check_writable", "result_config"]
+__all__ = ["RunFolderGuard", "check_run_folder", "check_sweep_folder", "check_writable", "keep_job_records",
+           "restore_changed_record", "result_config"]
