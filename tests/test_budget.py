@@ -132,3 +132,17 @@ def test_budget_round_trips_through_to_dict():
 def test_cli_accepts_the_hydra_style_key(capsys):
     assert count_main(["method=prefix", "model=bert_base", "method.budget=534528"]) == 0
     assert "solved sizes: m0.length=29" in capsys.readouterr().out  # 29 · 2 · 768 · 12 = 534,528 exactly
+
+
+def test_a_resized_lora_keeps_alpha_so_its_scale_is_alpha_over_r(bert_base):
+    """Hu et al. (and He et al.'s code: scaling = lora_alpha / r) keep alpha fixed when r changes, so a LoRA resized
+    by a budget is scaled by alpha / r_solved; a fixed-factor module (the scaled PA's s = 4) keeps its factor."""
+    for budget in ("0.1%", "2%"):
+        (module,) = solve(with_budget("lora", budget), bert_base).spec.modules
+        assert module.options.alpha == 16 and module.scale == pytest.approx(16 / module.options.dim)
+    (module,) = solve(with_budget("scaled_pa", "2%"), bert_base).spec.modules
+    assert module.options.alpha is None and module.scale == 4.0
+    model = tiny_model("bert")
+    unipelt.attach(model, with_budget("lora", 4_000))
+    (slot, *_) = state_of(model).slots.values()
+    assert slot.spec.scale == pytest.approx(16 / slot.spec.options.dim) and slot.spec.options.dim != 8

@@ -7,6 +7,9 @@ unipelt-train's `axes` node (schema AxesConfig) turns a sweep over axis values i
                              # null: the modules of the method group
       form: null             # each axis that is set replaces that key in every module
       at: null               # a site or a list of sites
+      representation: null   # attn | ffn: He et al.'s modified representation, each module at its own granularity
+                             # (heads stay heads, a sub-layer stays a sub-layer, LoRA's projections become
+                             # attn.q/attn.v or ffn.up/ffn.down); instead of `at`
       insertion: null
       compose: null
       scale: null            # compose scale's factor: a number or "learned"
@@ -32,9 +35,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..budget import size_key
 from ..errors import MethodConfigError, allowed
 from ..forms import FORMS
+from ..sites.names import HEAD_SITES, PROJECTION_SITES
 from ..spec import load_method, module_keys, preset_dir
 
 AXES = ("form", "at", "insertion", "compose")
+REPRESENTATIONS = ("attn", "ffn")
+# He et al.'s LoRA at a representation, as their code's attn_mode / ffn_mode lora: W_q and W_v, or W_1 and W_2.
+PROJECTIONS_OF = {"attn": ["attn.q", "attn.v"], "ffn": ["ffn.up", "ffn.down"]}
 
 
 @dataclass
@@ -42,6 +49,7 @@ class AxesConfig:
     use: Optional[str] = None
     form: Optional[str] = None
     at: Optional[Any] = None
+    representation: Optional[str] = None
     insertion: Optional[str] = None
     compose: Optional[str] = None
     scale: Optional[Any] = None
@@ -78,8 +86,32 @@ def _modules_of(use: str) -> list[dict[str, Any]]:
     return modules
 
 
+def represent(at: Any, value: str, module: str) -> Any:
+    """`at` moved to the representation `value` at the granularity it has: attention heads (a prefix has no FFN
+    counterpart: refused), a sub-layer (attn / ffn), or projections (PROJECTIONS_OF; kept when already there)."""
+    if value not in REPRESENTATIONS:
+        raise MethodConfigError(f"axes.representation: unknown value '{value}' (allowed: {allowed(REPRESENTATIONS)})")
+    sites = list(at) if isinstance(at, (list, tuple)) else [at]
+    if all(site in HEAD_SITES for site in sites):
+        if value != "attn":
+            raise MethodConfigError(f"axes.representation: module '{module}' acts on attention heads ({', '.join(sites)})"
+                                    f"; it has no '{value}' counterpart")
+        return at
+    if all(site in ("attn", "ffn") for site in sites):
+        return value
+    if all(site in PROJECTION_SITES for site in sites):
+        here = {"ffn" if site.startswith("ffn.") else "attn" for site in sites}
+        return at if here == {value} else list(PROJECTIONS_OF[value])
+    raise MethodConfigError(f"axes.representation: module '{module}' at {', '.join(map(str, sites))} is not all heads, "
+                            "sub-layers or projections; set axes.at instead")
+
+
 def _apply(module: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     module = dict(module)
+    if "representation" in given:
+        if "at" in given:
+            raise MethodConfigError("axes: set axes.at or axes.representation, not both")
+        module["at"] = represent(module.get("at"), given["representation"], str(module.get("name", "?")))
     if "form" in given and given["form"] != module.get("form"):
         form = given["form"]
         if form not in FORMS:
@@ -99,7 +131,7 @@ def cell_name(given: dict[str, Any], method_name: str) -> str:
     """The method's name in records and reports: its presets and the axis values set, e.g. pa:at=attn,parallel."""
     base = given.get("use") or method_name
     parts = []
-    for key in (*AXES, "scale"):
+    for key in (*AXES, "representation", "scale"):
         if key in given:
             value = given[key]
             parts.append(f"{key}={'/'.join(map(str, value)) if isinstance(value, list) else value}")
@@ -165,4 +197,5 @@ def cell_key(cfg: DictConfig) -> str:
     return json.dumps(container, sort_keys=True, default=str)
 
 
-__all__ = ["AXES", "AxesConfig", "axes_set", "method_from_axes", "with_axes", "cell_key", "cell_name"]
+__all__ = ["AXES", "REPRESENTATIONS", "AxesConfig", "axes_set", "cell_key", "cell_name", "method_from_axes", "represent",
+           "with_axes"]

@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from ..compose import Composer
+from ..errors import MethodConfigError
 from ..sites.names import ALL_LINEAR, SITES
 from ..slot import LinearMap, Slot
-from ..spec_values import choice, expect, positive_int_value, probability_value
+from ..spec_values import choice, expect, positive_float_value, positive_int_value, probability_value
 from .base import Built, Counts, Form, option, optional, register
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class BottleneckOptions:
                                optional(expect(bool)))
     reduction_factor: int | None = option(None, "width d / reduction_factor at each site (AdapterHub's; overrides "
                                                 "dim)", optional(positive_int_value))
+    alpha: float | None = option(None, "sets compose scale's factor to alpha / dim (LoRA's lora_alpha / r), so it "
+                                       "follows dim when a budget resizes it", optional(positive_float_value))
 
     def width(self, d_in: int) -> int:
         """The bottleneck width at a site whose form reads d_in features."""
@@ -209,6 +212,21 @@ class BottleneckForm(Form):
     def with_size(self, options: BottleneckOptions, size: int) -> BottleneckOptions:
         # a solved width replaces a width set as d / reduction_factor
         return dataclasses.replace(options, dim=size, reduction_factor=None)
+
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        alpha = spec.options.alpha
+        if alpha is None:
+            return spec
+        if "scale" in raw or spec.compose != "scale":
+            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / dim): use it with compose 'scale' and "
+                                    "without 'scale'")
+        if spec.options.reduction_factor is not None:
+            raise MethodConfigError(f"{where}: alpha / dim needs one width; use dim, not reduction_factor")
+        return spec.replace(scale=alpha / spec.options.dim)
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        if spec.options.alpha is not None:
+            entry.pop("scale", None)  # alpha / dim gives it back
 
     def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
               modules: dict[str, nn.Module]) -> Built:
