@@ -81,12 +81,33 @@ def test_composition_cells_skip_what_the_grammar_refuses_and_duplicates(hydra_mo
     assert sum("key 'scale' needs compose 'scale'" in r for r in refused) == 4
 
 
-def test_site_cells_list_the_prefix_outside_attention(hydra_module):
+def test_site_cells_move_each_method_to_attention_or_ffn_at_its_own_granularity(hydra_module):
     built, refused = _cells("ablation_site")
-    assert sum("form 'prefix' cannot act at" in r for r in refused) == 2 * 3  # at attn and ffn, three budgets
+    assert sorted(refused) == sorted(f"axes.representation: module '{m}' acts on attention heads (attn.heads, "
+                                     f"cross_attn.heads); it has no 'ffn' counterpart"
+                                     for m in ("prefix", "mh_pa") for _ in range(3))
     assert {m["budget"] for m in built} == {"0.1%", "0.5%", "2%"}
-    prefixes = [m for m in built if m["modules"][0]["form"] == "prefix"]
-    assert len(prefixes) == 3 and all(m["modules"][0]["at"] == ["attn.heads"] for m in prefixes)
+    sites = {(m["name"].split(":")[0], m["name"].split("=")[1], tuple(m["modules"][0]["at"])) for m in built}
+    assert sites == {("prefix", "attn", ("attn.heads", "cross_attn.heads")),
+                     ("mh_pa", "attn", ("attn.heads", "cross_attn.heads")),
+                     ("pa", "attn", ("attn",)), ("pa", "ffn", ("ffn",)),
+                     ("lora", "attn", ("attn.q", "attn.v")), ("lora", "ffn", ("ffn.up", "ffn.down"))}
+    loras = [m["modules"][0] for m in built if m["name"].startswith("lora")]
+    assert all(m["alpha"] == 16 and "scale" not in m for m in loras)  # alpha / r follows the solved r
+
+
+def test_representation_keeps_each_granularity_and_refuses_what_has_no_counterpart():
+    pa = {"name": "pa", "modules": [{"form": "bottleneck", "at": "ffn", "insertion": "parallel", "compose": "add"}]}
+    lora = method_from_axes(pa, {"use": "lora", "representation": "ffn"})
+    assert lora["modules"][0]["at"] == ["ffn.up", "ffn.down"] and lora["name"] == "lora:representation=ffn"
+    assert method_from_axes(pa, {"use": "lora", "representation": "attn"})["modules"][0]["at"] == ["attn.q", "attn.v"]
+    assert method_from_axes(pa, {"representation": "attn"})["modules"][0]["at"] == "attn"
+    with pytest.raises(MethodConfigError, match=r"^axes: set axes.at or axes.representation, not both$"):
+        method_from_axes(pa, {"at": "attn", "representation": "attn"})
+    with pytest.raises(MethodConfigError, match=r"unknown value 'heads' \(allowed: attn, ffn\)"):
+        method_from_axes(pa, {"representation": "heads"})
+    with pytest.raises(MethodConfigError, match="module 'ia3' at attn.k, attn.v, ffn.act is not all heads"):
+        method_from_axes(pa, {"use": "ia3", "representation": "ffn"})
 
 
 def test_mam_cells_are_the_adapter_and_each_ingredient(hydra_module):

@@ -46,7 +46,8 @@ def test_axis_values_join_modules_and_carry_the_scale():
                        {"form": "bottleneck", "at": ["ffn"], "insertion": "parallel", "compose": "scale",
                         "scale": 4.0}]}
     assert axis_values(mam) == {"form": "prefix+bottleneck", "at": "attn.heads+ffn", "insertion": "parallel+parallel",
-                                "compose": "gate+scale(4.0)"}
+                                "compose": "gate+scale(4.0)", "representation": "attn+ffn",
+                                "granularity": "heads+sub-layer"}
     assert axis_values({"modules": []})["form"] == "none"  # full fine-tuning / BitFit
 
 
@@ -134,3 +135,27 @@ def test_notebook_shows_the_insertion_ablation_end_to_end(tmp_path: Path, monkey
     assert "at=ffn, compose=add, method.budget=0.5%: parallel - sequential = +0.0700 (std 0.0200): agrees" in outputs
     assert "at=attn, compose=add, method.budget=0.5%: parallel - sequential = +0.0300 (std 0.0200): agrees" in outputs
     assert (tmp_path / "out" / "report_by_insertion.png").stat().st_size > 0
+
+
+def _lora(at: list[str], seed: int, score: float, dim: int) -> dict:
+    record = _record("x", "parallel", seed, score, compose="scale", dim=dim, activation="none")
+    module = record["method_spec"]["modules"][0]
+    module.update(at=at, alpha=16, init="lora")
+    record["run_id"] = f"{at}{seed}"
+    record["config"]["method.modules.0.at"] = at
+    return record
+
+
+def test_by_representation_compares_lora_on_attention_and_ffn_weights_in_one_row():
+    """LoRA on W_q, W_v against LoRA on W_1, W_2 (different sites, different solved r, so different alpha / r): one
+    row, the granularity held equal, the scale shown as alpha / r."""
+    records = [_lora(["attn.q", "attn.v"], seed, score, dim=12) for seed, score in ((1, 0.80), (2, 0.82))]
+    records += [_lora(["ffn.up", "ffn.down"], seed, score, dim=5) for seed, score in ((1, 0.84), (2, 0.86))]
+    records += [_record("attn", "parallel", 1, 0.7), _record("ffn", "parallel", 1, 0.9)]  # the PA: its own row
+    rows, values = by_axis(records, "representation")
+    assert values == ["attn", "ffn"]
+    lora = next(r for r in rows if r.context["granularity"] == "projections")
+    assert lora.context["compose"] == "scale(16/r)" and "at" not in lora.context
+    assert lora.cells["attn"].mean == pytest.approx(0.81) and lora.cells["ffn"].mean == pytest.approx(0.85)
+    sublayer = next(r for r in rows if r.context["granularity"] == "sub-layer")
+    assert (sublayer.cells["attn"].mean, sublayer.cells["ffn"].mean) == (0.7, 0.9)

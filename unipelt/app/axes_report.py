@@ -52,27 +52,70 @@ class AxisRow:
         return (max if greater_is_better else min)(finite, key=finite.get)
 
 
+# `representation` is read from `at`: the sub-layer a module modifies (He et al.'s axis), whatever its granularity;
+# compared by it, the granularity (heads, sub-layer, projections) is held equal instead of the sites.
+REPORT_AXES = (*AXES, "representation")
+
+
 def _site(at: Any) -> str:
     return ",".join(at) if isinstance(at, list) else str(at)
 
 
+def _sites(at: Any) -> list[str]:
+    return [str(s) for s in at] if isinstance(at, list) else [str(at)]
+
+
+def _representation(at: Any) -> str:
+    """attn / cross_attn / ffn (or the site itself: embeddings, ffn.ln...) per site, distinct ones joined by '/'."""
+    found = []
+    for site in _sites(at):
+        head = site.split(".")[0]
+        value = head if head in ("attn", "cross_attn") or site in ("ffn", "ffn.up", "ffn.gate", "ffn.down") else site
+        if value not in found:
+            found.append(value)
+    return "/".join(found)
+
+
+def _granularity(at: Any) -> str:
+    kinds = []
+    for site in _sites(at):
+        kind = ("heads" if site.endswith(".heads") else "sub-layer" if site in ("attn", "cross_attn", "ffn")
+                else "projections" if site.rpartition(".")[2] in ("q", "k", "v", "o", "up", "gate", "down") else site)
+        if kind not in kinds:
+            kinds.append(kind)
+    return "/".join(kinds)
+
+
 def axis_values(spec: dict[str, Any]) -> dict[str, str]:
-    """form / at / insertion / compose of a method (its to_dict() form), modules joined with '+'."""
+    """form / at / insertion / compose / representation of a method (its to_dict() form), modules joined with '+',
+    and the granularity of its sites (held equal when comparing representations)."""
     modules = spec.get("modules") or []
     if not modules:
-        return {axis: "none" for axis in AXES}
+        return {axis: "none" for axis in (*REPORT_AXES, "granularity")}
     values = {}
-    for axis in AXES:
+    for axis in (*REPORT_AXES, "granularity"):
         parts = []
         for module in modules:
-            value = module.get(axis)
+            value = module.get("at" if axis in ("representation", "granularity") else axis)
             if axis == "at":
                 value = _site(value)
-            if axis == "compose" and value == "scale":
-                value = f"scale({module.get('scale', 1.0)})"
+            elif axis == "representation":
+                value = _representation(value)
+            elif axis == "granularity":
+                value = _granularity(value)
+            if axis == "compose" and value == "scale":  # LoRA's alpha: the factor is alpha / r at every size
+                alpha = module.get("alpha")
+                value = f"scale({alpha:g}/r)" if alpha is not None else f"scale({module.get('scale', 1.0)})"
             parts.append(str(value))
         values[axis] = "+".join(parts)
     return values
+
+
+def _held_equal(axis: str) -> tuple[str, ...]:
+    """The other axes a comparison by `axis` holds equal (sites and representation move together)."""
+    if axis == "representation":
+        return ("form", "granularity", "insertion", "compose")
+    return tuple(a for a in AXES if a != axis)
 
 
 def _module_options(spec: dict[str, Any], axis: str) -> str:
@@ -96,8 +139,8 @@ def _setting_items(record: dict[str, Any]) -> dict[str, str]:
 
 def by_axis(records: Iterable[dict[str, Any]], axis: str) -> tuple[list[AxisRow], list[str]]:
     """Rows of completed runs per context, a cell per value of `axis`; and the values in order of appearance."""
-    if axis not in AXES:
-        raise UnipeltError(f"unipelt-report --by: unknown axis '{axis}' (allowed: {allowed(AXES)})")
+    if axis not in REPORT_AXES:
+        raise UnipeltError(f"unipelt-report --by: unknown axis '{axis}' (allowed: {allowed(REPORT_AXES)})")
     runs = [_checked(r) for r in latest_per_run(records)]
     runs = [r for r in runs if r.get("status") == "completed" and r.get("score") is not None
             and isinstance(r.get("method_spec"), dict)]
@@ -115,7 +158,7 @@ def by_axis(records: Iterable[dict[str, Any]], axis: str) -> tuple[list[AxisRow]
         value = axes[axis]
         if value not in values:
             values.append(value)
-        context = {a: axes[a] for a in AXES if a != axis}
+        context = {a: axes[a] for a in _held_equal(axis)}
         context.update({k: found.get(k, "(unset)") for k in differing})
         key = (str(record.get("task")), json.dumps(context, sort_keys=True), _module_options(record["method_spec"],
                                                                                               axis))

@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the first folder given, else the current folder)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None, help="also read runs from W&B")
     parser.add_argument("--by", metavar="AXIS", action="append", default=None,
-                        help="also the score per value of a design axis (form, at, insertion, compose) with the "
-                             "other axes held equal: report_by_<axis>.md/.csv/.png (repeatable)")
+                        help="also the score per value of a design axis (form, at, insertion, compose, "
+                             "representation) with the other axes held equal: report_by_<axis>.md/.csv/.png "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     paths = args.paths or [p for p in ("outputs", "multirun") if Path(p).is_dir()]
     out = args.out or next((Path(p) for p in paths if Path(p).is_dir()), Path("."))
