@@ -97,8 +97,8 @@ def represent(at: Any, value: str, module: str) -> Any:
             raise MethodConfigError(f"axes.representation: module '{module}' acts on attention heads ({', '.join(sites)})"
                                     f"; it has no '{value}' counterpart")
         return at
-    if all(site in ("attn", "ffn") for site in sites):
-        return value
+    if all(site in ("attn", "cross_attn", "ffn") for site in sites):
+        return at if {s.split("_")[-1] for s in sites} == {value} else value
     if all(site in PROJECTION_SITES for site in sites):
         here = {"ffn" if site.startswith("ffn.") else "attn" for site in sites}
         return at if here == {value} else list(PROJECTIONS_OF[value])
