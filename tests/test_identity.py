@@ -36,3 +36,41 @@ def test_training_time_settings_are_not_part_of_the_identity(saved):
     unipelt.load_adapter(model, directory)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, trained(**batch).logits, rtol=0, atol=1e-6)
+
+
+def _as_older_unipelt_wrote_it(directory, **field_changes) -> None:
+    """The identity layout of files saved before the whole config was recorded (same format_version 1): shape
+    fields at the top, an architecture dict of selected fields, and a hash by another rule."""
+    import json
+
+    path = directory / "unipelt_adapter.json"
+    meta = json.loads(path.read_text())
+    arch = meta["base_model"]["architecture"]
+    top = {k: arch[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                "intermediate_size", "vocab_size")}
+    meta["base_model"] = {"model_type": meta["base_model"]["model_type"], **top, "name_or_path": "",
+                          "architecture": {k: arch[k] for k in ("head_dim", "hidden_act", "rms_norm_eps")},
+                          "config_hash": "0123456789abcdef"}
+    meta["base_model"].update(field_changes)
+    path.write_text(json.dumps(meta))
+
+
+def test_an_adapter_in_the_older_identity_layout_loads_onto_its_base(saved):
+    """Adapters saved before 2026-12 recorded selected fields; every field they list is checked (by name), their
+    hash (another rule) is not compared, and the outputs are the saved model's."""
+    directory, trained = saved
+    written = (directory / "unipelt_adapter.json").read_text()
+    _as_older_unipelt_wrote_it(directory)
+    model = unipelt.load_adapter(tiny_model("gemma"), directory)
+    batch = tiny_batch("gemma")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+    other = tiny_model("gemma", rms_norm_eps=1e-3)
+    with pytest.raises(unipelt.AdapterFileError,
+                       match=r"saved for a different base model: rms_norm_eps 1e-06 there, 0\.001 here"):
+        unipelt.load_adapter(other, directory)
+    (directory / "unipelt_adapter.json").write_text(written)
+    _as_older_unipelt_wrote_it(directory, hidden_size=64)
+    with pytest.raises(unipelt.AdapterFileError, match=r"different base model: hidden_size 64 there, \d+ here"):
+        unipelt.load_adapter(tiny_model("gemma"), directory)
+    assert not unipelt.is_attached(other)

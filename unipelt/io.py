@@ -144,10 +144,17 @@ def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{caller}: {path} is corrupt or unreadable ({first})") from None
 
 
+# What the identity of files written before the whole config was recorded holds besides its shape fields.
+IDENTITY_LAYOUT = {"model_type", "name_or_path", "architecture", "config_hash"}
+
+
 def _check_identity(saved: Any, config: Any) -> None:
     current = base_identity(config)
     if not isinstance(saved, dict):
         raise AdapterFileError(f"load_adapter: base_model must be a mapping of the base's fields, got {saved!r}")
+    if set(saved) - IDENTITY_LAYOUT:
+        _check_listed_fields(saved, current)
+        return
 
     def refuse(key: str, there: Any, here: Any) -> None:
         raise AdapterFileError(
@@ -165,6 +172,20 @@ def _check_identity(saved: Any, config: Any) -> None:
             continue
         if current.get(key) != value:
             refuse(key, value, current.get(key))
+
+
+def _check_listed_fields(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """An adapter saved by unipelt before 2026-12 (same format_version): its identity lists shape fields at the top
+    and an architecture dict of selected fields, hashed by another rule. Every field it lists must equal this base's
+    (what that version checked); its hash is not comparable and is skipped."""
+    here = {**current["architecture"], "model_type": current["model_type"]}
+    listed = {k: v for k, v in saved.items() if k not in ("name_or_path", "config_hash", "architecture")}
+    architecture = saved.get("architecture")
+    listed.update(architecture if isinstance(architecture, dict) else {})
+    for key in sorted(listed):
+        if listed[key] != here.get(key):
+            raise AdapterFileError(f"load_adapter: adapter was saved for a different base model: {key} "
+                                   f"{listed[key]!r} there, {here.get(key)!r} here")
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
