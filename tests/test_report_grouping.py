@@ -106,3 +106,22 @@ def test_a_record_with_a_field_that_is_not_a_number_is_one_line(tmp_path, capsys
     append_record(path, {**run(seed=1), field: value, "output_dir": "/runs/a"})
     assert report_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: results: {path}: run /runs/a has {shown}, not a number\n"
+
+
+def test_a_skipped_cells_record_does_not_split_the_completed_runs(tmp_path, capsys):
+    """A sweep lists a refused cell under the method's name with the unsolved config (other sizes, unset axes):
+    the completed runs still group by the keys that differ among them, and a value holding ', ' (a list of sites)
+    does not garble the note naming those keys."""
+    path = tmp_path / "results.jsonl"
+    sites = "['ffn.up', 'ffn.down']"
+    for budget in ("0.5%", "2%"):
+        for seed in (1, 2):
+            append_record(path, run(method="lora:representation=ffn", seed=seed, score=0.8,
+                                    **{"method.budget": budget, "method.modules.0.at": sites, "dim": 9}))
+    append_record(path, run(method="lora:representation=ffn", seed=1, status="skipped",
+                            **{"method.budget": "0.1%", "method.modules.0.at": "(unsolved)", "dim": 8}))
+    rows, failed = summarize(read_records([path]))
+    assert [(r.setting, r.n) for r in rows] == [("method.budget=0.5%", 2), ("method.budget=2%", 2)]
+    assert [r["setting"] for r in failed] == ["method.budget=0.1%"]
+    assert report_main([str(tmp_path)]) == 0
+    assert "differ in method.budget are separate rows" in capsys.readouterr().out

@@ -46,6 +46,7 @@ class Row:
     seeds: list[int]
     failed: int
     setting: str = ""  # the swept keys (other than task, method and seed) that single out this group: "k=v, ..."
+    setting_keys: tuple[str, ...] = ()  # those keys
 
 
 def _run_key(record: dict[str, Any]) -> str:
@@ -132,13 +133,17 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
     failed = []
     for (task, method), runs in by_pair.items():
         settings = [_settings(r) for r in runs]
-        keys = sorted({k for s in settings for k in s})
+        # the keys that split completed runs: a skipped or failed job's record (a refused cell's config is the
+        # unsolved one) must not split the runs that completed, but is shown with the same keys
+        done = [s for r, s in zip(runs, settings) if r.get("status") == "completed"] or settings
+        keys = sorted({k for s in done for k in s})
         differing = [k for k in keys
-                     if len({json.dumps(s.get(k, "(unset)"), default=str, sort_keys=True) for s in settings}) > 1]
+                     if len({json.dumps(s.get(k, "(unset)"), default=str, sort_keys=True) for s in done}) > 1]
         for record, found in zip(runs, settings):
             setting = ", ".join(f"{k}={found.get(k, '(unset)')}" for k in differing)
             key = (task, method, setting)
             record["setting"] = setting
+            record["setting_keys"] = differing
             if record.get("status") == "completed" and record.get("score") is not None:
                 groups[key].append(record)
             else:
@@ -153,7 +158,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
         rows.append(Row(task=task, method=method, metric=str(runs[0].get("main_metric")), n=len(runs), mean=mean,
                         std=std, percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
                         seeds=sorted(int(r.get("seed") or 0) for r in runs),
-                        failed=failed_by.get((task, method, setting), 0), setting=setting))
+                        failed=failed_by.get((task, method, setting), 0), setting=setting,
+                        setting_keys=tuple(runs[0]["setting_keys"])))
     return rows, failed
 
 
@@ -163,7 +169,7 @@ def format_table(rows: list[Row], failed: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"| {r.task} | {r.method} | {r.setting or '-'} | {r.metric} | {r.mean:.4f} ± {r.std:.4f} | "
                      f"{r.n} | {r.percent:.4f} | {r.added:,} | {r.failed} |")
-    swept = sorted({part.split("=", 1)[0] for r in rows for part in r.setting.split(", ") if part})
+    swept = sorted({key for r in rows for key in r.setting_keys})  # not parsed back: a value may hold ", "
     if swept:
         lines += ["", f"Runs of one task and method that differ in {', '.join(swept)} are separate rows; each mean is "
                       "over seeds only."]
