@@ -141,6 +141,8 @@ SPEC_CASES = [
     ("alpha-with-reduction-factor", method(compose="scale", alpha=16, reduction_factor=16),
      r"alpha / dim needs one width; use dim, not reduction_factor"),
     ("alpha-not-positive", method(compose="scale", alpha=0), r"alpha"),
+    ("input-std-without-mlp", method(PREFIX, input_std=1.0),
+     r"input_std is the reparameterisation MLP's input; it needs mlp_dim"),
     ("prefix-key-on-bottleneck", method(length=4), r"unknown key 'length' for form 'bottleneck'"),
     ("duplicate-names", {"name": "bad", "modules": [dict(ADAPTER, name="a"), dict(ADAPTER, at="attn", name="a")]},
      r"module name 'a' is used twice"),

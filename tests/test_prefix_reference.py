@@ -98,6 +98,10 @@ def test_prefix_inits():
     unipelt.attach(model, unipelt.load_method("prefix").replace_module(0, length=200))
     embedding = next(iter(state_of(model).reparams.values())).embedding
     assert 0.015 < float(embedding.std()) < 0.025
+    wide = tiny_model("bart")
+    unipelt.attach(wide, unipelt.load_method("mh_pa").replace_module(0, length=200))  # He et al.'s nn.Embedding
+    embedding = next(iter(state_of(wide).reparams.values())).embedding
+    assert 0.9 < float(embedding.detach().std()) < 1.1
     deep = tiny_model("bert")
     unipelt.attach(deep, unipelt.load_method("p_tuning_v2").replace_module(0, length=100))
     keys = torch.cat([slot.prefix.keys.flatten() for slot in state_of(deep).slots.values()])

@@ -20,7 +20,7 @@ from ...compose import Composer
 from ...errors import MethodConfigError
 from ...sites.names import HEAD_SITES
 from ...slot import like
-from ...spec_values import choice, positive_int_value
+from ...spec_values import choice, positive_float_value, positive_int_value
 from ..base import MAX_VECTORS, Built, Counts, Form, option, optional, register
 from .attention import PrefixSlot, check_prefix_support, model_eager_attention, prefix_attention
 from .vectors import Prefix, PrefixReparam
@@ -35,6 +35,8 @@ class PrefixOptions:
     length: int = option(30, "l: key and value vectors per attention module", positive_int_value)
     mlp_dim: int | None = option(None, "width of Li & Liang's reparameterisation MLP (training only; folded away "
                                        "for saving); null: train the vectors directly", optional(positive_int_value))
+    input_std: float = option(0.02, "std of the MLP's input embedding E (Li & Liang's and He et al.'s nn.Embedding: "
+                                    "1.0); used with mlp_dim only", positive_float_value)
     prefix_gate: str = option("kv", "with compose sigmoid_gate: kv multiplies P_K and P_V by the gate (Mao et al.'s "
                                     "code); delta scales the prefix's whole change to the attention output",
                               choice(("kv", "delta")))
@@ -63,13 +65,15 @@ class PrefixForm(Form):
     size_key = "length"
 
     def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        if spec.options.mlp_dim is None and spec.options.input_std != PrefixOptions.input_std:
+            raise MethodConfigError(f"{where}: input_std is the reparameterisation MLP's input; it needs mlp_dim")
         if spec.options.score == "relu" and spec.compose not in ("add", "scale"):
             raise MethodConfigError(f"{where}: score 'relu' (attended beside the attention) needs compose 'add' or "
                                     f"'scale', got '{spec.compose}'")
         return spec
 
     def folded(self, options: PrefixOptions) -> PrefixOptions:
-        return dataclasses.replace(options, mlp_dim=None)
+        return dataclasses.replace(options, mlp_dim=None, input_std=PrefixOptions.input_std)
 
     def prepare(self, model: nn.Module, spec: "ModuleSpec", where: str) -> "ModuleSpec":
         check_prefix_support(model)
@@ -87,7 +91,8 @@ class PrefixForm(Form):
             for kind, members in kinds.items():
                 first = placements[members[0]]
                 reparam = PrefixReparam(options.length, first.d_x, options.mlp_dim,
-                                        [placements[i].kv_heads * placements[i].head_dim for i in members])
+                                        [placements[i].kv_heads * placements[i].head_dim for i in members],
+                                        options.input_std)
                 reparam = reparam.to(**like(modules[first.x_name]))
                 children[f"unipelt_{spec.name}_reparam" + (f"_{kind}" if len(kinds) > 1 else "")] = reparam
                 reparam_of.update({i: (reparam, position) for position, i in enumerate(members)})
