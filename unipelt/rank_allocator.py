@@ -144,11 +144,12 @@ class RankAllocator:
         if set(masks) != set(self.forms):
             culprit = sorted(set(masks) ^ set(self.forms))[0]
             raise UnipeltError(f"AdaLoRA state of module '{self.spec.name}' does not match the model ('{culprit}')")
+        for key, form in self.forms.items():  # every check before anything changes
+            if masks[key][0].shape != form.rank_mask.shape:
+                raise UnipeltError(f"AdaLoRA state of module '{self.spec.name}': rank mask of '{key}' has "
+                                   f"{masks[key][0].shape[0]} triplets, the model {form.rank}")
         for key, form in self.forms.items():
             mask, final = masks[key]
-            if mask.shape != form.rank_mask.shape:
-                raise UnipeltError(f"AdaLoRA state of module '{self.spec.name}': rank mask of '{key}' has "
-                                   f"{mask.shape[0]} triplets, the model {form.rank}")
             form.rank_mask.copy_(mask.to(form.rank_mask.device))
             form.mask_is_final = bool(final)
         self._ema, self._uncertainty = {}, {}
