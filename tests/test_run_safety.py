@@ -154,7 +154,7 @@ def test_resume_refuses_every_result_changing_difference_naming_the_key(tiny, tm
         assert path.read_bytes() == before  # nothing was written
     with pytest.raises(UnipeltError, match=r"method.modules.0.dim was 8 .* but is 4 now"):
         fit(build({"name": "lora", "modules": [{"form": "bottleneck", "at": ["attn.q", "attn.v"], "dim": 4,
-                                                "insertion": "parallel", "compose": "scale", "scale": 2.0,
+                                                "insertion": "parallel", "compose": "scale", "alpha": 16,
                                                 "activation": "none", "init": "lora"}]}),
             task, cfg(max_steps=4, resume=True), tmp_path)
     result = fit(build(), task, cfg(max_steps=4, resume=True, progress=True, log_every=2), tmp_path)  # harmless
