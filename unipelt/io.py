@@ -144,6 +144,12 @@ def read_tensors(path: Path, caller: str) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{caller}: {path} is corrupt or unreadable ({first})") from None
 
 
+def _refuse(key: str, there: Any, here: Any) -> None:
+    raise AdapterFileError(
+        f"load_adapter: adapter was saved for a different base model: {key} {there!r} there, {here!r} here"
+    )
+
+
 # What the identity of files written before the whole config was recorded holds besides its shape fields.
 IDENTITY_LAYOUT = {"model_type", "name_or_path", "architecture", "config_hash"}
 
@@ -155,12 +161,6 @@ def _check_identity(saved: Any, config: Any) -> None:
     if set(saved) - IDENTITY_LAYOUT:
         _check_listed_fields(saved, current)
         return
-
-    def refuse(key: str, there: Any, here: Any) -> None:
-        raise AdapterFileError(
-            f"load_adapter: adapter was saved for a different base model: {key} {there!r} there, {here!r} here"
-        )
-
     for key, value in saved.items():
         if key == "name_or_path":
             continue
@@ -168,10 +168,10 @@ def _check_identity(saved: Any, config: Any) -> None:
             here = current["architecture"]
             differs = next((k for k in sorted(set(value) | set(here)) if value.get(k) != here.get(k)), None)
             if differs is not None:
-                refuse(differs, value.get(differs), here.get(differs))
+                _refuse(differs, value.get(differs), here.get(differs))
             continue
         if current.get(key) != value:
-            refuse(key, value, current.get(key))
+            _refuse(key, value, current.get(key))
 
 
 def _check_listed_fields(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -184,8 +184,7 @@ def _check_listed_fields(saved: dict[str, Any], current: dict[str, Any]) -> None
     listed.update(architecture if isinstance(architecture, dict) else {})
     for key in sorted(listed):
         if listed[key] != here.get(key):
-            raise AdapterFileError(f"load_adapter: adapter was saved for a different base model: {key} "
-                                   f"{listed[key]!r} there, {here.get(key)!r} here")
+            _refuse(key, listed[key], here.get(key))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -40,6 +40,7 @@ from ..spec import load_method, module_keys, preset_dir
 
 AXES = ("form", "at", "insertion", "compose")
 REPRESENTATIONS = ("attn", "ffn")
+SUBLAYER_SITES = ("attn", "cross_attn", "ffn")
 # He et al.'s LoRA at a representation, as their code's attn_mode / ffn_mode lora: W_q and W_v, or W_1 and W_2.
 PROJECTIONS_OF = {"attn": ["attn.q", "attn.v"], "ffn": ["ffn.up", "ffn.down"]}
 
@@ -86,21 +87,32 @@ def _modules_of(use: str) -> list[dict[str, Any]]:
     return modules
 
 
+def granularity(site: str) -> str:
+    """How a site reaches its representation: `heads`, `sub-layer` or `projections`; any other site (embeddings,
+    ffn.act, ffn.ln, all_linear) is its own kind."""
+    if site in HEAD_SITES:
+        return "heads"
+    if site in SUBLAYER_SITES:
+        return "sub-layer"
+    return "projections" if site in PROJECTION_SITES else site
+
+
 def represent(at: Any, value: str, module: str) -> Any:
     """`at` moved to the representation `value` at the granularity it has: attention heads (a prefix has no FFN
     counterpart: refused), a sub-layer (attn / ffn), or projections (PROJECTIONS_OF; kept when already there)."""
     if value not in REPRESENTATIONS:
         raise MethodConfigError(f"axes.representation: unknown value '{value}' (allowed: {allowed(REPRESENTATIONS)})")
     sites = list(at) if isinstance(at, (list, tuple)) else [at]
-    if all(site in HEAD_SITES for site in sites):
+    kinds = {granularity(str(site)) for site in sites}
+    here = {"ffn" if str(site).startswith("ffn") else "attn" for site in sites}  # cross-attention is attention
+    if kinds == {"heads"}:
         if value != "attn":
             raise MethodConfigError(f"axes.representation: module '{module}' acts on attention heads ({', '.join(sites)})"
                                     f"; it has no '{value}' counterpart")
         return at
-    if all(site in ("attn", "cross_attn", "ffn") for site in sites):
-        return at if {s.split("_")[-1] for s in sites} == {value} else value
-    if all(site in PROJECTION_SITES for site in sites):
-        here = {"ffn" if site.startswith("ffn.") else "attn" for site in sites}
+    if kinds == {"sub-layer"}:
+        return at if here == {value} else value
+    if kinds == {"projections"}:
         return at if here == {value} else list(PROJECTIONS_OF[value])
     raise MethodConfigError(f"axes.representation: module '{module}' at {', '.join(map(str, sites))} is not all heads, "
                             "sub-layers or projections; set axes.at instead")
@@ -197,5 +209,5 @@ def cell_key(cfg: DictConfig) -> str:
     return json.dumps(container, sort_keys=True, default=str)
 
 
-__all__ = ["AXES", "REPRESENTATIONS", "AxesConfig", "axes_set", "cell_key", "cell_name", "method_from_axes", "represent",
-           "with_axes"]
+__all__ = ["AXES", "REPRESENTATIONS", "AxesConfig", "axes_set", "cell_key", "cell_name", "granularity",
+           "method_from_axes", "represent", "with_axes"]

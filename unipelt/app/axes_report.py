@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UnipeltError, allowed
-from .ablation import AXES
+from .ablation import AXES, granularity
 from .report import _checked, _mean_std, _settings, latest_per_run
 
 SIZE_KEYS = {"dim", "length", "init_r", "target_r", "rank_pattern"}
@@ -77,13 +77,7 @@ def _representation(at: Any) -> str:
 
 
 def _granularity(at: Any) -> str:
-    kinds = []
-    for site in _sites(at):
-        kind = ("heads" if site.endswith(".heads") else "sub-layer" if site in ("attn", "cross_attn", "ffn")
-                else "projections" if site.rpartition(".")[2] in ("q", "k", "v", "o", "up", "gate", "down") else site)
-        if kind not in kinds:
-            kinds.append(kind)
-    return "/".join(kinds)
+    return "/".join(dict.fromkeys(granularity(site) for site in _sites(at)))
 
 
 def axis_values(spec: dict[str, Any]) -> dict[str, str]:

@@ -120,6 +120,11 @@ def restore_changed_record(job: Path, cfg: DictConfig) -> None:
         shutil.rmtree(backup)
 
 
+def _task_config(config: DictConfig) -> DictConfig:
+    """The job's config without Hydra's own node (what the job and its record see)."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+
+
 class RunFolderGuard(Callback):
     """Hydra callback: lock and check the run / sweep folder before Hydra writes into it."""
 
@@ -135,10 +140,9 @@ class RunFolderGuard(Callback):
             return
         HydraConfig.instance().set_config(config)
         folder = Path(str(config.hydra.run.dir)).absolute()
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
             self.key = runfolder.lock_folder(folder, "run")
-            check_run_folder(folder, task_cfg)
+            check_run_folder(folder, _task_config(config))
         except UnipeltError as exc:
             _stop(str(exc))
 
@@ -162,8 +166,7 @@ class RunFolderGuard(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self._main_process() or OmegaConf.select(config, "hydra.mode", default=None) != RunMode.MULTIRUN:
             return
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-        restore_changed_record(Path(str(config.hydra.runtime.output_dir)), task_cfg)
+        restore_changed_record(Path(str(config.hydra.runtime.output_dir)), _task_config(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._main_process():  # the jobs of this sweep took their copies; a job it did not run left its own

@@ -129,6 +129,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
     for record in records:
         by_pair[(str(record.get("task")), str(record.get("method")))].append(record)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    keys_of: dict[tuple[str, str], tuple[str, ...]] = {}  # (task, method) -> the keys that split its runs
     failed_by: dict[tuple, int] = defaultdict(int)
     failed = []
     for (task, method), runs in by_pair.items():
@@ -139,11 +140,11 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
         keys = sorted({k for s in done for k in s})
         differing = [k for k in keys
                      if len({json.dumps(s.get(k, "(unset)"), default=str, sort_keys=True) for s in done}) > 1]
+        keys_of[(task, method)] = tuple(differing)
         for record, found in zip(runs, settings):
             setting = ", ".join(f"{k}={found.get(k, '(unset)')}" for k in differing)
             key = (task, method, setting)
             record["setting"] = setting
-            record["setting_keys"] = differing
             if record.get("status") == "completed" and record.get("score") is not None:
                 groups[key].append(record)
             else:
@@ -159,7 +160,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
                         std=std, percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
                         seeds=sorted(int(r.get("seed") or 0) for r in runs),
                         failed=failed_by.get((task, method, setting), 0), setting=setting,
-                        setting_keys=tuple(runs[0]["setting_keys"])))
+                        setting_keys=keys_of[(task, method)]))
     return rows, failed
 
 

@@ -159,6 +159,24 @@ class Form:
 FORMS: dict[str, Form] = {}
 
 
+class AlphaScaledForm(Form):
+    """A form whose `alpha` option sets compose scale's factor to alpha / its size key (LoRA's lora_alpha / r), so
+    the factor follows the size a budget solves; the scale is then implied, and left out of the YAML."""
+
+    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
+        alpha = spec.options.alpha
+        if alpha is None:
+            return spec
+        if "scale" in raw or spec.compose != "scale":
+            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / {self.size_key}): use it with compose "
+                                    "'scale' and without 'scale'")
+        return spec.replace(scale=alpha / getattr(spec.options, self.size_key))
+
+    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
+        if spec.options.alpha is not None:
+            entry.pop("scale", None)  # alpha / size gives it back
+
+
 def register(form: Form) -> Form:
     if form.name in FORMS:
         raise ValueError(f"form '{form.name}' is registered twice")
@@ -172,4 +190,5 @@ def form_of(name: str) -> Form:
     return FORMS[name]
 
 
-__all__ = ["MAX_VECTORS", "Built", "Counts", "FORMS", "Form", "form_of", "option", "optional", "register"]
+__all__ = ["MAX_VECTORS", "AlphaScaledForm", "Built", "Counts", "FORMS", "Form", "form_of", "option", "optional",
+           "register"]

@@ -21,7 +21,7 @@ from ..errors import MethodConfigError
 from ..sites.names import ALL_LINEAR, SITES
 from ..slot import LinearMap, Slot
 from ..spec_values import choice, expect, positive_float_value, positive_int_value, probability_value
-from .base import Built, Counts, Form, option, optional, register
+from .base import AlphaScaledForm, Built, Counts, option, optional, register
 
 if TYPE_CHECKING:
     from ..placement import Placement
@@ -201,7 +201,7 @@ class HeadBottleneck(nn.Module):
         return delta
 
 
-class BottleneckForm(Form):
+class BottleneckForm(AlphaScaledForm):
     name = "bottleneck"
     Options = BottleneckOptions
     sites = SITES + (ALL_LINEAR,)
@@ -214,19 +214,10 @@ class BottleneckForm(Form):
         return dataclasses.replace(options, dim=size, reduction_factor=None)
 
     def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
-        alpha = spec.options.alpha
-        if alpha is None:
-            return spec
-        if "scale" in raw or spec.compose != "scale":
-            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / dim): use it with compose 'scale' and "
-                                    "without 'scale'")
-        if spec.options.reduction_factor is not None:
+        finished = super().finish_module(spec, raw, where)
+        if spec.options.alpha is not None and spec.options.reduction_factor is not None:
             raise MethodConfigError(f"{where}: alpha / dim needs one width; use dim, not reduction_factor")
-        return spec.replace(scale=alpha / spec.options.dim)
-
-    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
-        if spec.options.alpha is not None:
-            entry.pop("scale", None)  # alpha / dim gives it back
+        return finished
 
     def build(self, spec: "ModuleSpec", placements: list["Placement"], model: nn.Module,
               modules: dict[str, nn.Module]) -> Built:

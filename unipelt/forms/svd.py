@@ -27,7 +27,7 @@ from ..rank_allocator import RankAllocator
 from ..sites.names import ALL_LINEAR, PROJECTION_SITES
 from ..slot import LinearMap, Slot
 from ..spec_values import positive_float_value, positive_int_value, probability_value
-from .base import Built, Counts, Form, option, optional, register
+from .base import AlphaScaledForm, Built, Counts, option, optional, register
 from .bottleneck import matmul_input
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def _key(p: "Placement") -> str:
     return f"{p.stack}.{p.layer}.{p.site}"
 
 
-class SVDForm(Form):
+class SVDForm(AlphaScaledForm):
     name = "svd"
     Options = SVDOptions
     sites = PROJECTION_SITES + (ALL_LINEAR,)
@@ -196,24 +196,11 @@ class SVDForm(Form):
                 raise MethodConfigError(f"{where}: rank_pattern['{key}'] must be an integer in 0..init_r "
                                         f"({options.init_r}), got {rank!r}")
 
-    def finish_module(self, spec: "ModuleSpec", raw: Mapping[str, Any], where: str) -> "ModuleSpec":
-        alpha = spec.options.alpha
-        if alpha is None:
-            return spec
-        if "scale" in raw or spec.compose != "scale":
-            raise MethodConfigError(f"{where}: alpha sets the scale (alpha / init_r): use it with compose "
-                                    f"'scale' and without 'scale'")
-        return spec.replace(scale=alpha / spec.options.init_r)
-
     def to_yaml(self, options: SVDOptions) -> dict[str, Any]:
         out = super().to_yaml(options)
         if options.rank_pattern is not None:
             out["rank_pattern"] = dict(options.rank_pattern)
         return out
-
-    def finish_yaml(self, spec: "ModuleSpec", entry: dict[str, Any]) -> None:
-        if spec.options.alpha is not None:
-            entry.pop("scale", None)  # alpha / init_r gives it back
 
     def _ranks(self, spec: "ModuleSpec", placements: list["Placement"]) -> list[int]:
         pattern = spec.options.rank_pattern
