@@ -124,7 +124,7 @@ def run(name: str, args, train_rows, eval_rows, tokenizer, path: str) -> dict[st
     lr, build = METHODS[name]
     lr = args.lr or lr
     torch.manual_seed(args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **unipelt.compat.MODEL_LOAD_KWARGS)
     steps = args.epochs * -(-len(train_rows) // args.batch)
     row: dict[str, Any] = {"method": name, "impl": "peft" if name.startswith("peft_") else "unipelt", "lr": lr}
     started = time.perf_counter()

@@ -162,3 +162,26 @@ def test_conv1d_is_the_transposed_linear() -> None:
 
 def test_peft_is_importable_on_the_installed_transformers() -> None:
     need_module("peft")
+
+
+def test_models_load_without_hub_kernels(tmp_path, monkeypatch):
+    """transformers 5.25 turns hub kernels on by default in from_pretrained (layer forwards swapped for downloaded
+    kernels, which the hooks never see); the app loads every model with compat.MODEL_LOAD_KWARGS, which turn them
+    off on every version of the range."""
+    from hydra import compose, initialize_config_module
+    from transformers import AutoModelForSequenceClassification
+
+    import unipelt.app.main as app
+    from app_fixtures import make_small_sst2, make_tiny_model
+
+    asked: dict = {}
+    original = AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *args, **kwargs: (asked.update(kwargs), original(*args, **kwargs))[1])
+    model_dir, data_dir = make_tiny_model(tmp_path / "model"), make_small_sst2(tmp_path / "data")
+    with initialize_config_module(config_module="unipelt.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"model.name_or_path={model_dir}", f"task.data_dir={data_dir}",
+                                          "trainer.max_length=32"])
+    _, task_cfg, train_cfg = app.validate(cfg)
+    app._load_model(cfg, task_cfg, train_cfg, seed=0)
+    assert compat.MODEL_LOAD_KWARGS == {"use_kernels": False} and asked["use_kernels"] is False

@@ -27,8 +27,16 @@ from transformers.pytorch_utils import Conv1D
 from .errors import AttachError
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-# The range pyproject.toml declares and CI proves at both ends (.ci/run); every name below was checked on it.
-CHECKED_RANGE = ("5.15.0", "5.24.0")
+# The range pyproject.toml declares and CI proves at both ends (.ci/run); every name below was checked on it. 5.25.0
+# passes the whole suite too (hub kernels off), but pip resolves 5.24.0 where the index lacks its `kernels` >= 0.19.1.
+CHECKED_RANGE = ("5.15.0", "5.25.0")
+
+# ---- from_pretrained ------------------------------------------------------------------------------------------
+# Keywords unipelt passes whenever it loads a model. `use_kernels`: False by default in 5.15-5.24; 5.25 turns hub
+# kernels on by default, which swaps layer forwards for kernels downloaded from the hub (other numerics, code the
+# hooks never see, network access, and the `kernels` package, which 5.25 requires and which the package index may
+# not offer). unipelt attaches to the modules as the modeling file writes them, so it loads without hub kernels.
+MODEL_LOAD_KWARGS: dict[str, Any] = {"use_kernels": False}
 
 # ---- forward keywords of a model's forward ------------------------------------------------------------------
 # The KV cache: `cache` since 5.24 (the old name still accepted, deprecated); `past_key_values` 5.15-5.23.
@@ -214,7 +222,7 @@ def check_model(model: nn.Module, *, prompts: bool, prefixed_attention: list[nn.
 
 
 __all__ = [
-    "TRANSFORMERS_VERSION", "CHECKED_RANGE", "CACHE_KWARGS", "POSITION_KWARGS", "MODULE_INPUT_KWARGS",
+    "TRANSFORMERS_VERSION", "CHECKED_RANGE", "MODEL_LOAD_KWARGS", "CACHE_KWARGS", "POSITION_KWARGS", "MODULE_INPUT_KWARGS",
     "ATTN_IS_CAUSAL", "ATTN_SCALING", "ATTN_POSITION_BIAS", "ATTN_DROPOUT", "cache_of", "cache_length", "module_input",
     "is_transposed_linear", "keep_in_fp32_modules", "name_or_path", "attention_implementation", "route_attention",
     "register_attention", "attention_function", "modeling_function", "eager_attention", "decoder_inputs_from",

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .. import attach, count_parameters, load_method
+from .. import attach, compat, count_parameters, load_method
 from ..errors import UnipeltError, allowed, one_line
 from ..optim import method_of
 from ..tasks import load_task_config, prepare_task
@@ -94,7 +94,7 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
     if task.train is None:
         raise UnipeltError(f"task '{task.name}' has no training split (splits.train is null)")
     set_seed(seed, train_cfg.deterministic)  # the head's initialisation does not depend on the data size
-    kwargs = dict(task.model_kwargs(), dtype=dtypes[cfg.model.dtype])
+    kwargs = dict(task.model_kwargs(), dtype=dtypes[cfg.model.dtype], **compat.MODEL_LOAD_KWARGS)
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     model = task.auto_model_class().from_pretrained(path, **kwargs)
