@@ -149,7 +149,7 @@ def test_the_exported_peft_adapter_imports(peft_dir, bert):
 
 CONFIG_CASES = [
     ("peft-type-ia3", {"peft_type": "IA3"}, r"peft_type 'IA3' is not supported \(allowed: LORA\)"),
-    ("dora", {"use_dora": True}, r"use_dora=True has no exact unipelt equivalent \(supported: use_dora=False\)"),
+    ("qalora", {"use_qalora": True}, r"use_qalora=True has no exact unipelt equivalent \(supported: use_qalora=False\)"),
     ("lora-bias", {"lora_bias": True}, r"lora_bias=True has no exact unipelt equivalent"),
     ("bias-all", {"bias": "all"}, r"bias='all' has no exact unipelt equivalent \(supported: bias='none'\)"),
     ("layer-replication", {"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\] has no exact unipelt"),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .attach import check_train_base, is_attached, prepare_counting, state_of, trained_parameters
-from .forms import Counts
+from .forms import Counts, form_of
 from .placement import resolve
 from .quantize import element_count
 from .spec import MethodSpec, load_method
@@ -62,13 +62,18 @@ def attached_counts(model: nn.Module) -> dict[str, Any]:
     base_model = getattr(model, "base_model", model)
     base = sum(element_count(p) for p in base_model.parameters() if id(p) not in adapter_ids)
     counts = _summary(state.method.name, added, reparam, trainable, trained_base, head, base)
-    return {**counts, **_svd_ranks(state)}
+    return {**counts, **_form_counts(state)}
 
 
-def _svd_ranks(state) -> dict[str, int]:
-    """AdaLoRA: the current effective total rank over all rank-pruned slots (absent for methods without)."""
-    forms = [s.delta_module for s in state.slots.values() if hasattr(s.delta_module, "effective_rank")]
-    return {"svd_rank": sum(f.effective_rank for f in forms)} if forms else {}
+def _form_counts(state) -> dict[str, int]:
+    """What each form adds to the counts of an attached method (e.g. AdaLoRA's current total rank), summed over
+    the modules of the method that declare the same entry."""
+    extra: dict[str, int] = {}
+    for module in state.method.modules:
+        deltas = [s.delta_module for s in state.slots.values() if s.spec.name == module.name]
+        for key, value in form_of(module.form).attached_counts(deltas).items():
+            extra[key] = extra.get(key, 0) + value
+    return extra
 
 
 def placed_counts(model: nn.Module, method: Any) -> dict[str, Any]:
@@ -77,7 +82,7 @@ def placed_counts(model: nn.Module, method: Any) -> dict[str, Any]:
     placements = resolve(model, spec) if spec.modules else []
     counts = Counts()
     for module in spec.modules:
-        counts += module.form_def.count(module, [p for p in placements if p.spec.name == module.name])
+        counts += form_of(module.form).count(module, [p for p in placements if p.spec.name == module.name])
     check_train_base(model, spec)
     base_model = getattr(model, "base_model", model)
     base = sum(element_count(p) for p in base_model.parameters())

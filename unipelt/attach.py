@@ -24,9 +24,11 @@ from torch import nn
 
 from . import compat
 from .errors import AttachError, MethodConfigError
+from .forms import form_of
 from .placement import Placement, projection_index, resolve
 from .quantize import check_quantization, quantize_base, restore_base
-from .slot import Slot, like
+from .model_snapshot import ModelSnapshot
+from .slot import HostRef, Slot, like
 from .spec import MethodSpec, load_method
 
 STATE_ATTR = "_unipelt"
@@ -86,7 +88,7 @@ def prepare(model: nn.Module, spec: MethodSpec) -> MethodSpec:
     """The spec with what needs the model resolved by each form (prompt texts to token ids, prefix support)."""
     for index, module in enumerate(spec.modules):
         where = f"method '{spec.name}' module {index} ('{module.name}')"
-        prepared = module.form_def.prepare(model, module, where)
+        prepared = form_of(module.form).prepare(model, module, where)
         if prepared is not module:
             spec = spec.replace_module(index, **{"options": prepared.options})
     return spec
@@ -122,15 +124,32 @@ def attach_method(model: nn.Module, method: Any) -> nn.Module:
     except (MemoryError, RuntimeError) as exc:  # e.g. dim: 1000000000000; nothing on the model has changed
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
             raise
-        sizes = sorted({f"{m.name}: " + ", ".join(f"{k}={getattr(m, k)}" for k in ("dim", "length", "init_r")
-                                                  if isinstance(getattr(m, k, None), int)) for m in spec.modules})
-        raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({'; '.join(sizes)}): "
+        raise AttachError(f"attach: method '{spec.name}' does not fit in memory ({_sizes(spec)}): "
                           f"{str(exc).splitlines()[0][:200]}") from None
-    quantized = quantize_base(model, spec, to_quantize)
-    _install(model, spec, placements, slots, reparams, dict(model.named_modules()))  # anew: quantize replaced some
-    state_of(model).controllers.update(controllers)
-    state_of(model).quantized.extend(quantized)
+    # All or nothing from here: whatever raises (a form's install, a quantization half-way), the model is put
+    # back exactly as it was -- module tree, weights, hooks, routing, requires_grad -- before the error goes on.
+    snapshot = ModelSnapshot(model)
+    quantized: list[tuple[str, nn.Module, Any]] = []
+    try:
+        quantize_base(model, spec, to_quantize, quantized)
+        state = _install(model, spec, placements, slots, reparams, dict(model.named_modules()))  # anew: quantized
+        state.controllers.update(controllers)
+        state.quantized.extend(quantized)
+    except BaseException:
+        restore_base(model, quantized)
+        snapshot.restore()
+        raise
     return model
+
+
+def _sizes(spec: MethodSpec) -> str:
+    """'name: key=value' of every module's size option (the one its form declares)."""
+    parts = []
+    for m in spec.modules:
+        key = form_of(m.form).size_key
+        size = getattr(m.options, key, None) if key else None
+        parts.append(f"{m.name}: {key}={size}" if isinstance(size, int) else f"{m.name}:")
+    return "; ".join(sorted(set(parts)))
 
 
 def _all_linear_names(model: nn.Module) -> list[str]:
@@ -148,7 +167,7 @@ def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
     controllers: dict[str, Any] = {}
     for module in spec.modules:
         indices = [i for i, p in enumerate(placements) if p.spec.name == module.name]
-        result = module.form_def.build(module, [placements[i] for i in indices], model, modules)
+        result = form_of(module.form).build(module, [placements[i] for i in indices], model, modules)
         for i, slot in zip(indices, result.slots):
             built[i] = slot.to(**like(modules[placements[i].h_name]))
         reparams.update({name: (module.name, child) for name, child in result.children.items()})
@@ -175,7 +194,7 @@ class CopyableHook:
         return CopyableHook(fn)
 
 
-def _install(model, spec, placements, slots, reparams, modules) -> None:
+def _install(model, spec, placements, slots, reparams, modules) -> AttachedState:
     state = AttachedState(method=spec, placements=placements)
     for name, (owner, reparam) in reparams.items():
         model.add_module(name, reparam)
@@ -186,6 +205,7 @@ def _install(model, spec, placements, slots, reparams, modules) -> None:
         state.slots[f"{p.host_name}.{p.slot_name}" if p.host_name else p.slot_name] = slot
     # Parallel before sequential at a shared site (sorted is stable: YAML order within each kind).
     for p, slot in sorted(zip(placements, slots), key=lambda pair: pair[0].spec.insertion == "sequential"):
+        slot.bind_host(HostRef(model, p.host_name))
         state.handles.extend(slot.install(p, modules, model))
     for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
         if hasattr(handle, "hooks_dict_ref"):
@@ -196,6 +216,7 @@ def _install(model, spec, placements, slots, reparams, modules) -> None:
         module.train(model.training)
     _freeze(model, spec, state)
     model.__dict__[STATE_ATTR] = state
+    return state
 
 
 def _pretrained_head_ids(model: nn.Module) -> set[int]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .accounting import build_meta_model, placed_counts
 from .errors import MethodConfigError
-from .forms import MAX_VECTORS
+from .forms import MAX_VECTORS, form_of
 from .placement import resolve
 from .spec import MethodSpec, ModuleSpec, load_method
 
@@ -55,7 +55,7 @@ class BudgetSolution:
 
 def size_key(module: ModuleSpec) -> str:
     """The option that sets a module's size, as its form declares it (dim, length, svd's init_r...)."""
-    key = module.form_def.size_key
+    key = form_of(module.form).size_key
     if key is None:
         raise MethodConfigError(f"budget: module '{module.name}' (form '{module.form}') has no size key to solve")
     return key
@@ -71,13 +71,13 @@ def _with_sizes(spec: MethodSpec, keys: list[str], sizes: list[int]) -> MethodSp
     """Each module at its size; options that follow the size (svd's target_r) follow in proportion."""
     for index, size in enumerate(sizes):
         module = spec.modules[index]
-        spec = spec.replace_module(index, options=module.form_def.with_size(module.options, size))
+        spec = spec.replace_module(index, options=form_of(module.form).with_size(module.options, size))
     return spec
 
 
 def _caps(meta: nn.Module, spec: MethodSpec) -> list[int]:
     placements = resolve(meta, spec)
-    return [module.form_def.size_cap([p for p in placements if p.spec.name == module.name])
+    return [form_of(module.form).size_cap([p for p in placements if p.spec.name == module.name])
             for module in spec.modules]
 
 

@@ -44,13 +44,15 @@ from .placement import base_path, projection_index
 from .sites import family_of, is_transposed, linear_dims
 from .sites.names import PROJECTION_SITES
 from .slot import Slot, chunk_rows
+from .forms import FORMS, Form, PeftLora, form_of
 from .spec import load_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the user's model
-# PEFT LoRA options that change the computation (LoRA variants, extra trained tensors, replicated layers); import
-# refuses a file that sets any of them. Layer filters, exclude_modules and rslora are handled exactly; init-only
+# PEFT LoRA options that change the computation (LoRA variants, extra trained tensors, replicated layers), with
+# PEFT's defaults; import refuses a file that sets any of them, except those a form declares it reads
+# (Form.peft_lora_reads, e.g. use_dora), which choose the form instead. Layer filters, exclude_modules and rslora are handled exactly; init-only
 # options (init_lora_weights, loftq, eva, corda...) do not matter for loading.
 UNSUPPORTED = {
     "use_dora": False, "lora_bias": False, "bias": "none", "target_parameters": None,
@@ -67,32 +69,9 @@ PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
-def _not_lora_reason(slot: Slot) -> str | None:
-    """Why a slot is not PEFT's LoRA; the form's own module says what of it differs (activation, bias...)."""
-    pair = getattr(slot.delta_module, "low_rank_pair", None)
-    if pair is None:
-        return f"form '{slot.spec.form}'"
-    spec = slot.spec
-    if spec.insertion != "parallel":
-        return f"insertion '{spec.insertion}' (PEFT LoRA needs insertion 'parallel')"
-    mismatch = slot.delta_module.lora_mismatch(spec.options)
-    if mismatch is not None and not mismatch.startswith("bias"):
-        return mismatch
-    if spec.compose not in ("add", "scale"):
-        return f"compose '{spec.compose}' (PEFT LoRA needs add or scale)"
-    if slot.site not in PROJECTION_SITES:
-        return f"site '{slot.site}' (PEFT LoRA acts on projections: {', '.join(PROJECTION_SITES)})"
-    return mismatch
-
-
-def _lora_pair(slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with Δh = B·A·x before scaling (AdaLoRA: A = diag(λ)·Q, B = P, kept triplets only)."""
-    return slot.delta_module.low_rank_pair()
-
-
-def _scale_of(slot: Slot) -> float:
-    factor = slot.composer.factor(None)
-    return float(factor.detach()) if isinstance(factor, torch.Tensor) else float(factor)
+def _as_lora(slot: Slot) -> PeftLora | str:
+    """The slot as PEFT's LoRA (or why not): the slot's form says (Form.peft_lora_export)."""
+    return form_of(slot.spec.form).peft_lora_export(slot)
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -102,16 +81,21 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise AdapterFileError("export_peft: modules are merged into the weights; call unipelt.unmerge first")
     if state.method.train_base != "none":
         raise AdapterFileError(f"export_peft: train_base '{state.method.train_base}' has no PEFT LoRA equivalent")
-    groups: dict[str, list[tuple[Any, Slot]]] = {}
+    groups: dict[str, list[tuple[Any, PeftLora]]] = {}
+    variant: dict[str, Any] = {}  # LoraConfig values the modules need (a LoRA variant's flag); all must agree
     for placement in state.placements:
         slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
-        reason = _not_lora_reason(slot)
-        if reason is not None:
+        lora = _as_lora(slot)
+        if isinstance(lora, str):
             raise AdapterFileError(
                 f"export_peft: module '{placement.spec.name}' at '{placement.site}' cannot be expressed as PEFT LoRA: "
-                f"{reason}"
+                f"{lora}"
             )
-        groups.setdefault(placement.h_name, []).append((placement, slot))
+        for key, value in lora.config.items():
+            if variant.setdefault(key, value) != value:
+                raise AdapterFileError(f"export_peft: modules need different {key} values ({variant[key]!r} and "
+                                       f"{value!r}); one PEFT file has one")
+        groups.setdefault(placement.h_name, []).append((placement, lora))
     dropouts = sorted({getattr(p.spec, "dropout", 0.0) for group in groups.values() for p, _ in group})
     if len(dropouts) > 1:
         raise AdapterFileError(
@@ -124,22 +108,28 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     alphas: dict[str, float] = {}
     for name, group in groups.items():
         host = modules[name]
-        pairs = [_lora_pair(slot) for _, slot in group]
-        if sum(a.shape[0] for a, _ in pairs) == 0:
+        if sum(lora.a.shape[0] for _, lora in group) == 0:
             continue  # every triplet pruned: this projection is not modified
         if len(group) == 1 and group[0][0].chunk is None:
-            (a, b), slot = pairs[0], group[0][1]
-            ranks[name], alphas[name] = a.shape[0], _scale_of(slot) * a.shape[0]
+            lora = group[0][1]
+            a, b = lora.a, lora.b
+            ranks[name], alphas[name] = a.shape[0], lora.scale * a.shape[0]
+            tensors.update({f"{KEY_PREFIX}{name}.{suffix}": t for suffix, t in lora.tensors.items()})
         else:  # chunks of a fused projection, or several modules on one projection: stacked A, block B with
             # each module's B (times its scale) in its own output rows (a chunk's, or all) and its own columns
+            placement, lora = next(((p, lo) for p, lo in group if not lo.stackable), (None, None))
+            if lora is not None:
+                raise AdapterFileError(f"export_peft: module '{placement.spec.name}' at '{placement.site}' shares "
+                                       f"projection '{name}' with other modules or chunks, which its PEFT LoRA "
+                                       "variant cannot be stacked with")
             out_features = linear_dims(host, name)[1]
-            a = torch.cat([a for a, _ in pairs])
+            a = torch.cat([lora.a for _, lora in group])
             b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
             column = 0
-            for (placement, slot), (part_a, part_b) in zip(group, pairs):
+            for placement, lora in group:
                 rows = chunk_rows(placement.chunk, out_features)
-                b[rows, column:column + part_a.shape[0]] = part_b * _scale_of(slot)
-                column += part_a.shape[0]
+                b[rows, column:column + lora.a.shape[0]] = lora.b * lora.scale
+                column += lora.a.shape[0]
             ranks[name], alphas[name] = a.shape[0], float(a.shape[0])
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
@@ -168,10 +158,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "modules_to_save": head_modules or None,
         "fan_in_fan_out": any(is_transposed(modules[n]) for n in ranks),
         "bias": "none",
-        "use_dora": False,
         "use_rslora": False,
         "init_lora_weights": True,
         "inference_mode": True,
+        "use_dora": False,
+        **variant,
     }
     cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     bad = non_finite_tensor(cpu)
@@ -216,7 +207,10 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(f"import_peft: peft_type {config.get('peft_type')!r} is not supported (allowed: LORA)")
     _check_shapes_of_values(config)
+    read_by_forms = {key for form in FORMS.values() for key in (form.peft_lora_reads or {})}
     for key, default in UNSUPPORTED.items():
+        if key in read_by_forms:
+            continue  # a LoRA variant that a form reads (DoRA's use_dora): the form is chosen by it below
         if config.get(key, default) not in (default, None, False, [], {}):
             raise AdapterFileError(
                 f"import_peft: {key}={config[key]!r} has no exact unipelt equivalent (supported: {key}={default!r})"
@@ -261,15 +255,26 @@ def _check_shapes_of_values(config: dict[str, Any]) -> None:
         config["modules_to_save"] = [config["modules_to_save"]]
 
 
-def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    """Check every tensor against the model; return {module name: (rank, scale, A, B)} and the head tensors."""
+def _reading_form(config: dict[str, Any]) -> Form:
+    """The form that reads this file: the first whose declared LoraConfig values (Form.peft_lora_reads) it has."""
+    for form in FORMS.values():
+        reads = form.peft_lora_reads
+        if reads is not None and all(config.get(k, UNSUPPORTED.get(k)) == v for k, v in reads.items()):
+            return form
+    keys = sorted({k for form in FORMS.values() for k in (form.peft_lora_reads or {})})
+    found = ", ".join(f"{k}={config.get(k, UNSUPPORTED.get(k))!r}" for k in keys)
+    raise AdapterFileError(f"import_peft: no unipelt form reads a PEFT LoRA with {found}")
+
+
+def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], form: Form):
+    """Check every tensor against the model; return {module name: PeftLora} and the head tensors."""
     modules = dict(model.named_modules())
     index = projection_index(model)
     targets = _targeted(config, list(modules))
     if not targets:
         raise AdapterFileError(f"import_peft: target_modules {config.get('target_modules')!r} match no module here")
     rslora = bool(config.get("use_rslora", False))
-    layout = {}
+    layout, ranks = {}, {}
     for name in targets:
         if name not in index:
             raise AdapterFileError(
@@ -291,7 +296,14 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
                     f"{shape} for r={rank}"
                 )
             pair.append(tensors[key])
-        layout[name] = (rank, scale, pair[0], pair[1])
+        extra = {}
+        for suffix in form.peft_lora_tensors:
+            key = f"{KEY_PREFIX}{name}.{suffix}"
+            if key not in tensors:
+                raise AdapterFileError(f"import_peft: tensor '{key}' missing in {WEIGHTS_FILE}")
+            extra[suffix] = tensors[key]
+        layout[name] = PeftLora(a=pair[0], b=pair[1], scale=scale, tensors=extra)
+        ranks[name] = rank
     # modules_to_save (the trained task head): PEFT's name rule again; every parameter under a matched module
     params = dict(model.named_parameters())
     heads = list(config.get("modules_to_save") or [])
@@ -306,6 +318,7 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
             raise AdapterFileError(f"import_peft: modules_to_save '{head}' matches no module here")
         head_params.update({n: head for n in params if any(n.startswith(f"{m}.") for m in matched)})
     used = {f"{KEY_PREFIX}{n}.{p}.weight" for n in layout for p in ("lora_A", "lora_B")}
+    used |= {f"{KEY_PREFIX}{n}.{suffix}" for n in layout for suffix in form.peft_lora_tensors}
     head_tensors = {}
     for key, tensor in tensors.items():
         if key in used:
@@ -322,18 +335,18 @@ def _lora_layout(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
     if missing:
         raise AdapterFileError(f"import_peft: tensor '{KEY_PREFIX}{missing[0]}' of modules_to_save "
                                f"'{head_params[missing[0]]}' missing in {WEIGHTS_FILE}")
-    return layout, head_tensors, index
+    return layout, ranks, head_tensors, index
 
 
-def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict[str, Any]:
+def _method(model: nn.Module, layout: dict, ranks: dict, index: dict, dropout: float, form: Form) -> dict[str, Any]:
     """One unipelt module per (stack, rank, scale, layer set), covering the sites that share them."""
     family = family_of(model.config)
     modules = dict(model.named_modules())
     root = base_path(model)
     groups: dict[tuple, dict[str, set[int]]] = {}
-    for name, (rank, scale, _, _) in layout.items():
+    for name, lora in layout.items():
         for stack, layer, site, _ in index[name]:
-            groups.setdefault((stack, rank, scale), {}).setdefault(site, set()).add(layer)
+            groups.setdefault((stack, ranks[name], lora.scale), {}).setdefault(site, set()).add(layer)
     entries = []
     for (stack, rank, scale), sites in groups.items():
         n_layers = len(modules[".".join(p for p in (root, family.stacks[stack].path) if p)])
@@ -342,10 +355,8 @@ def _method(model: nn.Module, layout: dict, index: dict, dropout: float) -> dict
             by_layers.setdefault(tuple(sorted(layers)), []).append(site)
         for layers, at in by_layers.items():
             entries.append({
-                "form": "bottleneck", "name": f"lora{len(entries)}", "at": sorted(at), "insertion": "parallel",
-                "compose": "scale", "scale": scale, "dim": rank, "activation": "none", "init": "lora",
-                "bias": False, "dropout": dropout, "stacks": [stack],
-                "layers": "all" if layers == tuple(range(n_layers)) else list(layers),
+                **form.peft_lora_module(rank, scale, dropout), "name": f"lora{len(entries)}", "at": sorted(at),
+                "stacks": [stack], "layers": "all" if layers == tuple(range(n_layers)) else list(layers),
             })
     return {"name": "peft_lora", "modules": entries}
 
@@ -354,8 +365,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Attach a PEFT LoRA adapter as unipelt modules with identical outputs; on any error the model is unchanged."""
     check_model(model, "import_peft")
     config, tensors = read_peft(directory)
-    layout, head_tensors, index = _lora_layout(model, config, tensors)
-    method = load_method(_method(model, layout, index, float(config.get("lora_dropout", 0.0) or 0.0)))
+    form = _reading_form(config)
+    layout, ranks, head_tensors, index = _lora_layout(model, config, tensors, form)
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    method = load_method(_method(model, layout, ranks, index, dropout, form))
     attach_method(model, method)
     try:
         state = state_of(model)
@@ -363,9 +376,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         with torch.no_grad():
             for placement in state.placements:
                 slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
-                _, _, a, b = layout[placement.h_name]
-                slot.form.down.weight.copy_(a)
-                slot.form.up.weight.copy_(b[chunk_rows(placement.chunk, b.shape[0])])
+                form.peft_lora_load(slot, layout[placement.h_name], placement.chunk)
             for name, tensor in head_tensors.items():
                 params[name].copy_(tensor)
     except Exception:

@@ -5,8 +5,8 @@ Nothing here mutates the model; attach() acts on the placements this returns, so
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -14,45 +14,9 @@ from .errors import AttachError, allowed
 from .sites import family_of, linear_dims
 from .sites.names import ALL_LINEAR, INPUT_SITES, PROJECTION_SITES
 from .sites.table import Activation, Family, Heads, Norm, Projection, SubLayer
-from .spec import MethodSpec, ModuleSpec
-
-
-@dataclass(frozen=True)
-class Placement:
-    """One module spec placed at one site of one layer."""
-
-    spec: ModuleSpec
-    site: str
-    stack: str
-    layer: int
-    kind: str  # "projection", "sublayer", "heads", "activation", "norm" or "embeddings" (a prompt at the input)
-    h_name: str  # module whose output (projection, sub-layer, norm) or input (heads, activation) is h
-    x_name: str  # module whose input is x (the same as h_name for projections)
-    chunk: tuple[int, int] | None
-    d_in: int  # input width of the functional form (x for parallel, h for sequential)
-    d_out: int
-    d_x: int  # width of the site input x (what a sigmoid gate reads)
-    n_heads: int = 0
-    head_dim: int = 0
-    kv_heads: int = 0
-    encoder_name: str = ""  # encoder-decoders, at the input: the encoder stack, which generate() calls directly
-    q_name: str = ""  # heads: the attention's query projection (He et al.'s ReLU prefix attention re-applies it)
-    q_chunk: tuple[int, int] | None = None
-
-    @property
-    def slot_name(self) -> str:
-        return f"unipelt_{self.spec.name}_{self.site.replace('.', '_')}"
-
-    @property
-    def host_name(self) -> str:
-        """The module that owns the slot: the h module, or the x module for forms that act through it (the
-        attention module for a prefix, the base model for a prompt)."""
-        return self.x_name if self.spec.form_def.host == "x" else self.h_name
-
-    @property
-    def modifies_input(self) -> bool:
-        """h is the input of the h module (heads, activation), not its output."""
-        return self.kind in ("heads", "activation")
+from .forms import form_of
+from .module_spec import ModuleSpec, Placement
+from .spec import MethodSpec
 
 
 def base_path(model: nn.Module) -> str:
@@ -72,7 +36,8 @@ def resolve(model: nn.Module, method: MethodSpec) -> list[Placement]:
     for index, spec in enumerate(method.modules):
         where = f"method '{method.name}' module {index} ('{spec.name}')"
         try:
-            placements.extend(_place_module(spec, where, family, modules, root))
+            host = form_of(spec.form).host
+            placements.extend(dataclasses.replace(p, host=host) for p in _place_module(spec, where, family, modules, root))
         except MissingSiteError as error:
             missing.append(error)
     # A kind of site this model lacks (cross-attention on an encoder, a post-LN LayerNorm on a pre-LN decoder) is

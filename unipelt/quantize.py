@@ -9,7 +9,7 @@ restores the original model bit for bit while the accelerator holds only the 4-b
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -17,14 +17,21 @@ from torch import nn
 from .errors import AttachError
 from .sites.linear import is_transposed
 
-if TYPE_CHECKING:  # types only: the spec layer sits above
-    from .spec import MethodSpec
+
+
+class QuantizeSettings(Protocol):
+    """What quantization reads of a method spec (unipelt.spec.MethodSpec, which sits above this layer)."""
+
+    name: str
+    quantize: str
+    compute_dtype: str
+    double_quant: bool
 
 BLOCKSIZE = 64  # the QLoRA paper's NF4 block size
 SUPPORTED_DEVICES = ("cpu", "cuda", "xpu")
 
 
-def check_quantization(model: nn.Module, spec: "MethodSpec") -> None:
+def check_quantization(model: nn.Module, spec: QuantizeSettings) -> None:
     """Raise before anything changes when the base cannot be quantized here."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise AttachError(f"method '{spec.name}': quantize '{spec.quantize}' needs bitsandbytes; "
@@ -44,7 +51,7 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().T if is_transposed(module) else module.weight.detach()
 
 
-def quantize_module(module: nn.Module, spec: "MethodSpec") -> nn.Module:
+def quantize_module(module: nn.Module, spec: QuantizeSettings) -> nn.Module:
     """A bitsandbytes Linear4bit computing what `module` (nn.Linear or Conv1D) computes, up to NF4 rounding."""
     import bitsandbytes as bnb
 
@@ -67,21 +74,21 @@ def quantize_module(module: nn.Module, spec: "MethodSpec") -> nn.Module:
     return layer
 
 
-def quantize_base(model: nn.Module, spec: "MethodSpec", names: list[str]) -> list[tuple[str, nn.Module, Any]]:
-    """Replace the named projections by 4-bit layers; returns (name, original, device) to undo it."""
+def quantize_base(model: nn.Module, spec: QuantizeSettings, names: list[str],
+                  replaced: list[tuple[str, nn.Module, Any]]) -> None:
+    """Replace the named projections by 4-bit layers, appending (name, original, device) to `replaced` as each one
+    is done (so that a failure half-way can still be undone by restore_base)."""
     if not names or next(model.parameters()).device.type == "meta":
-        return []  # counting on meta: shapes only, quantization changes no parameter count
+        return  # counting on meta: shapes only, quantization changes no parameter count
     modules = dict(model.named_modules())
-    replaced = []
     for name in names:
         original = modules[name]
         quantized = quantize_module(original, spec)
         device = original.weight.device
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, quantized)
-        original.to("cpu")  # frees accelerator memory; detach() moves it back
         replaced.append((name, original, device))
-    return replaced
+        original.to("cpu")  # frees accelerator memory; detach() moves it back
 
 
 def restore_base(model: nn.Module, replaced: list[tuple[str, nn.Module, Any]]) -> None:
@@ -120,6 +127,14 @@ def restore_4bit(module: nn.Module, token: Any) -> None:
     data, quant_state = token
     module.weight.data = data
     module.weight.quant_state = quant_state
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear map as a dense [out, in] tensor: dequantized (float32) from 4-bit NF4, transposed
+    from GPT-2's Conv1D, else the weight itself (with its autograd history, not a copy)."""
+    if is_4bit(module):
+        return dequantize(module)
+    return module.weight.T if is_transposed(module) else module.weight
 
 
 def element_count(param: torch.Tensor) -> int:

@@ -23,12 +23,63 @@ from torch import nn
 from . import compat
 from .compose import Composer
 from .errors import AttachError
-from .quantize import is_4bit
+from .quantize import dense_weight, is_4bit
 from .sites.names import ACTIVATION_SITES, PROJECTION_SITES
 from .weight_fold import LinearMap, MergeRecord, chunk_rows, fold, unfold
 
 if TYPE_CHECKING:
-    from .placement import Placement
+    from .module_spec import Placement
+
+
+class HostRef:
+    """A live accessor to the module a slot lives on (the placement's host: the projection for LoRA or DoRA, the
+    attention module for a prefix, the base model for a prompt), handed to the slot at install.
+
+    It looks the module up by name in the model at every call, so it stays right when the module object is
+    replaced after install (QLoRA's 4-bit layers, a user's own quantization) and when it is wrapped in place
+    (FSDP2's fully_shard keeps names). It keeps the model as a plain attribute, not a child module: copy.deepcopy
+    of the model gives a copy whose accessors reach the copy."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self._model = model
+        self.name = name
+
+    @property
+    def module(self) -> nn.Module:
+        return self._model.get_submodule(self.name)
+
+    def weight(self) -> torch.Tensor:
+        """The host's weight as a dense [out, in] tensor (dequantized from 4-bit NF4, untransposed from Conv1D)."""
+        return dense_weight(self.module)
+
+
+class Delta(nn.Module):
+    """Base of the modules that compute Δh (a form's `build` puts one in each slot). Every part is optional and has
+    its default here; docs/forms.md lists the whole protocol.
+
+    - `linear_map()`: Δh as a LinearMap where it is linear in the input (merge folds it); default None.
+    - `bind_host(host)`: called at install with the live accessor to the host module (e.g. DoRA reads the weight
+      it normalises); default: kept as `self.host_ref`, read through `self.host`.
+    - `pruned_parameters()`: the tensors to save and count when fewer than all parameters can act (AdaLoRA's kept
+      triplets); default None (all of them).
+    """
+
+    host_ref: "HostRef | None" = None
+
+    def linear_map(self) -> LinearMap | None:
+        return None
+
+    def bind_host(self, host: HostRef) -> None:
+        self.host_ref = host
+
+    @property
+    def host(self) -> nn.Module:
+        if self.host_ref is None:
+            raise AttachError(f"{type(self).__name__}: its host module is known once the slot is installed")
+        return self.host_ref.module
+
+    def pruned_parameters(self) -> dict[str, torch.Tensor] | None:
+        return None
 
 
 def like(module: nn.Module) -> dict[str, Any]:
@@ -107,6 +158,15 @@ class Slot(nn.Module):
         self.merged = False
         self.captured_x: torch.Tensor | None = None
         self._merge_record: MergeRecord | None = None  # what merge() changed, to undo it exactly
+        self.host_ref: HostRef | None = None  # set by bind_host at install
+
+    def bind_host(self, host: HostRef) -> None:
+        """Hand the slot (and its Δh module) the live accessor to the module it lives on; attach calls it before
+        install."""
+        self.host_ref = host
+        bind = getattr(self.delta_module, "bind_host", None)
+        if bind is not None:
+            bind(host)
 
     @property
     def enabled(self) -> bool:
@@ -158,8 +218,9 @@ class Slot(nn.Module):
         """What is saved and counted as added: the parameters, with a rank-pruned form cut to what it keeps."""
         tensors = dict(self.named_parameters())
         pruned = getattr(self.delta_module, "pruned_parameters", None)
-        if pruned is not None:
-            tensors.update({f"{self.FORM_ATTR}.{name}": value for name, value in pruned().items()})
+        kept = pruned() if pruned is not None else None
+        if kept is not None:
+            tensors.update({f"{self.FORM_ATTR}.{name}": value for name, value in kept.items()})
         return tensors
 
     def reparam_count(self) -> int:
@@ -219,4 +280,4 @@ class Slot(nn.Module):
         self.merged = False
 
 
-__all__ = ["LinearMap", "Slot", "capture_hook", "chunk_rows", "like"]
+__all__ = ["Delta", "HostRef", "LinearMap", "Slot", "capture_hook", "chunk_rows", "like"]

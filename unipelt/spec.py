@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from .errors import MethodConfigError, allowed, read_utf8
+from .package_files import conf_dir
 from .forms import FORMS, Form, form_of
+from .module_spec import ModuleSpec
 from .sites.names import ALL_AT, ALL_LINEAR, NORM_SITES, PROJECTION_SITES, SITES, STACKS
 from .spec_values import (
     budget_value,
@@ -43,66 +44,23 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 AXIS_KEYS = ("form", "at", "insertion", "compose")
 
 
-@dataclass(frozen=True)
-class ModuleSpec:
-    """One modification Δh: a point on the four axes, where it acts, and the functional form's typed options.
-
-    The form's options read as attributes too (`module.dim`, `module.length`), so a module spec reads like its
-    YAML; `replace(**changes)` changes axes and options alike and keeps them typed."""
-
-    form: str
-    at: tuple[str, ...]
-    insertion: str
-    compose: str
-    name: str = ""
-    scale: float | str = 1.0  # a fixed factor, or "learned" (a trainable scalar starting at 1)
-    layers: str | tuple[int, ...] = "all"
-    stacks: tuple[str, ...] = STACKS
-    lr: float | None = None  # this module's own learning rate (e.g. prefix vs adapter); None: the trainer's
-    # under method.budget: this module's fraction of the budget, its size solved alone (He et al. size MAM's prefix
-    # and adapter separately); None: sizes scale together in the spec's ratio (unipelt.budget)
-    budget_share: float | None = None
-    options: Any = None  # the form's Options dataclass (None: its defaults)
-
-    def __post_init__(self) -> None:
-        if self.options is None:
-            object.__setattr__(self, "options", form_of(self.form).Options())
-
-    def __getattr__(self, key: str) -> Any:
-        options = self.__dict__.get("options")
-        if not key.startswith("__") and options is not None and hasattr(options, key):
-            return getattr(options, key)
-        raise AttributeError(f"module spec of form '{self.__dict__.get('form')}' has no option '{key}'")
-
-    @property
-    def form_def(self) -> Form:
-        return form_of(self.form)
-
-    def replace(self, **changes: Any) -> "ModuleSpec":
-        own = {f.name for f in dataclasses.fields(self)}
-        options = {k: v for k, v in changes.items() if k not in own}
-        common = {k: v for k, v in changes.items() if k in own}
-        if options:
-            common["options"] = dataclasses.replace(common.get("options", self.options), **options)
-        return dataclasses.replace(self, **common)
-
-    def to_yaml(self) -> dict[str, Any]:
-        """The module as load_method reads it back."""
-        form = self.form_def
-        entry: dict[str, Any] = {"form": self.form, "name": self.name, "at": list(self.at),
-                                 "insertion": self.insertion, "compose": self.compose}
-        if form.per_layer:
-            entry["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
-            entry["stacks"] = list(self.stacks)
-        if self.compose == "scale":
-            entry["scale"] = self.scale
-        if self.lr is not None:
-            entry["lr"] = self.lr
-        if self.budget_share is not None:
-            entry["budget_share"] = self.budget_share
-        entry.update(form.to_yaml(self.options))
-        form.finish_yaml(self, entry)
-        return entry
+def module_to_yaml(module: ModuleSpec) -> dict[str, Any]:
+    """One module as load_method reads it back."""
+    form = form_of(module.form)
+    entry: dict[str, Any] = {"form": module.form, "name": module.name, "at": list(module.at),
+                             "insertion": module.insertion, "compose": module.compose}
+    if form.per_layer:
+        entry["layers"] = list(module.layers) if isinstance(module.layers, tuple) else module.layers
+        entry["stacks"] = list(module.stacks)
+    if module.compose == "scale":
+        entry["scale"] = module.scale
+    if module.lr is not None:
+        entry["lr"] = module.lr
+    if module.budget_share is not None:
+        entry["budget_share"] = module.budget_share
+    entry.update(form.to_yaml(module.options))
+    form.finish_yaml(module, entry)
+    return entry
 
 
 @dataclass(frozen=True)
@@ -129,7 +87,7 @@ class MethodSpec:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that load_method reads back into an equal spec (used in adapter files)."""
         out: dict[str, Any] = {"name": self.name, "train_base": self.train_base, "train_head": self.train_head}
-        out["modules"] = [module.to_yaml() for module in self.modules]
+        out["modules"] = [module_to_yaml(module) for module in self.modules]
         if self.train_modules:
             out["train_modules"] = list(self.train_modules)
         if self.budget is not None:
@@ -142,8 +100,12 @@ class MethodSpec:
 
     def folded(self) -> "MethodSpec":
         """The same method with training aids (a prefix MLP, a prompt encoder) folded away: what is saved."""
-        modules = tuple(dataclasses.replace(m, options=m.form_def.folded(m.options)) for m in self.modules)
+        modules = tuple(dataclasses.replace(m, options=form_of(m.form).folded(m.options)) for m in self.modules)
         return dataclasses.replace(self, modules=modules)
+
+    def input_tokens(self) -> int:
+        """Positions the method adds to every input sequence (prompt tokens), as its forms declare them."""
+        return sum(form_of(m.form).input_tokens(m.options) for m in self.modules)
 
     def replace_module(self, index: int, **changes: Any) -> "MethodSpec":
         modules = list(self.modules)
@@ -166,11 +128,14 @@ def module_keys(form: Form) -> set[str]:
 
 
 def preset_dir() -> Path:
-    return Path(str(resources.files("unipelt.conf") / "method"))
+    """conf/method of the imported package (unipelt.package_files says where that is)."""
+    return conf_dir() / "method"
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+    """Every preset name load_method takes, sub-folders included as `folder/name` (glue/mam)."""
+    root = preset_dir()
+    return sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
 
 
 def load_method(source: Any) -> MethodSpec:
@@ -188,16 +153,26 @@ def load_method(source: Any) -> MethodSpec:
 
 
 def _resolve_yaml(source: str | Path) -> Path:
+    """The YAML file a string names. A Path or a name ending in .yaml/.yml is a file; a plain name (`mam`) is a
+    preset; a name with a slash (`glue/mam`) is a file when one exists there (relative to the working directory),
+    else the preset of that sub-folder of conf/method: an existing file is what a user who typed a path meant,
+    and nobody keeps an extension-less file named like a preset by accident."""
     text = str(source)
-    if text.endswith((".yaml", ".yml")) or "/" in text or isinstance(source, Path):
-        path = Path(text)
+    path = Path(text)
+    # an absolute path or one with `..` cannot be a preset: a preset name stays inside conf/method
+    if isinstance(source, Path) or text.endswith((".yaml", ".yml")) or path.is_absolute() or ".." in path.parts:
         if not path.is_file():
             raise MethodConfigError(f"method file not found: {path}")
         return path
-    path = preset_dir() / f"{text}.yaml"
-    if not path.is_file():
-        raise MethodConfigError(f"unknown method preset '{text}' (allowed: {allowed(list_presets())})")
-    return path
+    if "/" in text and path.is_file():
+        return path
+    preset = preset_dir() / f"{text}.yaml"
+    if preset.is_file():
+        return preset
+    if "/" in text:
+        raise MethodConfigError(f"method '{text}': no file {path.absolute()} and no preset {preset} "
+                                f"(presets: {allowed(list_presets())})")
+    raise MethodConfigError(f"unknown method preset '{text}' (allowed: {allowed(list_presets())})")
 
 
 def _from_yaml(path: Path) -> MethodSpec:

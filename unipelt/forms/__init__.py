@@ -7,10 +7,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import FORMS, MAX_VECTORS, AlphaScaledForm, Built, Counts, Form, form_of, option, optional, register
+from .base import (FORMS, MAX_VECTORS, AlphaScaledForm, Built, Counts, Delta, Form, HostRef, PeftLora, form_of, option,
+                   optional, register)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["FORMS", "MAX_VECTORS", "AlphaScaledForm", "Built", "Counts", "Form", "form_of", "option", "optional",
-           "register"]
+__all__ = ["FORMS", "MAX_VECTORS", "AlphaScaledForm", "Built", "Counts", "Delta", "Form", "HostRef", "PeftLora",
+           "form_of", "option", "optional", "register"]

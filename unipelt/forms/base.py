@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
+import torch
 from torch import nn
 
 from ..errors import MethodConfigError, allowed
-
-if TYPE_CHECKING:  # types only: the spec and placement layers sit above the forms
-    from ..placement import Placement
-    from ..spec import ModuleSpec
+from ..module_spec import ModuleSpec, Placement
+from ..slot import Delta, HostRef, Slot
 
 Check = Callable[[Any, str], Any]
 MAX_VECTORS = 1024  # the largest prefix / prompt a budget may ask for: far beyond any setting in the literature
@@ -57,6 +56,23 @@ class Counts:
 
 
 @dataclass
+class PeftLora:
+    """One slot as Hugging Face PEFT's LoRA on its projection: Δh = scale·B·A·x, plus what a LoRA variant adds.
+
+    `config`: the LoraConfig values the slot needs (e.g. {"use_dora": True}; every module of one file must agree);
+    `tensors`: further tensors of the module by PEFT's key suffix (DoRA: "lora_magnitude_vector"); `stackable`:
+    whether several such modules (chunks of a fused projection, two modules on one projection) may be written as
+    one LoRA of the summed rank (true of a plain LoRA, not of a variant that normalises the whole weight)."""
+
+    a: torch.Tensor  # r x d_in
+    b: torch.Tensor  # d_out x r
+    scale: float
+    config: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    stackable: bool = True
+
+
+@dataclass
 class Built:
     """What a form builds for one module spec: one slot per placement, in the placements' order, plus children
     registered on the model itself (e.g. a prefix MLP shared by the layers of one attention kind) and training
@@ -80,11 +96,20 @@ class Form:
     # The option a budget scales (None: the form has no size), and options that follow it in proportion.
     size_key: ClassVar[str | None] = None
     size_companions: ClassVar[tuple[str, ...]] = ()
+    # Options that training fills in (AdaLoRA's pruned ranks, written into the saved method): like the size, they
+    # follow from the budget, so a report must not split runs by them.
+    solved_keys: ClassVar[tuple[str, ...]] = ()
     # The module the slot lives on: "h" (the module whose output or input it modifies) or "x" (the module it acts
     # through: the attention module for a prefix, the base model for a prompt).
     host: ClassVar[str] = "h"
     # Set (to the advice shown) when a method may hold at most one module of this form.
     once_per_method: ClassVar[str | None] = None
+    # PEFT LoRA files this form reads back (import_peft): the LoraConfig values such a file must have, e.g.
+    # {"use_dora": False}; None: import_peft never builds this form.
+    peft_lora_reads: ClassVar[Mapping[str, Any] | None] = None
+    # Tensors besides lora_A / lora_B that such a file holds per target module, by key suffix (DoRA's
+    # "lora_magnitude_vector"); import_peft hands them to peft_lora_load.
+    peft_lora_tensors: ClassVar[tuple[str, ...]] = ()
 
     # ---- options --------------------------------------------------------------------------------------------
 
@@ -150,6 +175,45 @@ class Form:
     def count(self, spec: "ModuleSpec", placements: list["Placement"]) -> Counts:
         raise NotImplementedError
 
+    # ---- what the shared tester and the reports may rely on ------------------------------------------------
+
+    def merges(self, spec: "ModuleSpec") -> bool:
+        """True when merge() folds every slot of this module into the base weights (nothing keeps running as a
+        module); the shared tester holds merge() to it on every family. Default False."""
+        return False
+
+    def starts_as_identity(self, spec: "ModuleSpec") -> bool:
+        """True when the attached model computes exactly the base model's outputs until training moves the
+        module (e.g. LoRA's zero B); the shared tester holds attach to it. Default False."""
+        return False
+
+    def attached_counts(self, deltas: list[nn.Module]) -> dict[str, int]:
+        """Extra entries for count_parameters of an attached model, from this form's Δh modules of one method
+        (e.g. AdaLoRA's current total rank); summed over modules of the same form. Default none."""
+        return {}
+
+    # ---- Hugging Face PEFT's LoRA files (export_peft / import_peft) ------------------------------------------
+
+    def peft_lora_export(self, slot: Slot) -> "PeftLora | str":
+        """The slot as a PEFT LoRA, or why it cannot be one (one phrase, named in export_peft's refusal)."""
+        return f"form '{self.name}' has no PEFT LoRA equivalent"
+
+    def peft_lora_module(self, rank: int, scale: float, dropout: float) -> dict[str, Any]:
+        """import_peft: the module keys (form, options, insertion, compose, scale) of a module that computes a PEFT
+        LoRA of this rank and scale; a form with `peft_lora_reads` implements it."""
+        raise NotImplementedError(f"form '{self.name}' does not import PEFT LoRA files")
+
+    def peft_lora_load(self, slot: Slot, lora: "PeftLora", chunk: tuple[int, int] | None) -> None:
+        """import_peft: copy a PEFT LoRA's tensors (A, B and the variant's own, as in the file) into the slot built
+        by peft_lora_module. `chunk`: the slot modifies one slice (index, count) of a fused projection's output
+        rows (unipelt.slot.chunk_rows gives them), so it takes the matching rows of B (and of row-wise tensors)."""
+        raise NotImplementedError(f"form '{self.name}' does not import PEFT LoRA files")
+
+    def input_tokens(self, options: Any) -> int:
+        """Positions this form adds to every input sequence (a prompt's virtual tokens), which the sequence
+        length a model accepts must leave room for; default 0."""
+        return 0
+
     def size_cap(self, placements: list["Placement"]) -> int:
         """The largest size that still makes sense: default the narrowest width the module maps (low rank)."""
         widths = [p.head_dim if p.kind == "heads" else min(p.d_in, p.d_out) for p in placements]
@@ -190,5 +254,5 @@ def form_of(name: str) -> Form:
     return FORMS[name]
 
 
-__all__ = ["MAX_VECTORS", "AlphaScaledForm", "Built", "Counts", "FORMS", "Form", "form_of", "option", "optional",
-           "register"]
+__all__ = ["MAX_VECTORS", "AlphaScaledForm", "Built", "Counts", "Delta", "FORMS", "Form", "HostRef", "PeftLora",
+           "form_of", "option", "optional", "register"]

@@ -11,21 +11,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from ..compose import Composer
 from ..errors import MethodConfigError
-from ..sites.names import ALL_LINEAR, SITES
-from ..slot import LinearMap, Slot
+from ..module_spec import ModuleSpec, Placement
+from ..sites.names import ALL_LINEAR, PROJECTION_SITES, SITES
+from ..slot import Delta, LinearMap, Slot, chunk_rows
 from ..spec_values import choice, expect, positive_float_value, positive_int_value, probability_value
-from .base import AlphaScaledForm, Built, Counts, option, optional, register
-
-if TYPE_CHECKING:
-    from ..placement import Placement
-    from ..spec import ModuleSpec
+from .base import AlphaScaledForm, Built, Counts, PeftLora, option, optional, register
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "none": nn.Identity}
 INITS = ("bert", "lora", "lora_gaussian", "near_identity")
@@ -101,7 +98,7 @@ def matmul_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(weight.dtype)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Delta):
     """down (d_in→r) → activation → up (r→d_out), with optional LayerNorm on the input or output and dropout."""
 
     def __init__(self, spec: "ModuleSpec | BottleneckOptions", d_in: int, d_out: int) -> None:
@@ -155,21 +152,8 @@ class Bottleneck(nn.Module):
             bias = self.up.weight @ self.down.bias + self.up.bias
         return LinearMap(self.up.weight @ self.down.weight, bias)
 
-    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) with Δh = B·A·x: LoRA's matrices (PEFT interop)."""
-        return self.down.weight, self.up.weight
 
-    def lora_mismatch(self, options: BottleneckOptions) -> str | None:
-        """Why this bottleneck is not PEFT's LoRA (None when it is)."""
-        for key, value in (("activation", options.activation), ("layernorm", options.layernorm)):
-            if value != "none":
-                return f"{key} '{value}' (PEFT LoRA needs {key} 'none')"
-        if options.has_bias:
-            return "bias: true (PEFT LoRA has no bias in A and B)"
-        return None
-
-
-class HeadBottleneck(nn.Module):
+class HeadBottleneck(Delta):
     """One bottleneck per attention head: head i maps x (d_in) → r → head_dim, outputs concatenated over heads."""
 
     def __init__(self, spec: "ModuleSpec | BottleneckOptions", d_in: int, n_heads: int, head_dim: int) -> None:
@@ -208,6 +192,7 @@ class BottleneckForm(AlphaScaledForm):
     insertions = ("sequential", "parallel")
     compositions = ("add", "scale", "sigmoid_gate")
     size_key = "dim"
+    peft_lora_reads = {"use_dora": False}  # import_peft builds a plain PEFT LoRA as this form
 
     def with_size(self, options: BottleneckOptions, size: int) -> BottleneckOptions:
         # a solved width replaces a width set as d / reduction_factor
@@ -246,6 +231,48 @@ class BottleneckForm(AlphaScaledForm):
             total += 2 * p.d_in * (o.layernorm == "in") + 2 * d_out * (o.layernorm == "out")
             total += Composer.parameter_count(spec, p.d_in)
         return Counts(added=total, trainable=total)
+
+
+    # ---- what the tester and export rely on -------------------------------------------------------------
+
+    def merges(self, spec: ModuleSpec) -> bool:
+        """A parallel linear map (no activation, no LayerNorm, no bias, as LoRA) at projections, composed by a
+        constant, folds into W on every family; anything else keeps running as a module."""
+        o = spec.options
+        at_projections = all(site in PROJECTION_SITES or site == ALL_LINEAR for site in spec.at)
+        return (o.is_linear and not o.has_bias and spec.insertion == "parallel" and at_projections
+                and spec.compose in ("add", "scale"))
+
+    def starts_as_identity(self, spec: ModuleSpec) -> bool:
+        return spec.options.init in LORA_INITS  # B (up) starts at zero, so Δh is zero whatever the composition
+
+    def peft_lora_export(self, slot: Slot) -> PeftLora | str:
+        """PEFT's LoRA is exactly a parallel bottleneck with no activation, no LayerNorm and no bias at a projection,
+        composed by add or scale: A is down.weight, B is up.weight."""
+        spec, o = slot.spec, slot.spec.options
+        if spec.insertion != "parallel":
+            return f"insertion '{spec.insertion}' (PEFT LoRA needs insertion 'parallel')"
+        for key, value in (("activation", o.activation), ("layernorm", o.layernorm)):
+            if value != "none":
+                return f"{key} '{value}' (PEFT LoRA needs {key} 'none')"
+        if spec.compose not in ("add", "scale"):
+            return f"compose '{spec.compose}' (PEFT LoRA needs add or scale)"
+        if slot.site not in PROJECTION_SITES or not isinstance(slot.delta_module, Bottleneck):
+            return f"site '{slot.site}' (PEFT LoRA acts on projections: {', '.join(PROJECTION_SITES)})"
+        if o.has_bias:
+            return "bias: true (PEFT LoRA has no bias in A and B)"
+        delta = slot.delta_module
+        return PeftLora(a=delta.down.weight, b=delta.up.weight, scale=float(slot.composer.merge_factor()),
+                        config={"use_dora": False})
+
+    def peft_lora_module(self, rank: int, scale: float, dropout: float) -> dict[str, Any]:
+        return {"form": self.name, "insertion": "parallel", "compose": "scale", "scale": scale, "dim": rank,
+                "activation": "none", "init": "lora", "bias": False, "dropout": dropout}
+
+    def peft_lora_load(self, slot: Slot, lora: PeftLora, chunk: tuple[int, int] | None) -> None:
+        with torch.no_grad():
+            slot.delta_module.down.weight.copy_(lora.a)
+            slot.delta_module.up.weight.copy_(lora.b[chunk_rows(chunk, lora.b.shape[0])])
 
 
 register(BottleneckForm())

@@ -11,19 +11,14 @@ columns of the FFN's down projection; unmerge divides them back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..compose import Composer
 from ..sites.names import ACTIVATION_SITES, PROJECTION_SITES
-from ..slot import LinearMap, Slot
+from ..module_spec import ModuleSpec, Placement
+from ..slot import Delta, LinearMap, Slot
 from .base import Built, Counts, Form, register
-
-if TYPE_CHECKING:
-    from ..placement import Placement
-    from ..spec import ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -31,7 +26,7 @@ class ScalingOptions:
     """(IA)³ has no option besides the four axes: its size is the width of the representation it rescales."""
 
 
-class Scaling(nn.Module):
+class Scaling(Delta):
     """l ∈ R^d, starting at ones; Δh = (l − 1) ⊙ h."""
 
     def __init__(self, width: int) -> None:
@@ -60,6 +55,13 @@ class ScalingForm(Form):
         """One scale per feature of h: d_out per placement (d_k, d_v, d_ff), plus the composer."""
         total = sum(p.d_out + Composer.parameter_count(spec, p.d_in) for p in placements)
         return Counts(added=total, trainable=total)
+
+
+    def merges(self, spec: ModuleSpec) -> bool:
+        return True  # a sequential per-feature scaling folds into the rows (or the consumer's columns) of W
+
+    def starts_as_identity(self, spec: ModuleSpec) -> bool:
+        return True  # l starts at ones
 
 
 register(ScalingForm())

@@ -26,8 +26,8 @@ from .attention import PrefixSlot, check_prefix_support, model_eager_attention, 
 from .vectors import Prefix, PrefixReparam
 
 if TYPE_CHECKING:
-    from ...placement import Placement
-    from ...spec import ModuleSpec
+    from ...module_spec import Placement
+    from ...module_spec import ModuleSpec
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from .slot import PromptSlot
 from .tokens import VirtualTokens, initial_vectors
 
 if TYPE_CHECKING:
-    from ...placement import Placement
-    from ...spec import ModuleSpec
+    from ...module_spec import Placement
+    from ...module_spec import ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class PromptForm(Form):
         if options.template is not None:
             out["template"] = template_to_yaml(options.template)
         return out
+
+    def input_tokens(self, options: PromptOptions) -> int:
+        return options.length
 
     def folded(self, options: PromptOptions) -> PromptOptions:
         # A P-tuning encoder is folded into the plain vectors it produces, as a prefix MLP is.

@@ -25,18 +25,30 @@ example's real tokens (padding stays outside), so left and right padding both wo
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from ... import compat
 from ...errors import AttachError
+from ...module_spec import Placement
 from .layout import Layout, align, first_real_order, plan, widen, widen_positions
 
-if TYPE_CHECKING:
-    from ...placement import Placement
-    from .slot import PromptSlot
+
+class PromptSlot(Protocol):
+    """What the hooks read and write of the prompt's slot (slot.py, which installs them through this module)."""
+
+    active: bool
+    template: tuple
+    extra: int  # positions inserted per example
+    policy: str  # how the head reads the widened outputs (head_policy)
+    _handoff: torch.Tensor | None
+    _layouts: dict[str, Layout]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def inserted(self, like: torch.Tensor) -> torch.Tensor: ...
 
 
 # ---- hooks ---------------------------------------------------------------------------------------------------

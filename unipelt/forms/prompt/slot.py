@@ -3,19 +3,17 @@ It acts through hooks on the base model (hooks.py), not on one hidden state, so 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...compose import Composer
+from ...module_spec import Placement
 from ...slot import Slot
 from .hooks import install_prompt_hooks
 from .layout import Layout
 from .tokens import VirtualTokens
-
-if TYPE_CHECKING:
-    from ...placement import Placement
 
 
 class PromptSlot(Slot):

@@ -1,6 +1,6 @@
 """AdaLoRA's rank allocator: importance scores and the cubic budget schedule over all svd slots of a module.
 
-Driven only through the training contract (unipelt/optim.py): `on_optimizer_step(step, total_steps)` after each
+Built by the svd form (one per module spec); driven only through the training contract (unipelt/optim.py): `on_optimizer_step(step, total_steps)` after each
 optimizer step, before the gradients are cleared. All target matrices of one svd module spec share one global
 budget b(t) of kept triplets (Zhang et al. 2023, eqs. 7-12):
 
@@ -18,15 +18,13 @@ multiplies by it, so the pruned triplets contribute nothing and are dropped when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 
-from .errors import UnipeltError
-from .full_tensor import full
-
-if TYPE_CHECKING:  # types only: the svd form builds the allocator
-    from .forms.svd import SVDDelta
+from ...errors import UnipeltError
+from ...full_tensor import full
+from .delta import SVDDelta
 
 
 class RankAllocator:

@@ -2,7 +2,7 @@
 
 P (d_out × r) and Q (r × d_in) play the singular vectors, λ the singular values. As in the reference code
 (QingruZhang/AdaLoRA loralib/adalora.py, and PEFT), λ starts at zero, P and Q are N(0, 0.02), and the rank
-allocator (unipelt/rank_allocator.py) prunes a triplet (P[:, i], λ_i, Q[i, :]) by zeroing λ_i alone: λ_i keeps its
+allocator (allocator.py here) prunes a triplet (P[:, i], λ_i, Q[i, :]) by zeroing λ_i alone: λ_i keeps its
 gradient, so a triplet pruned at one masking step can come back at the next. `rank_mask` records the allocator's
 last decision; only once the pattern is final (`mask_is_final`, the last t_f steps and after) does the forward
 multiply by it, and only then do saving, export and counting drop the pruned triplets.
@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from ..compose import Composer
-from ..errors import MethodConfigError
-from ..full_tensor import full, laid_out_like
-from ..rank_allocator import RankAllocator
-from ..sites.names import ALL_LINEAR, PROJECTION_SITES
-from ..slot import LinearMap, Slot
-from ..spec_values import positive_float_value, positive_int_value, probability_value
-from .base import AlphaScaledForm, Built, Counts, option, optional, register
-from .bottleneck import matmul_input
-
-if TYPE_CHECKING:
-    from ..placement import Placement
-    from ..spec import ModuleSpec
+from ...compose import Composer
+from ...errors import AttachError, MethodConfigError
+from ...module_spec import ModuleSpec, Placement
+from ...sites.names import ALL_LINEAR, PROJECTION_SITES
+from ...slot import Slot
+from ...spec_values import positive_float_value, positive_int_value, probability_value
+from ..base import AlphaScaledForm, Built, Counts, PeftLora, option, optional, register
+from .allocator import RankAllocator
+from .delta import OrthogonalRegulariser, SVDDelta
 
 
 def _schedule_point(value: Any, where: str) -> int | float:
@@ -79,99 +74,6 @@ class SVDOptions:
                                  optional(positive_float_value))
 
 
-class SVDDelta(nn.Module):
-    """One target matrix's update in SVD form, with the allocator's rank mask."""
-
-    def __init__(self, spec: "ModuleSpec | SVDOptions", d_in: int, d_out: int, rank: int) -> None:
-        super().__init__()
-        self.left = nn.Parameter(torch.empty(d_out, rank).normal_(std=0.02))  # P
-        self.singular = nn.Parameter(torch.zeros(rank))  # λ
-        self.right = nn.Parameter(torch.empty(rank, d_in).normal_(std=0.02))  # Q
-        # Not persistent: the mask is an allocator decision, saved as the pruned shapes (rank_pattern) instead.
-        self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool), persistent=False)
-        self.mask_is_final = False
-
-    @property
-    def rank(self) -> int:
-        return self.singular.shape[0]
-
-    @property
-    def allocated_rank(self) -> int:
-        """Triplets the allocator kept at its last masking step."""
-        if self.rank_mask.is_meta:  # counting from a config: nothing pruned yet
-            return self.rank
-        return int(self.rank_mask.sum())
-
-    @property
-    def effective_rank(self) -> int:
-        """Triplets that can still act: all of them until the pattern is final, then the kept ones."""
-        return self.allocated_rank if self.mask_is_final else self.rank
-
-    def kept_indices(self) -> torch.Tensor:
-        if not self.mask_is_final:
-            return torch.arange(self.rank, device=self.singular.device)
-        return self.rank_mask.nonzero().flatten()
-
-    @torch.no_grad()
-    def apply_mask(self, keep: torch.Tensor, final: bool = False) -> None:
-        """The allocator's decision: record it and zero the pruned λ (P and Q stay, as in the reference)."""
-        self.rank_mask.copy_(keep.to(self.rank_mask.device))
-        self.singular.masked_fill_(laid_out_like(~self.rank_mask, self.singular), 0.0)
-        self.mask_is_final = self.mask_is_final or final
-
-    def masked_singular(self) -> torch.Tensor:
-        if not self.mask_is_final:
-            return self.singular
-        return self.singular * self.rank_mask.to(self.singular.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = matmul_input(x, self.right)
-        return ((x @ self.right.T) * self.masked_singular()) @ self.left.T
-
-    def linear_map(self) -> LinearMap:
-        """Δh = ΔW x with ΔW = P·diag(λ ⊙ m)·Q (no bias)."""
-        return LinearMap((self.left * self.masked_singular()) @ self.right)
-
-    def low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) with Δh = B·A·x (PEFT interop): A = diag(λ)·Q, B = P, kept triplets only."""
-        keep = self.kept_indices()
-        return self.masked_singular()[keep][:, None] * self.right[keep], self.left[:, keep]
-
-    def lora_mismatch(self, options: SVDOptions) -> str | None:
-        return None
-
-    def orthogonality_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared as in the reference code."""
-        # outside the forward, where a sharded model holds only shards: the whole P and Q (identity unsharded)
-        whole_left, whole_right = full(self.left), full(self.right)
-        eye = torch.eye(self.rank, device=whole_left.device, dtype=whole_left.dtype)
-        left = torch.linalg.matrix_norm(whole_left.T @ whole_left - eye)
-        right = torch.linalg.matrix_norm(whole_right @ whole_right.T - eye)
-        return left, right
-
-    def pruned_parameters(self) -> dict[str, torch.Tensor]:
-        """The triplets that can act: what is saved (pruned shapes once the pattern is final)."""
-        if self.effective_rank == self.rank:
-            return {"left": self.left, "singular": self.singular, "right": self.right}
-        keep = self.kept_indices()
-        return {"left": self.left[:, keep], "singular": self.singular[keep], "right": self.right[keep]}
-
-
-class OrthogonalRegulariser:
-    """γ · mean over the 2·n matrices (P and Q of each of n svd forms) of their orthogonality norm (Zhang et al.'s
-    R(P, Q) as their code and PEFT compute it). One per svd method module; reached through unipelt.optim."""
-
-    def __init__(self, weight: float, forms: list[SVDDelta]) -> None:
-        self.weight = weight
-        self.forms = forms
-
-    def regularization_loss(self) -> torch.Tensor | None:
-        if self.weight == 0 or not self.forms:
-            return None
-        total = sum(sum(form.orthogonality_norms()) for form in self.forms)
-        return self.weight * total / (2 * len(self.forms))
-
-
 def _key(p: "Placement") -> str:
     return f"{p.stack}.{p.layer}.{p.site}"
 
@@ -184,6 +86,7 @@ class SVDForm(AlphaScaledForm):
     compositions = ("add", "scale")
     size_key = "init_r"
     size_companions = ("target_r",)
+    solved_keys = ("rank_pattern",)  # the allocator's pruned ranks (save_adapter writes them into the method)
 
     def check(self, options: SVDOptions, where: str) -> None:
         if options.target_r > options.init_r:
@@ -210,8 +113,6 @@ class SVDForm(AlphaScaledForm):
         known = sorted(_key(p) for p in placements)
         unknown = sorted(set(pattern) - set(known))
         if unknown:
-            from ..errors import AttachError  # noqa: PLC0415 - the one error this layer raises about a model
-
             raise AttachError(f"module '{spec.name}': rank_pattern key '{unknown[0]}' matches no placement "
                               f"(keys are 'stack.layer.site', e.g. '{known[0]}')")
         return [pattern.get(_key(p), spec.options.init_r) for p in placements]
@@ -235,6 +136,24 @@ class SVDForm(AlphaScaledForm):
         total = sum(rank * (p.d_in + p.d_out + 1) + Composer.parameter_count(spec, p.d_in)
                     for p, rank in zip(placements, self._ranks(spec, placements)))
         return Counts(added=total, trainable=total)
+
+
+    def merges(self, spec: ModuleSpec) -> bool:
+        return True  # parallel, linear, at projections only, composed by a constant: always folds
+
+    def starts_as_identity(self, spec: ModuleSpec) -> bool:
+        return True  # λ starts at zero
+
+    def attached_counts(self, deltas: list[nn.Module]) -> dict[str, int]:
+        """The current effective total rank over the module's target matrices (what is saved and served)."""
+        return {"svd_rank": sum(delta.effective_rank for delta in deltas)}
+
+    def peft_lora_export(self, slot: Slot) -> PeftLora | str:
+        """A = diag(λ ⊙ m)·Q, B = P over the kept triplets; outputs agree up to float rounding (λ multiplied in
+        first). AdaLoRA's file is read back as a plain LoRA (bottleneck), so this form reads no PEFT files."""
+        a, b = slot.delta_module.low_rank_pair()
+        factor = slot.composer.merge_factor()
+        return PeftLora(a=a, b=b, scale=float(factor))
 
 
 register(SVDForm())
