@@ -17,7 +17,7 @@ from unipelt.app.schema import experiment_files
 from unipelt.tasks import list_tasks, load_task_config
 from unipelt.train import TrainConfig
 
-METHODS = unipelt.list_presets() + ["glue/mam"]
+METHODS = unipelt.list_presets()  # glue/mam included
 
 
 @pytest.fixture(scope="module")

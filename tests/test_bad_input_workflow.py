@@ -61,7 +61,8 @@ def test_unknown_group_option_lists_the_options(hydra_module, group, expected):
     found = options(e)
     assert found  # the options are listed
     if expected is not None:
-        assert [o for o in found if "/" not in o] == sorted(expected)  # every preset / task (plus sub-folders)
+        # every preset / task of the group's folder; Hydra does not list a sub-folder's options (glue/mam)
+        assert [o for o in found if "/" not in o] == sorted(o for o in expected if "/" not in o)
 
 
 def test_misspelt_trainer_key_is_named(hydra_module):

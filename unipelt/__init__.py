@@ -1,11 +1,12 @@
 """unipelt: parameter-efficient fine-tuning as points in He et al.'s four-axis design space.
 
-Layers, low to high (tests/test_architecture.py holds them, function-level imports included):
-errors, compat → spec_values, sites (site vocabulary, family table, identity), quantize → compose, slot, forms
-(the composition axis, the slot base, the form registry and every form), rank_allocator → spec (method specs,
+Layers, low to high (tests/test_architecture.py holds them for every import, annotation-only ones included):
+errors, compat, full_tensor, package_files, model_snapshot → spec_values, sites (site vocabulary, family table,
+identity), quantize → module_spec (the contract's data types: a module spec, a placement) → compose, weight_fold,
+slot, forms (the composition axis, the slot and Δh bases, the form registry and every form) → spec (method specs,
 validated against what forms declare) → placement (a spec resolved on a model) → attach → merge / io / accounting /
 optim / peft (operations on an attached model, the contract with a training loop) → budget → api (attach and
-count with a budget solved) → tasks → train → app, cli.
+count with a budget solved) → tasks → train → app, cli → hydra_plugins (docs/forms.md).
 """
 
 from .api import attach, count_parameters

@@ -32,11 +32,10 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..budget import size_key
 from ..errors import MethodConfigError, allowed
 from ..forms import FORMS
 from ..sites.names import HEAD_SITES, PROJECTION_SITES
-from ..spec import load_method, module_keys, preset_dir
+from ..spec import MethodSpec, load_method, module_keys, preset_dir
 
 AXES = ("form", "at", "insertion", "compose")
 REPRESENTATIONS = ("attn", "ffn")
@@ -156,6 +155,12 @@ def method_from_axes(method: Any, axes: Any) -> dict[str, Any] | None:
     """The method dict the axes make from the method group, or None when no axis is set (the method as it is).
 
     Raises MethodConfigError (one line naming the key) when the result is not a method the grammar allows."""
+    built = _built_from_axes(method, axes)
+    return None if built is None else built[0]
+
+
+def _built_from_axes(method: Any, axes: Any) -> tuple[dict[str, Any], MethodSpec] | None:
+    """method_from_axes's dict, and the spec it parses into (the only parse: the job goes on with that spec)."""
     given = axes_set(axes)
     if not given:
         return None
@@ -175,27 +180,33 @@ def method_from_axes(method: Any, axes: Any) -> dict[str, Any] | None:
     if sizes:  # sizes and budget shares are two ways to split a budget: the sizes given here win
         for module in modules:
             module.pop("budget_share", None)
+    for name, module in zip(names, modules):
+        form = FORMS.get(module.get("form"))  # an unknown form is named by load_method below, with its module
+        if name in sizes and form is not None:  # the size key is the form's own (dim, length, init_r)
+            if form.size_key is None:
+                raise MethodConfigError(f"axes.sizes.{name}: form '{form.name}' has no size to set")
+            module[form.size_key] = sizes[name]
     out["modules"] = modules
     out["name"] = cell_name(given, str(base.get("name", "custom")))
-    if sizes:  # the size key is the form's own (dim, length, init_r): read it from the validated module
-        spec = load_method(out)
-        for index, module in enumerate(spec.modules):
-            if module.name in sizes:
-                out["modules"][index][size_key(module)] = sizes[module.name]
-    load_method(out)
-    return out
+    return out, load_method(out)
 
 
 def with_axes(cfg: DictConfig) -> DictConfig:
     """cfg with its method replaced by the one its axes make, the axes then cleared (so applying twice is applying
     once); unchanged when no axis is set. The job's overrides keep the axis values for the record."""
-    built = method_from_axes(cfg.method, cfg.get("axes"))
+    return apply_axes(cfg)[0]
+
+
+def apply_axes(cfg: DictConfig) -> tuple[DictConfig, MethodSpec | None]:
+    """with_axes, and the method the axes built as a spec (None when no axis is set: cfg.method is then still to be
+    parsed), so that a job parses its method once."""
+    built = _built_from_axes(cfg.method, cfg.get("axes"))
     if built is None:
-        return cfg
+        return cfg, None
     with open_dict(cfg):
-        cfg.method = OmegaConf.create(built)
+        cfg.method = OmegaConf.create(built[0])
         cfg.axes = OmegaConf.structured(AxesConfig)
-    return cfg
+    return cfg, built[1]
 
 
 def cell_key(cfg: DictConfig) -> str:
@@ -209,5 +220,5 @@ def cell_key(cfg: DictConfig) -> str:
     return json.dumps(container, sort_keys=True, default=str)
 
 
-__all__ = ["AXES", "REPRESENTATIONS", "AxesConfig", "axes_set", "cell_key", "cell_name", "granularity",
-           "method_from_axes", "represent", "with_axes"]
+__all__ = ["AXES", "REPRESENTATIONS", "AxesConfig", "apply_axes", "axes_set", "cell_key", "cell_name",
+           "granularity", "method_from_axes", "represent", "with_axes"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UnipeltError, allowed
+from ..forms import FORMS, Form
 from .ablation import AXES, granularity
-from .report import _checked, _mean_std, _settings, latest_per_run
+from .report_common import checked_record, latest_per_run, mean_std, record_settings
 
-SIZE_KEYS = {"dim", "length", "init_r", "target_r", "rank_pattern"}
 COMMON_MODULE_KEYS = {"form", "at", "insertion", "compose", "scale", "layers", "stacks", "lr", "name"}
 
 
@@ -112,12 +112,25 @@ def _held_equal(axis: str) -> tuple[str, ...]:
     return tuple(a for a in AXES if a != axis)
 
 
+def _form_sizes(form: Form) -> set[str]:
+    return {key for key in (form.size_key, *form.size_companions, *form.solved_keys) if key is not None}
+
+
+def size_options(form: str) -> set[str]:
+    """The options of a form that a budget or training sets (its size, what follows it, what training solves): as
+    the form declares them; for a form this install lacks, every form's."""
+    if form in FORMS:
+        return _form_sizes(FORMS[form])
+    return set().union(*(_form_sizes(f) for f in FORMS.values()))
+
+
 def _module_options(spec: dict[str, Any], axis: str) -> str:
     """The modules' options other than the axes, their sizes and (when the form is the axis) form-specific keys."""
     kept = []
     for module in spec.get("modules") or []:
+        sizes = size_options(str(module.get("form")))
         options = {k: v for k, v in module.items()
-                   if k not in (*AXES, "scale", "name") and k not in SIZE_KEYS
+                   if k not in (*AXES, "scale", "name") and k not in sizes
                    and (axis != "form" or k in COMMON_MODULE_KEYS)}
         kept.append(options)
     extra = {k: v for k, v in spec.items() if k not in ("name", "modules")}
@@ -126,7 +139,7 @@ def _module_options(spec: dict[str, Any], axis: str) -> str:
 
 def _setting_items(record: dict[str, Any]) -> dict[str, str]:
     """Settings that are not the method itself (method.budget stays: it is part of the comparison)."""
-    found = _settings(record)
+    found = record_settings(record)
     return {k: json.dumps(v, default=str) if not isinstance(v, str) else v for k, v in found.items()
             if not k.startswith(("axes.", "method.", "lr_by_method.")) or k == "method.budget"}
 
@@ -135,7 +148,7 @@ def by_axis(records: Iterable[dict[str, Any]], axis: str) -> tuple[list[AxisRow]
     """Rows of completed runs per context, a cell per value of `axis`; and the values in order of appearance."""
     if axis not in REPORT_AXES:
         raise UnipeltError(f"unipelt-report --by: unknown axis '{axis}' (allowed: {allowed(REPORT_AXES)})")
-    runs = [_checked(r) for r in latest_per_run(records)]
+    runs = [checked_record(r) for r in latest_per_run(records)]
     runs = [r for r in runs if r.get("status") == "completed" and r.get("score") is not None
             and isinstance(r.get("method_spec"), dict)]
     if not runs:
@@ -163,7 +176,7 @@ def by_axis(records: Iterable[dict[str, Any]], axis: str) -> tuple[list[AxisRow]
         key = (task, context_json, options)
         row = rows.setdefault(key, AxisRow(task=task, metric=str(members[0].get("main_metric")),
                                            context=contexts[key]))
-        mean, std = _mean_std([float(r["score"]) for r in members])
+        mean, std = mean_std([float(r["score"]) for r in members])
         percents = [float((r.get("params") or {}).get("percent") or math.nan) for r in members]
         row.cells[value] = Cell(value=value, n=len(members), mean=mean, std=std, percent=statistics.fmean(percents),
                                 seeds=sorted(int(r.get("seed") or 0) for r in members))
@@ -259,4 +272,5 @@ def report_by_axis(records: list[dict[str, Any]], axis: str, out: Path) -> str:
     return table
 
 
-__all__ = ["AxisRow", "Cell", "axis_values", "by_axis", "format_by_axis", "plot_by_axis", "report_by_axis"]
+__all__ = ["AxisRow", "Cell", "axis_values", "by_axis", "format_by_axis", "plot_by_axis", "report_by_axis",
+           "size_options"]

@@ -18,31 +18,55 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .. import attach, compat, count_parameters, load_method
 from ..errors import UnipeltError, allowed, one_line
 from ..optim import method_of
+from ..package_files import conf_dir
+from ..spec import MethodSpec
 from ..tasks import load_task_config, prepare_task
 from ..train import TrainConfig, TrainingInterrupted, distributed, fit, set_seed
 from ..train.config import check as check_trainer
-from .by_method import apply_by_method
 from ..train.config import check_max_length
 from . import folders
-from .ablation import axes_set, cell_name, with_axes
+from .ablation import apply_axes, axes_set, cell_name
+from .by_method import apply_by_method
 from .method_files import method_files
 from .results import append_record
 from .schema import register
 from .tracking import Tracker, make_tracker
 
 log = logging.getLogger("unipelt.train")
+# Hydra plugins that installed distributions declare for this app (pyproject.toml: hydra/launcher=gpus,
+# hydra/sweeper=ablation). They import the app, so the app names only this group, never their package.
+PLUGIN_GROUP = "unipelt.plugins"
+
+
+def register_plugins() -> None:
+    """Registers every class of the entry-point group PLUGIN_GROUP with Hydra. Hydra finds plugins by listing its
+    plugin namespace package, which misses a package mapped by an editable install (pip install -e .); an entry
+    point is in the metadata of every install, editable or not."""
+    plugins = Plugins.instance()  # first: its scan imports what it finds, so no class is then defined twice
+    for point in entry_points(group=PLUGIN_GROUP):
+        plugin = point.load()
+        try:
+            plugins.register(plugin)
+        except ValueError:  # Hydra's own message does not say which
+            raise UnipeltError(f"entry point '{point.name} = {point.value}' ({PLUGIN_GROUP}) is not a Hydra plugin "
+                               "class") from None
+
+
 register()
+register_plugins()
 
 
 @dataclasses.dataclass
@@ -70,7 +94,10 @@ def _one_line(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {exc}")[:2000]
 
 
-def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: int):
+def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: int,
+                spec: MethodSpec | None = None):
+    """The task and the model; `spec`: the job's method as validate() made it (None: validated here from cfg), whose
+    input tokens the sequence length must leave room for."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -84,9 +111,8 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnipeltError(f"model.name_or_path '{path}': cannot load its config ({first[:300]})") from None
     model_type = model_config.model_type
-    spec = load_method(cfg.method)
-    virtual = sum(m.length for m in spec.modules if m.form == "prompt")
-    check_max_length(train_cfg, model_config, virtual, f"model '{path}'")  # before any data is tokenized
+    spec = validate(cfg)[0] if spec is None else spec
+    check_max_length(train_cfg, model_config, spec.input_tokens(), f"model '{path}'")  # before any data is tokenized
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or path)
     task = prepare_task(task_cfg, tokenizer, model_type=model_type, max_length=train_cfg.max_length,
                         max_train_samples=train_cfg.max_train_samples, max_eval_samples=train_cfg.max_eval_samples,
@@ -101,9 +127,13 @@ def _load_model(cfg: DictConfig, task_cfg: Any, train_cfg: TrainConfig, seed: in
     return model, task
 
 
-def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
-    """The cheap checks: a bad method, task or trainer value fails here, before anything is loaded or written."""
-    spec = load_method(with_axes(cfg).method)
+def validate(cfg: DictConfig, method: MethodSpec | None = None) -> tuple[MethodSpec, Any, TrainConfig]:
+    """The cheap checks: a bad method, task or trainer value fails here, before anything is loaded or written.
+    Returns the job's method (by_method applied), task config and trainer config. `method`: the spec apply_axes
+    built from cfg's axes; None: cfg's axes are applied, or its method parsed, here."""
+    if method is None:
+        cfg, method = apply_axes(cfg)
+    spec = load_method(cfg.method) if method is None else method
     task_cfg = load_task_config(cfg.task)
     train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
     for key, value in (cfg.get("lr_by_method") or {}).items():
@@ -120,8 +150,10 @@ def validate(cfg: DictConfig) -> tuple[Any, Any, TrainConfig]:
     return spec, task_cfg, train_cfg
 
 
-def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker]) -> float:
-    spec, task_cfg, train_cfg = validate(cfg)
+def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[Tracker],
+              validated: tuple[MethodSpec, Any, TrainConfig]) -> float:
+    """One job from validate()'s result: load, attach, train, fill in `record`; returns the score."""
+    spec, task_cfg, train_cfg = validated
     info = distributed.setup(train_cfg.device)
     wanted_gpu = os.environ.get("UNIPELT_REQUIRE_GPU")  # set by hydra/launcher=gpus for the job's process
     if wanted_gpu and info.device.type != "cuda":
@@ -131,7 +163,7 @@ def train_job(cfg: DictConfig, job: Job, record: dict[str, Any], trackers: list[
     output_dir = Path(distributed.broadcast(str(job.output_dir), info))
     seed = int(cfg.seed)
     set_seed(seed, train_cfg.deterministic)
-    model, task = _load_model(cfg, task_cfg, train_cfg, seed)
+    model, task = _load_model(cfg, task_cfg, train_cfg, seed, spec)
     attach(model, spec)
     attached = method_of(model)
     counts = count_parameters(model)
@@ -208,14 +240,15 @@ def run(cfg: DictConfig) -> float:
     """The task function (module-level and undecorated, so launchers can pickle it)."""
     job = _job(cfg)
     try:
-        cfg = with_axes(cfg)
+        cfg, method = apply_axes(cfg)
     except UnipeltError as exc:
         return _skip(cfg, job, exc)
+    validated = None
     if job.number is None:
         # A single run with a bad config: one line and exit status 2, no traceback and no results record. In a
         # sweep the job is recorded as failed instead (below), so that the report shows it and the others run on.
         try:
-            validate(cfg)
+            validated = validate(cfg, method)
         except UnipeltError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -230,7 +263,7 @@ def run(cfg: DictConfig) -> float:
     trackers: list[Tracker] = []
     start = time.perf_counter()
     try:
-        return train_job(cfg, job, record, trackers)
+        return train_job(cfg, job, record, trackers, validated or validate(cfg, method))
     except (TrainingInterrupted, KeyboardInterrupt) as exc:  # Ctrl-C / SIGTERM: one line, never a traceback
         text = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted before training started"
         record.update(status="interrupted", reason=f"{type(exc).__name__}: {text}")
@@ -252,7 +285,7 @@ def run(cfg: DictConfig) -> float:
             tracker.finish(failed=record["status"] != "completed")
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path="pkg://unipelt.conf", config_name="train")(run)
+_hydra_main = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")(run)
 
 
 def main() -> Any:

@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UnipeltError
+from .axes_report import report_by_axis
 from .folders import result_config
+from .report_common import checked_record, latest_per_run, mean_std, record_settings
 from .results import read_records
 
 TABLE, CSV, PLOT = "report.md", "report.csv", "params_vs_score.png"
@@ -49,82 +50,13 @@ class Row:
     setting_keys: tuple[str, ...] = ()  # those keys
 
 
-def _run_key(record: dict[str, Any]) -> str:
-    """What identifies a run: its folder (resolved), else its run id, else the record itself."""
-    folder = record.get("output_dir")
-    if folder:
-        source = Path(str(record.get("source", "."))).parent
-        return "dir:" + os.path.realpath(Path(source, folder))
-    return f"id:{record.get('run_id') or id(record)}"
-
-
-def latest_per_run(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per run: W&B copies of local runs dropped (same run id), and the latest record of a folder."""
-    records = list(records)
-    local_ids = {r.get("run_id") for r in records if r.get("run_id") and not str(r.get("source", "")).startswith(
-        "wandb:")}
-    kept: dict[str, tuple[int, dict[str, Any]]] = {}
-    for order, record in enumerate(records):
-        if str(record.get("source", "")).startswith("wandb:") and record.get("run_id") in local_ids:
-            continue
-        key = _run_key(record)
-        stamp = (str(record.get("finished") or ""), order)
-        if key not in kept or stamp >= kept[key][0]:
-            kept[key] = (stamp, record)
-    return [record for _, record in sorted(kept.values(), key=lambda item: item[0][1])]
-
-
-def _settings(record: dict[str, Any]) -> dict[str, Any]:
-    """The record's result-changing settings: its flat `config`, else its `key=value` overrides (older records)."""
-    config = record.get("config")
-    if isinstance(config, dict):
-        found = dict(config)
-    else:
-        overrides = record.get("overrides")
-        overrides = overrides if isinstance(overrides, list) else []
-        found = dict(str(o).split("=", 1) for o in overrides if "=" in str(o) and not str(o).startswith("hydra"))
-        found = {k.lstrip("+~"): v for k, v in found.items()}
-    for key in ("seed", "task", "method"):
-        found.pop(key, None)
-    return found
-
-
 def _number(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def _checked(record: dict[str, Any]) -> dict[str, Any]:
-    """A record whose numbers are numbers, or one line naming its file, its run and the field."""
-    def bad(field: str, value: Any) -> UnipeltError:
-        run = record.get("output_dir") or record.get("run_id") or f"seed {record.get('seed')}"
-        return UnipeltError(f"results: {record.get('source', 'a record')}: run {run} has {field} {value!r}, not a "
-                            "number")
-
-    score = record.get("score")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        raise bad("score", score)
-    seed = record.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("seed", seed)
-    params = record.get("params")
-    if params is not None and not isinstance(params, dict):
-        raise bad("params", params)
-    for field in ("percent", "added"):
-        value = (params or {}).get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise bad(f"params.{field}", value)
-    return record
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if any(not math.isfinite(v) for v in values):  # a NaN score is shown, never averaged away, never a crash
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[str, Any]]]:
     """Completed runs grouped by (task, method, differing settings); returns the rows and the failed records."""
-    records = [_checked(r) for r in latest_per_run(records)]
+    records = [checked_record(r) for r in latest_per_run(records)]
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_pair[(str(record.get("task")), str(record.get("method")))].append(record)
@@ -133,7 +65,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
     failed_by: dict[tuple, int] = defaultdict(int)
     failed = []
     for (task, method), runs in by_pair.items():
-        settings = [_settings(r) for r in runs]
+        settings = [record_settings(r) for r in runs]
         # the keys that split completed runs: a skipped or failed job's record (a refused cell's config is the
         # unsolved one) must not split the runs that completed, but is shown with the same keys
         done = [s for r, s in zip(runs, settings) if r.get("status") == "completed"] or settings
@@ -155,7 +87,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> tuple[list[Row], list[dict[s
         scores = [float(r["score"]) for r in runs]
         percents = [_number((r.get("params") or {}).get("percent")) for r in runs]
         added = [int((r.get("params") or {}).get("added") or 0) for r in runs]
-        mean, std = _mean_std(scores)
+        mean, std = mean_std(scores)
         rows.append(Row(task=task, method=method, metric=str(runs[0].get("main_metric")), n=len(runs), mean=mean,
                         std=std, percent=statistics.fmean(percents), added=round(statistics.fmean(added)),
                         seeds=sorted(int(r.get("seed") or 0) for r in runs),
@@ -253,8 +185,6 @@ def report(sources: list[str], out: Path, wandb_project: str | None = None,
     write_csv(rows, out / CSV)
     plot(rows, out / PLOT)
     if by:
-        from .axes_report import report_by_axis
-
         table += "".join("\n\n" + report_by_axis(records, axis, out) for axis in by)
     return rows, table
 

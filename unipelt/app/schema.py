@@ -11,13 +11,13 @@ import dataclasses
 import importlib
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ..package_files import experiments_dir
 from ..tasks import TaskConfig
 from ..train import TrainConfig
 from .ablation import AxesConfig
@@ -93,23 +93,14 @@ def _package_path(package: str, fallback: str) -> str:
 
 
 def experiment_files() -> list[Path]:
-    """The files of the top-level experiments/ folder (shipped as unipelt.experiments)."""
-    return sorted(Path(str(resources.files("unipelt.experiments"))).glob("*.yaml"))
+    """The files of the experiments/ folder beside the imported package (unipelt.package_files)."""
+    return sorted(experiments_dir().glob("*.yaml"))
 
 
 def register() -> None:
     """Schemas, the `package_path` resolver and every experiment file (as group `experiment`, package _global_)."""
     if not OmegaConf.has_resolver("package_path"):
         OmegaConf.register_new_resolver("package_path", _package_path)
-    # hydra/launcher=gpus. Hydra finds plugins by listing the hydra_plugins namespace package, which misses a
-    # package mapped by an editable install (pip install -e .): importing and registering it works for every install.
-    from hydra.core.plugins import Plugins
-    from hydra_plugins.unipelt_launcher.gpus import GpuLauncher
-
-    Plugins.instance().register(GpuLauncher)
-    from hydra_plugins.unipelt_launcher.ablation_sweeper import AblationSweeper  # grid sweeps over the axes
-
-    Plugins.instance().register(AblationSweeper)
     store = ConfigStore.instance()
     schema = OmegaConf.structured(TrainAppConfig)
     schema.task = OmegaConf.structured(TaskSchema)  # a dataclass built at run time cannot be a field annotation

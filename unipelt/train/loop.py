@@ -348,8 +348,8 @@ def fit(model: torch.nn.Module, task: Any, cfg: TrainConfig, output_dir: str | P
     if cfg.precision != "fp32" and info.device.type != "cuda":
         raise UnipeltError(f"trainer.precision '{cfg.precision}' needs a CUDA device (this run is on "
                            f"{info.device.type}); use precision=fp32")
-    virtual = sum(m.length for m in optim.method_of(model).modules if m.form == "prompt")
-    check_max_length(cfg, model.config, virtual, f"model '{compat.name_or_path(model.config) or 'here'}'")
+    check_max_length(cfg, model.config, optim.method_of(model).input_tokens(),
+                     f"model '{compat.name_or_path(model.config) or 'here'}'")
     output_dir = Path(output_dir)
     lock = runfolder.lock_folder(output_dir) if info.is_main else None
     try:
