@@ -12,6 +12,7 @@ Each such context is one table row (a cell per value of the axis: mean ± std ov
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -23,9 +24,11 @@ from typing import Any, Iterable
 from ..errors import UnipeltError, allowed
 from ..forms import FORMS, Form
 from .ablation import AXES, granularity
+from ..module_spec import ModuleSpec
 from .report_common import checked_record, latest_per_run, mean_std, record_settings
 
-COMMON_MODULE_KEYS = {"form", "at", "insertion", "compose", "scale", "layers", "stacks", "lr", "name"}
+# The keys every module has whatever its form (the four axes, where it acts, its lr and budget share)
+COMMON_MODULE_KEYS = {f.name for f in dataclasses.fields(ModuleSpec)} - {"options"}
 
 
 @dataclass

@@ -97,7 +97,7 @@ def check(cfg: TrainConfig) -> None:
 
 def position_limit(config: Any, reserved: int = 0) -> int | None:
     """How many tokens the model's position embeddings allow (None: no fixed limit, e.g. T5's relative positions),
-    less `reserved` (virtual prompt tokens). RoBERTa-style models start positions at pad_token_id + 1."""
+    less `reserved` (positions the method inserts into every sequence: MethodSpec.input_tokens). RoBERTa-style models start positions at pad_token_id + 1."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not isinstance(limit, int) or getattr(config, "model_type", "") in ("t5", "mt5", "umt5"):
         return None
@@ -110,6 +110,6 @@ def check_max_length(cfg: TrainConfig, config: Any, reserved: int = 0, model: st
     """trainer.max_length must fit the model's positions (else the run crashes at its first long batch)."""
     limit = position_limit(config, reserved)
     if limit is not None and cfg.max_length > limit:
-        extra = f" after {reserved} virtual prompt tokens" if reserved else ""
+        extra = f" after {reserved} inserted by the method" if reserved else ""
         raise UnipeltError(f"trainer.max_length {cfg.max_length} exceeds the {limit} positions of {model}{extra}; "
                            f"set trainer.max_length<={limit}")
