@@ -153,10 +153,10 @@ def load_method(source: Any) -> MethodSpec:
 
 
 def _resolve_yaml(source: str | Path) -> Path:
-    """The YAML file a string names. A Path or a name ending in .yaml/.yml is a file; a plain name (`mam`) is a
-    preset; a name with a slash (`glue/mam`) is a file when one exists there (relative to the working directory),
-    else the preset of that sub-folder of conf/method: an existing file is what a user who typed a path meant,
-    and nobody keeps an extension-less file named like a preset by accident."""
+    """The YAML file a source names. A Path, a name ending in .yaml/.yml, an absolute path or one with `..` is a
+    file; a plain name (`mam`) is a preset; a name with a slash (`glue/mam`) is a file when one exists there
+    (relative to the working directory), else the preset of that sub-folder of conf/method: an existing file is
+    what a user who typed a path meant, and nobody keeps an extension-less file named like a preset by accident."""
     text = str(source)
     path = Path(text)
     # an absolute path or one with `..` cannot be a preset: a preset name stays inside conf/method

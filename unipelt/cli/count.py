@@ -10,7 +10,8 @@ import yaml
 from ..api import count_parameters
 from ..budget import solve
 from ..errors import UnipeltError
-from ..spec import load_method, preset_dir
+from ..package_files import conf_dir
+from ..spec import load_method
 
 USAGE = ("usage: unipelt-count method=<preset or YAML path> model=<conf/model name, local dir or hub id> "
          "[budget=<0.5% or a parameter count>]")
@@ -20,7 +21,7 @@ def model_config(model: str) -> Any:
     """A transformers config from a conf/model entry (offline), a local directory, or a hub id."""
     from transformers import AutoConfig
 
-    model_dir = preset_dir().parent / "model"
+    model_dir = conf_dir() / "model"
     entry = model_dir / f"{model}.yaml"
     if entry.is_file():
         raw = yaml.safe_load(entry.read_text())

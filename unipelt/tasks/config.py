@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from ..errors import DataError, allowed, read_utf8
+from ..package_files import conf_dir
 from ..spec_values import load_yaml
 from .metrics import METRICS_BY_KIND, SENTENCE_SPLITS
 
@@ -67,7 +67,7 @@ SPLIT_KEYS = ("train", "eval")
 
 
 def task_dir() -> Path:
-    return Path(str(resources.files("unipelt.conf") / "task"))
+    return conf_dir() / "task"
 
 
 def list_tasks() -> list[str]:
