@@ -14,6 +14,7 @@ from torch import nn
 
 from .attach import state_of, unmerge_slots
 from .errors import AttachError
+from .slot import LinearMap, Slot
 
 
 def merge(model: nn.Module) -> dict[str, list[str]]:
@@ -38,12 +39,21 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
         bad = slot.non_finite()
         if bad is not None:
             raise AttachError(f"merge: module '{name}' has {bad} values in its ΔW; nothing was merged")
-    for name, slot, host in todo:
-        error = slot.merge(host)
-        if error is not None:
-            rounding[name] = error
-        state.merged.append(name)
-        merged.append(name)
+    by_host: dict[int, list[tuple[str, Slot, nn.Module]]] = {}
+    for entry in todo:
+        by_host.setdefault(id(entry[2]), []).append(entry)
+    for group in by_host.values():
+        # The ΔW of every slot on one projection is taken before any of them folds: a form that reads its host's
+        # weight (DoRA's norm) must see the weight unmerged, not with its neighbour already folded in.
+        maps = [slot.linear_map() for _, slot, _ in group]
+        maps = [LinearMap(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone(), m.diagonal)
+                for m in maps]
+        for (name, slot, host), linear in zip(group, maps):
+            error = slot.merge(host, linear)
+            if error is not None:
+                rounding[name] = error
+            state.merged.append(name)
+            merged.append(name)
     if skipped:
         kinds = sorted({s.split(" (")[0].rsplit(".", 1)[-1] for s in skipped})
         warnings.warn(f"merge: {len(skipped)} modules stay unmerged and keep running as modules: {', '.join(kinds)}",

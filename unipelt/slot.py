@@ -264,9 +264,11 @@ class Slot(nn.Module):
         """'nan' or 'inf' when the ΔW that merge() would fold holds one (checked before anything is merged)."""
         return self.linear_map().non_finite(self.composer.merge_factor())
 
-    def merge(self, host: nn.Module) -> float | None:
-        """Fold into `host`; returns the max abs rounding error for a 4-bit weight (requantized), else None."""
-        self._merge_record, error = fold(host, self.linear_map(), self.composer.merge_factor(), self.chunk,
+    def merge(self, host: nn.Module, linear: LinearMap | None = None) -> float | None:
+        """Fold `linear` (default: this slot's map now) into `host`; returns the max abs rounding error for a 4-bit
+        weight (requantized), else None."""
+        linear = self.linear_map() if linear is None else linear
+        self._merge_record, error = fold(host, linear, self.composer.merge_factor(), self.chunk,
                                          self.site in ACTIVATION_SITES)
         self.merged = True
         return error

@@ -105,10 +105,11 @@ def fold(host: nn.Module, linear: LinearMap, factor: float, chunk: tuple[int, in
     bias_copy = None if bias is None else bias.detach().to("cpu", copy=True)
     error, undo = None, None
     if weight is None:
-        dtype = bias.dtype if bias is not None else torch.get_default_dtype()
         if linear.bias is not None:
-            bias += (factor * linear.bias).to(dtype)
-        error, undo = add_to_4bit(host, chunk_rows(chunk, host.out_features), (factor * linear.weight).to(dtype))
+            bias += (factor * linear.bias).to(bias.dtype)
+        # ΔW in float32: add_to_4bit adds it to the dequantized float32 weight. (The bias's dtype is not the weight's:
+        # bitsandbytes casts a 4-bit layer's bias to the compute dtype, and bf16 would round ΔW before the add.)
+        error, undo = add_to_4bit(host, chunk_rows(chunk, host.out_features), (factor * linear.weight).float())
     else:
         _apply(host, linear, factor, chunk, columns, +1)
     record = MergeRecord(weight_copy, bias_copy, _digest(host, chunk, columns), linear.detached(), factor, undo)
