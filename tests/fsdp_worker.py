@@ -20,12 +20,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import unipelt  # noqa: E402
+from numerics import threads_from_env  # noqa: E402
 from tiny_models import ENCODER_DECODERS, VOCAB, tiny_model  # noqa: E402
 from unipelt.attach import state_of  # noqa: E402
 from unipelt.train import TrainConfig, fit, set_seed  # noqa: E402
 from unipelt.train.distributed import Dist, setup  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(threads_from_env())  # per process, as the suite (tests/conftest.py)
 N_TRAIN, LENGTH, STEPS = 32, 8, 3
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
                 "activation_dropout", "classifier_dropout", "mlp_dropout", "dropout_rate", "attn_pdrop", "resid_pdrop",

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import unipelt
+from numerics import assert_close_scaled, assert_same
 from unipelt.attach import state_of
 from unipelt.slot import Slot
 from tiny_models import perturb_adapters, tiny_batch, tiny_model
@@ -72,9 +73,18 @@ def test_checkpointing_gives_same_loss_and_gradients(family, method, reentrant):
         assert calls[0] == 2 * plain_calls
     else:  # torch stops a non-reentrant re-run early, once every tensor the backward needs is recomputed
         assert plain_calls <= calls[0] <= 2 * plain_calls
-    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    # The forward is the same operations on the same values (the dropout masks replayed).
+    assert_same(loss, reference_loss)
     assert set(grads) == set(reference)
+    config = model.config
+    layers = getattr(config, "encoder_layers", 0) + getattr(config, "decoder_layers", 0) or config.num_hidden_layers
     for name in reference:
-        torch.testing.assert_close(grads[name], reference[name], rtol=1e-4, atol=1e-6, msg=name)
+        if not reentrant:  # the re-run rebuilds the same graph: the same backward in the same order
+            assert_same(grads[name], reference[name], msg=name)
+        else:  # one backward per layer: a tensor several layers read (BART's encoder output, a prefix MLP shared
+            # by one attention kind's layers) sums its gradient contributions in another order, up to 2 a layer
+            assert_close_scaled(grads[name], reference[name], ops=2 * layers, msg=name,
+                                reason="the gradient contributions of tensors several layers read (the encoder "
+                                       "output, a shared prefix MLP), summed in another order")
     # Nothing captured for an output hook may outlive the step (it would pin the layer's activations).
     assert all(getattr(slot, "captured_x", None) is None for slot in state_of(model).slots.values())

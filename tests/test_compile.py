@@ -1,6 +1,7 @@
 """Adapters under torch.compile: no graph break caused by adapter code, no recompilation on the next call, and
-outputs and gradients equal to eager. Tolerances: 1e-5 relative / 1e-6 absolute in fp32 (the aot_eager backend
-runs the same aten ops as eager, so only op-order rounding differs); 1e-4 / 1e-5 for inductor, which fuses."""
+outputs and gradients equal to eager up to the rounding of what the compiler does differently (tests/numerics.py):
+aot_eager runs aten ops eagerly but may decompose a composite op and sums gradient contributions in its own order;
+inductor also fuses each layer's elementwise chains and writes its own reductions (norms, softmax)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import unipelt
+from numerics import assert_close_scaled, assert_differs
 from unipelt.attach import state_of
 from tiny_models import perturb_adapters, tiny_batch, tiny_model
 
 CASES = [(family, method) for family in ("llama", "bert") for method in ("lora", "mam")]
+AOT_FORWARD = "aot_eager may decompose a composite op in each layer and in the head"
+AOT_BACKWARD = f"{AOT_FORWARD}; it sums each layer's gradient contributions (q, k, v read one input) in its own order"
+
+
+def _aot_ops(model, backward: bool = False) -> int:
+    return (2 if backward else 1) * model.config.num_hidden_layers + 1
 
 
 def _prepared(family: str, method: str | None):
@@ -62,11 +70,11 @@ def test_compiled_training_step_equals_eager_without_new_graph_breaks(family, me
     assert all(getattr(slot, "captured_x", None) is None for slot in state_of(model).slots.values())
     with torch._dynamo.config.patch(error_on_recompile=True):  # the adapters' state keeps guards stable
         logits, grads = _train_outputs(model, batch, compiled)
-    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(logits, eager_logits, ops=_aot_ops(model), reason=AOT_FORWARD)
     assert set(grads) == set(eager_grads)
     assert any("unipelt_" in name for name in grads)
     for name, grad in eager_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert_close_scaled(grads[name], grad, ops=_aot_ops(model, backward=True), reason=AOT_BACKWARD, msg=name)
 
 
 def test_compiled_model_follows_disable_and_merge():
@@ -79,11 +87,15 @@ def test_compiled_model_follows_disable_and_merge():
         adapted = compiled(**batch).logits
         with unipelt.disabled(model):
             base = compiled(**batch).logits
-            torch.testing.assert_close(base, model(**batch).logits, rtol=1e-5, atol=1e-6)
+            assert_close_scaled(base, model(**batch).logits, ops=_aot_ops(model), reason=AOT_FORWARD)
         unipelt.merge(model)
         merged = compiled(**batch).logits
-    assert not torch.allclose(adapted, base, atol=1e-4)
-    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+    # LoRA on q and v of each layer: the sum W + s·BA, and (W + s·BA)·x against W·x + s·B(A·x), there
+    merge_ops = 2 * 2 * model.config.num_hidden_layers + _aot_ops(model)
+    merge_reason = f"W + s·BA, and (W + s·BA)·x against W·x + s·B(A·x), at q and v of each layer; {AOT_FORWARD}"
+    assert_differs(adapted, base, ops=merge_ops, reason="the adapters change the outputs (so merged = adapted "
+                                                         "below says something)")
+    assert_close_scaled(merged, adapted, ops=merge_ops, reason=merge_reason)
 
 
 @pytest.mark.slow
@@ -95,4 +107,7 @@ def test_inductor_forward_equals_eager():
         eager = model(**batch).logits
         torch._dynamo.reset()
         compiled = torch.compile(model)(**batch).logits
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    # per layer: 2 RMSNorms, rotary, attention with the prefix (QKᵀ, softmax, AV, the gate), the SiLU-gated FFN and
+    # the parallel adapter, each fused or reduced by inductor's own code; then the final norm and the head
+    assert_close_scaled(compiled, eager, ops=10 * model.config.num_hidden_layers + 2,
+                        reason="inductor's fused elementwise chains and its own norm / softmax reductions")

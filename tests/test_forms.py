@@ -17,6 +17,7 @@ from unipelt.sites.names import ALL_AT, PROJECTION_SITES
 from unipelt.slot import LinearMap, Slot
 from unipelt.spec import COMPOSITIONS, INSERTIONS
 from unipelt.spec_values import expect
+from numerics import assert_close_scaled, assert_same
 from tiny_models import tiny_batch, tiny_model
 
 
@@ -94,17 +95,19 @@ def test_a_new_form_is_one_class(shift_form, tmp_path):
     unipelt.attach(model, method)
     assert unipelt.count_parameters(model)["added"] == counted["added"] == 2 * 32  # two layers, d = 32
     with torch.no_grad():
-        torch.testing.assert_close(down(x), base + 2.0 * 0.5)  # h + s·b
+        assert_same(down(x), base + 2.0 * 0.5)  # h + s·b; s·b = 1 exactly, so both round h + 1 once
         out = model(**batch).logits
     unipelt.save_adapter(model, tmp_path)
     assert unipelt.merge(model)["merged"]
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, out, rtol=1e-5, atol=1e-6)
+        assert_close_scaled(model(**batch).logits, out, ops=4,
+                            reason="the sum bias + s·b, and x·W + (bias + s·b) against (x·W + bias) + s·b, at the 2 "
+                                   "layers' ffn.down")
     unipelt.unmerge(model)
     fresh = tiny_model("bert")
     unipelt.load_adapter(fresh, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(**batch).logits, out, rtol=0, atol=1e-6)
+        assert_same(fresh(**batch).logits, out)  # the same b through the same operations
 
 
 def test_a_shared_training_aid_trains_at_its_module_lr():

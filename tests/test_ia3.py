@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import unipelt
+from numerics import assert_close_scaled, assert_same
 from unipelt.attach import state_of
 from tiny_models import tiny_batch, tiny_model
 
@@ -44,7 +45,8 @@ def test_ia3_is_the_base_with_rescaled_keys_values_and_ffn_activation():
                 linear.weight.mul_(l_vec[:, None])
                 linear.bias.mul_(l_vec)
             layer.output.dense.weight.mul_(scales[f"{prefix}.output.dense.unipelt_m0_ffn_act"][None, :])
-    torch.testing.assert_close(_logits(model, batch), _logits(reference, batch), rtol=1e-5, atol=1e-6)
+    assert_close_scaled(_logits(model, batch), _logits(reference, batch), ops=3 * len(reference.bert.encoder.layer),
+                        reason="l ⊙ (W·x + b) against (l ⊙ W)·x + l ⊙ b at k, v and the FFN of each layer")
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
@@ -56,11 +58,12 @@ def test_ia3_merges_exactly_and_unmerges(family):
     out = _logits(model, batch)
     report = unipelt.merge(model)
     assert report["merged"] and not report["unmerged"]
-    torch.testing.assert_close(_logits(model, batch), out, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(_logits(model, batch), out, ops=2 * len(report["merged"]),
+                        reason="the product l ⊙ W, and l ⊙ (W·x) against (l ⊙ W)·x, at each merged projection")
     unipelt.unmerge(model)
     for name, param in model.named_parameters():
-        if name in before:
-            torch.testing.assert_close(param, before[name], rtol=1e-6, atol=1e-6)
+        if name in before:  # unmerge puts back the weights merge() kept
+            assert_same(param.detach(), before[name], msg=name)
 
 
 def test_ia3_equals_peft_ia3_on_the_same_weights():
@@ -80,4 +83,5 @@ def test_ia3_equals_peft_ia3_on_the_same_weights():
             site = "attn_k" if base.endswith(".key") else "attn_v" if base.endswith(".value") else "ffn_act"
             vector = module.ia3_l["default"]
             vector.copy_(scales[f"{base}.unipelt_m0_{site}"].reshape(vector.shape))
-    torch.testing.assert_close(_logits(theirs, batch), ours, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(_logits(theirs, batch), ours, ops=3 * model.config.num_hidden_layers,
+                        reason="PEFT's and our l ⊙ ... at k, v and the FFN of each layer, in their own order")

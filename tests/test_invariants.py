@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import unipelt
-from numerics import assert_close_scaled, assert_same
+from numerics import assert_close_scaled, assert_differs, assert_same
 from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model
 from unipelt.forms import form_of
 
@@ -128,7 +128,7 @@ def check_disabled_is_exactly_the_base_model(model, batch, method) -> None:
     base_out = _outputs(model, batch)
     unipelt.attach(model, method)
     _perturb_adapters(model)  # make sure the modules do change the output
-    assert not torch.equal(_outputs(model, batch), base_out)
+    assert_differs(_outputs(model, batch), base_out, ops=1, reason="the perturbed modules change the outputs")
     with unipelt.disabled(model):
         assert_same(_outputs(model, batch), base_out)
     unipelt.detach(model)
@@ -199,8 +199,8 @@ def check_merge_matches_and_unmerge_restores(model, batch, method) -> None:
         assert report["merged"] and not report["unmerged"]
     merged_out = _outputs(model, batch)
     # merging re-associates (W + s·ΔW)x vs Wx + s·ΔWx, and every later layer carries the difference on
-    assert_close_scaled(merged_out, unmerged_out, ops=2 * model.config.num_hidden_layers,
-                        reason="(W + s·ΔW)·x against W·x + s·ΔW·x in each merged layer")
+    assert_close_scaled(merged_out, unmerged_out, ops=max(1, 2 * len(report["merged"])),
+                        reason="the sum W + s·ΔW, and (W + s·ΔW)·x against W·x + s·ΔW·x, at each merged slot")
     unipelt.unmerge(model)
     for name, param in model.named_parameters():
         if name in weights:  # the fold keeps a copy of what it changed: unmerge puts back the original bits

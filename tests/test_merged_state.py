@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import unipelt
+from numerics import assert_close_scaled, assert_differs, assert_same
 from unipelt.attach import state_of
 from tiny_models import tiny_batch, tiny_model
 
@@ -53,7 +54,8 @@ def test_detach_after_merge_is_bit_exact(family):
     perturbed(unipelt.attach(model, HYBRID))
     before = outputs(model, family)
     unipelt.merge(model)
-    assert torch.allclose(outputs(model, family), before, atol=1e-5)  # merged = unmerged, up to rounding
+    assert_close_scaled(outputs(model, family), before, ops=2 * len(state_of(model).merged),  # merged = unmerged
+                        reason="the sum W + s·BA, and (W + s·BA)·x against W·x + s·B(A·x), at each merged slot")
     assert not torch.equal(weights(model)[next(iter(state_of(model).merged)).rpartition(".")[0] + ".weight"],
                            base[next(iter(state_of(model).merged)).rpartition(".")[0] + ".weight"])
     unipelt.unmerge(model)
@@ -97,7 +99,9 @@ def test_unmerge_after_the_weights_changed_subtracts_the_recorded_delta_and_says
     with pytest.warns(UserWarning, match="changed after merge"):
         unipelt.unmerge(model)
     # the ΔW that merge() added is subtracted (not the adapter's current one): the 0.5 step survives
-    assert torch.allclose(host.weight, original + 0.5, atol=1e-4)
+    terms = float((original.abs() + delta.abs()).max()) + 0.5  # the sizes of what was added and subtracted
+    assert_close_scaled(host.weight.detach(), original + 0.5, ops=3, scale=terms,
+                        reason="W + ΔW, + 0.5 and − ΔW, each rounded at the size of the terms")
     assert delta.abs().max() > 1
 
 
@@ -210,12 +214,12 @@ def test_a_deep_copy_is_a_model_of_its_own(family, method):
     model = perturbed(unipelt.attach(tiny_model(family), method))
     before = outputs(model, family)
     clone = copy.deepcopy(model)
-    assert torch.allclose(outputs(clone, family), before, atol=1e-6)
+    assert_same(outputs(clone, family), before)  # the same weights through the same operations
     perturbed(clone, seed=5)
-    assert not torch.allclose(outputs(clone, family), before, atol=1e-3)  # the copy follows its own parameters
+    assert_differs(outputs(clone, family), before, ops=1, reason="the copy follows its own parameters")
     assert torch.equal(outputs(model, family), before)  # and the original is untouched
     unipelt.detach(clone)
-    assert torch.allclose(outputs(clone, family), outputs(tiny_model(family), family), atol=1e-6)
+    assert_same(outputs(clone, family), outputs(tiny_model(family), family))
     assert torch.equal(outputs(model, family), before)
 
 

@@ -1,5 +1,6 @@
 """Data parallel: unipelt-train under torchrun with 2 CPU processes (gloo), batch 4 each, takes the same steps as one
-process with batch 8: same training loss and metrics (tolerance 1e-5: only the order of float sums differs)."""
+process with batch 8: same training loss, metrics and adapter up to the rounding of the float sums whose order
+differs (tests/numerics.py: each step averages the two halves' gradients where one process sums the batch)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import os
 import subprocess
 import sys
 
-import pytest
+import torch
 from safetensors.torch import load_file
 
 from app_fixtures import OFFLINE_ENV, make_small_sst2, make_tiny_model, records, run_cli, tiny_overrides
+from numerics import assert_close_scaled, assert_close_trained
+
+SPLIT_SUMS = "each step's gradient and loss mean as two halves averaged across the processes, carried on by AdamW"
 
 
 def test_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
@@ -29,7 +33,10 @@ def test_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
     (two,) = records(ddp / "results.jsonl")  # rank 0 alone writes the record
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["steps"] == one["steps"] == 8
-    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
-    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-5)
+    ops = 2 * one["steps"]
+    assert_close_scaled(two["train_loss"], one["train_loss"], ops=ops, dtype=torch.float32, reason=SPLIT_SUMS)
+    assert_close_scaled(two["metrics"], one["metrics"], ops=ops, dtype=torch.float32, reason=SPLIT_SUMS)
     a, b = (load_file(d / "best_adapter" / "adapter_model.safetensors") for d in (single, ddp))
-    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_close_trained(b[name], a[name], lr=1e-2, reason=SPLIT_SUMS, msg=name)  # tiny_overrides' lr

@@ -1,7 +1,8 @@
 """Sharded training (trainer.strategy=fsdp, FSDP2 on CPU over gloo, 2 processes) gives what one process gives with
-the doubled batch: per-step losses and metrics within 1e-5 (only the order of float sums differs), the same saved
-adapter files, and AdaLoRA masks and importance scores identical on every rank. One torchrun runs every family and
-preset in one process group (tests/fsdp_worker.py); the CLI, kill -9 / resume and refusals are tested below."""
+the doubled batch: per-step losses, metrics and the saved adapter files equal up to the rounding of the float sums
+whose order differs (tests/numerics.py), and AdaLoRA masks and importance scores identical on every rank. One
+torchrun runs every family and preset in one process group (tests/fsdp_worker.py); the CLI, kill -9 / resume and
+refusals are tested below."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from app_fixtures import OFFLINE_ENV, make_small_sst2, make_tiny_model, records, run_cli, tiny_overrides
 from needs import need_module
+from numerics import assert_close_scaled, assert_close_trained
 from unipelt.errors import UnipeltError
 from unipelt.train import TrainConfig
 from unipelt.train.config import check
@@ -27,7 +29,18 @@ from unipelt.train.config import check
 HERE = Path(__file__).resolve().parent
 PRESETS = ("lora", "mam", "prefix", "prompt_tuning", "adalora", "unipelt")
 JOBS = {"llama": PRESETS + ("qlora_adamw",), "bert": PRESETS + ("learned_scale",), "bart": PRESETS}
-TOLERANCE = 1e-5
+# Each step reduces the gradient as two halves averaged across the processes where one process sums the doubled
+# batch, and the loss mean likewise; every optimizer step carries what differs on.
+SPLIT_SUMS = "each step's gradient and loss mean as two halves averaged across the processes, carried on"
+
+
+LR = 1e-2  # the learning rate of tests/fsdp_worker.py and of app_fixtures.tiny_overrides
+
+
+def _close(actual, expected, steps: int, msg: str = "") -> None:
+    plain = not isinstance(actual, torch.Tensor)  # numbers from the JSON report: float32 results
+    assert_close_scaled(actual, expected, ops=2 * steps, dtype=torch.float32 if plain else None, reason=SPLIT_SUMS,
+                        msg=msg)
 
 
 def _torchrun(args: list[str]) -> list[str]:
@@ -76,8 +89,9 @@ def _check_equal(entry: dict) -> None:
     assert "error" not in entry, entry.get("error")
     sharded, single = entry["fsdp"], entry["single"]
     assert len(sharded["losses"]) == len(single["losses"]) == 3
-    assert sharded["losses"] == pytest.approx(single["losses"], abs=TOLERANCE)
-    assert sharded["metrics"] == pytest.approx(single["metrics"], abs=TOLERANCE)
+    for step, (loss, reference) in enumerate(zip(sharded["losses"], single["losses"])):
+        _close(loss, reference, steps=step + 1, msg=f"loss of step {step + 1}")
+    _close(sharded["metrics"], single["metrics"], steps=3)
     # the saved adapter: rank 0 gathered it and wrote the single-process files
     a, b = (Path(entry[kind]["adapter"]) for kind in ("fsdp", "single"))
     assert json.loads((a / "unipelt_adapter.json").read_text()) == json.loads((b / "unipelt_adapter.json").read_text())
@@ -85,11 +99,12 @@ def _check_equal(entry: dict) -> None:
     assert ta.keys() == tb.keys() and ta
     for name in ta:
         assert ta[name].shape == tb[name].shape and ta[name].dtype == tb[name].dtype, name
-        assert ta[name].numel() == 0 or (ta[name] - tb[name]).abs().max() < TOLERANCE, name  # 0: pruned away
+        # (an empty tensor: every triplet pruned away)
+        assert_close_trained(ta[name], tb[name], lr=LR, reason=SPLIT_SUMS, msg=name)
     if "rank_mask" in single:  # AdaLoRA: pruned to the target, from the same scores, on every rank
         assert sum(single["rank_mask"]) < len(single["rank_mask"])  # something was pruned
         assert sharded["rank_mask"] == single["rank_mask"]
-        assert sharded["scores"] == pytest.approx(single["scores"], rel=1e-4, abs=1e-12)
+        _close(sharded["scores"], single["scores"], steps=3, msg="importance scores")
         masks, scores = zip(*sharded["per_rank"])
         assert all(m == masks[0] for m in masks) and all(s == scores[0] for s in scores)  # exactly
 
@@ -277,8 +292,8 @@ def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
     (resumed,) = records(victim_dir / "results.jsonl")
     (single,) = records(tmp_path / "single" / "results.jsonl")
     assert expected["world_size"] == 2 and expected["steps"] == single["steps"] == 32
-    assert expected["train_loss"] == pytest.approx(single["train_loss"], abs=TOLERANCE)
-    assert expected["metrics"] == pytest.approx(single["metrics"], abs=TOLERANCE)
+    _close(expected["train_loss"], single["train_loss"], steps=single["steps"])
+    _close(expected["metrics"], single["metrics"], steps=single["steps"])
     assert resumed["resumed_from"] and 0 < resumed["resumed_from"] < resumed["steps"] == expected["steps"]
     for key in ("metrics", "score", "best_step", "train_loss", "stopped_early"):
         assert resumed[key] == expected[key], key  # exactly, not approximately
@@ -286,4 +301,5 @@ def test_cli_fsdp_kill_9_and_resume_equals_uninterrupted(tmp_path):
              for d in (tmp_path / "reference", victim_dir, tmp_path / "single")]
     assert saved[0].keys() == saved[1].keys() == saved[2].keys()
     assert all(saved[0][k].equal(saved[1][k]) for k in saved[0])
-    assert all(torch.allclose(saved[0][k], saved[2][k], atol=TOLERANCE) for k in saved[0])
+    for name in saved[0]:
+        assert_close_trained(saved[0][name], saved[2][name], lr=LR, reason=SPLIT_SUMS, msg=name)
