@@ -14,7 +14,7 @@ from torch import nn
 
 from .attach import state_of, unmerge_slots
 from .errors import AttachError
-from .slot import LinearMap, Slot
+from .slot import Slot
 
 
 def merge(model: nn.Module) -> dict[str, list[str]]:
@@ -45,9 +45,7 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
     for group in by_host.values():
         # The ΔW of every slot on one projection is taken before any of them folds: a form that reads its host's
         # weight (DoRA's norm) must see the weight unmerged, not with its neighbour already folded in.
-        maps = [slot.linear_map() for _, slot, _ in group]
-        maps = [LinearMap(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone(), m.diagonal)
-                for m in maps]
+        maps = [slot.linear_map() for _, slot, _ in group]  # fresh tensors: no map is a view of the host's weight
         for (name, slot, host), linear in zip(group, maps):
             error = slot.merge(host, linear)
             if error is not None:
