@@ -98,11 +98,11 @@ def test_fit_checks_the_positions_the_attached_methods_forms_add(tiny, tmp_path)
     # the trainer's own check (for callers without the app): the prompt's tokens, read from the attached method
     from transformers import AutoModelForSequenceClassification
 
-    from unipelt import attach, load_method
+    from unipelt import attach, compat, load_method
     from unipelt.errors import UnipeltError
     from unipelt.train import TrainConfig, fit
 
-    model = AutoModelForSequenceClassification.from_pretrained(tiny[0])
+    model = AutoModelForSequenceClassification.from_pretrained(tiny[0], **compat.MODEL_LOAD_KWARGS)
     attach(model, load_method("prompt_tuning").replace_module(0, length=100))
     with pytest.raises(UnipeltError, match=r"^trainer.max_length 32 exceeds the 28 positions of model .* after 100 "):
         fit(model, None, TrainConfig(max_length=32), tmp_path / "run")

@@ -8,6 +8,7 @@ from needs import need_module
 import torch
 
 import unipelt
+from unipelt import compat
 from app_fixtures import make_small_sst2, make_tiny_model
 from numerics import assert_close_scaled, assert_close_trained
 from unipelt.errors import UnipeltError
@@ -37,7 +38,7 @@ def tiny(tmp_path_factory):
 
     def build(method="lora"):
         set_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, **compat.MODEL_LOAD_KWARGS)
         return unipelt.attach(model, method)
 
     return build, task
