@@ -22,17 +22,18 @@ MAX_LINES = 420
 # below.
 LAYERS = [
     {"errors", "compat", "full_tensor", "package_files", "model_snapshot"},
-    {"spec_values", "sites", "quantize"},
+    {"spec_values", "sites", "quantize", "composition", "row_values"},
     {"module_spec"},
-    {"compose", "weight_fold", "slot", "forms"},
+    {"compose", "weight_fold", "adapter_merging", "slot", "forms"},
     {"spec"},
-    {"placement"},
+    {"placement", "adapter_set", "trained_params"},
     {"attach"},
-    {"merge", "io", "accounting", "optim", "peft_names", "peft_interop"},
+    {"merge", "io", "accounting", "optim", "peft_names", "peft_interop", "adapters"},
     {"budget"},
     {"api", "__init__"},
     {"tasks"},
     {"train"},
+    {"integrations"},  # the Hugging Face Trainer / TRL integration: above the loop whose checkpoint helpers it uses
     {"app", "cli"},
     {"hydra_plugins"},
 ]

@@ -246,7 +246,8 @@ def test_attach_twice(bert):
     unipelt.attach(bert, "lora")
     trainable = {n for n, p in bert.named_parameters() if p.requires_grad}
     out = logits(bert, "bert")
-    with pytest.raises(unipelt.AttachError, match=r"method 'lora' is already attached; call unipelt\.detach") as e:
+    taken = r"an adapter named 'default' \(method 'lora'\) is already attached; pass another name="
+    with pytest.raises(unipelt.AttachError, match=taken) as e:
         unipelt.attach(bert, "pa")
     one_line(e)
     # The first method is still the only one: no FFN adapter appeared, nothing else was frozen or thawed.

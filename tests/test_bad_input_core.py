@@ -212,7 +212,8 @@ def test_import_peft_invalid_json(peft_dir, bert):
 def test_import_peft_onto_an_attached_model(peft_dir, bert):
     unipelt.attach(bert, "pa")
     out = logits(bert, "bert")
-    with pytest.raises(unipelt.AttachError, match=r"import_peft: method 'pa' is already attached") as e:
+    taken = r"import_peft: an adapter named 'default' \(method 'pa'\) is already attached"
+    with pytest.raises(unipelt.AttachError, match=taken) as e:
         unipelt.import_peft(bert, peft_dir)
     one_line(e)
     assert state_of(bert).method.name == "pa"

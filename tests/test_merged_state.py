@@ -147,9 +147,11 @@ def _merged_operations(tmp_path):
                          "param_groups: modules are merged into the weights and would not train; call "
                          "unipelt.unmerge(model) first"),
         "attach": (lambda m: unipelt.attach(m, "lora"),
-                   "attach: method 'lora' is already attached; call unipelt.detach(model) first"),
+                   "attach: an adapter named 'default' (method 'lora') is already attached; pass another name=, or call "
+                   "unipelt.detach(model) first"),
         "import_peft": (lambda m: unipelt.import_peft(m, saved),
-                        "import_peft: method 'lora' is already attached; call unipelt.detach(model) first"),
+                        "import_peft: an adapter named 'default' (method 'lora') is already attached; pass another "
+                        "name=, or call unipelt.detach(model) first"),
     }
 
 

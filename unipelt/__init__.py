@@ -9,7 +9,9 @@ optim / peft (operations on an attached model, the contract with a training loop
 count with a budget solved) → tasks → train → app, cli → hydra_plugins (docs/forms.md).
 """
 
+from .adapters import active_adapters, delete_adapter, list_adapters, mixed_batch, rename_adapter, set_active
 from .api import attach, count_parameters
+from .composition import Average, BatchSplit, Parallel, Stack
 from .attach import detach, disabled, fold_prefixes, is_attached
 from .budget import solve_budget
 from .errors import AdapterFileError, AttachError, DataError, MethodConfigError, UnipeltError
@@ -23,6 +25,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "Average",
+    "BatchSplit",
+    "Parallel",
+    "Stack",
+    "active_adapters",
+    "delete_adapter",
+    "list_adapters",
+    "mixed_batch",
+    "rename_adapter",
+    "set_active",
     "AttachError",
     "DataError",
     "MethodConfigError",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attach import check_train_base, is_attached, prepare_counting, state_of, trained_parameters
+from .attach import adapter_set, check_train_base, is_attached, prepare_counting, state_of, trained_parameters
 from .forms import Counts, form_of
 from .placement import resolve
 from .quantize import element_count
@@ -44,21 +44,28 @@ def _summary(method: str, added: int, reparam: int, trainable: int, trained_base
     }
 
 
-def attached_counts(model: nn.Module) -> dict[str, Any]:
-    """Counts of the method attached to `model`, read from its slots."""
-    state = state_of(model)
+def attached_counts(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """Counts of an adapter attached to `model` (the only or the active one without a name), read from its slots.
+    `trainable` is what that adapter trains (its modules, the base / head parameters it trains); on a model with
+    one adapter, every parameter that requires a gradient."""
+    aset = adapter_set(model)
+    state = state_of(model, name, "count_parameters")
     # Counted as saved and served: a prefix's 2·l·d vectors per attention module (its MLP folded), AdaLoRA's kept
     # triplets (P, Λ, Q), a prompt's l vectors, plus scales and gates.
     added = sum(p.numel() for slot in state.slots.values() for p in slot.exported_parameters().values())
     reparam = sum(_count(r) for r in state.reparams.values())
     # A P-tuning prompt encoder is a training aid like the prefix MLP: reported as reparam, not added.
     reparam += sum(s.reparam_count() for s in state.slots.values())
-    adapter_ids = {id(p) for s in state.slots.values() for p in s.parameters()}
-    adapter_ids |= {id(p) for r in state.reparams.values() for p in r.parameters()}
+    adapter_ids = {id(p) for s in aset.adapters.values() for m in [*s.slots.values(), *s.reparams.values()]
+                   for p in m.parameters()}
     all_params = dict(model.named_parameters())
-    trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
     trained_base = sum(all_params[n].numel() for n in state.trained_base)
     head = sum(all_params[n].numel() for n in state.trained_head)
+    if len(aset.adapters) == 1:
+        trainable = sum(p.numel() for p in all_params.values() if p.requires_grad)
+    else:
+        own = [p for m in [*state.slots.values(), *state.reparams.values()] for p in m.parameters()]
+        trainable = sum(p.numel() for p in own) + trained_base + head
     base_model = getattr(model, "base_model", model)
     base = sum(element_count(p) for p in base_model.parameters() if id(p) not in adapter_ids)
     counts = _summary(state.method.name, added, reparam, trainable, trained_base, head, base)
@@ -104,12 +111,13 @@ def build_meta_model(config: Any) -> nn.Module:
         return AutoModel.from_config(config)
 
 
-def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]:
-    """Counts for an attached model, or for a config (object, hub id or local dir) or a model plus a method whose
-    sizes are given (unipelt.count_parameters solves a budget first)."""
+def count_parameters(model_or_config: Any, method: Any = None, name: str | None = None) -> dict[str, Any]:
+    """Counts for an attached model (one adapter: `name`, default the only or active one), or for a config
+    (object, hub id or local dir) or a model plus a method whose sizes are given (unipelt.count_parameters solves
+    a budget first)."""
     if isinstance(model_or_config, nn.Module):
         if method is None:
-            return attached_counts(model_or_config)
+            return attached_counts(model_or_config, name)
         if is_attached(model_or_config):
             raise ValueError("count_parameters: the model already has a method attached; pass method=None")
         return placed_counts(model_or_config, method)

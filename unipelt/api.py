@@ -16,25 +16,25 @@ from .budget import solve_budget
 from .spec import load_method
 
 
-def attach(model: nn.Module, method: Any) -> nn.Module:
-    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place; a budget is
-    solved on the model's config first."""
+def attach(model: nn.Module, method: Any, name: str | None = None) -> nn.Module:
+    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place, as the adapter
+    `name` (default "default"; several may coexist) made active; a budget is solved on the model's config first."""
     spec = load_method(method)
-    check_model(model, "attach")
+    check_model(model, "attach", name)
     if spec.budget is not None:
         spec = solve_budget(spec, model.config)
-    return attach_method(model, spec)
+    return attach_method(model, spec, name)
 
 
-def count_parameters(model_or_config: Any, method: Any = None) -> dict[str, Any]:
-    """Counts for an attached model, or for a config (object, hub id or local dir) or a model plus a method (its
-    budget solved first); see unipelt.accounting."""
+def count_parameters(model_or_config: Any, method: Any = None, name: str | None = None) -> dict[str, Any]:
+    """Counts for an attached model (its adapter `name`, default the only or active one), or for a config (object,
+    hub id or local dir) or a model plus a method (its budget solved first); see unipelt.accounting."""
     if method is not None:
         spec = load_method(method)
         if spec.budget is not None:
             config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
             method = solve_budget(spec, config)
-    return count_sized(model_or_config, method)
+    return count_sized(model_or_config, method, name)
 
 
 __all__ = ["attach", "count_parameters"]

@@ -5,6 +5,9 @@ placement and let each form build its slots (nothing on the model changes yet), 
 register slots as child modules of their hosts, let every slot install its hooks, and freeze the base. All of it
 is recorded on `model._unipelt` so detach() can undo it exactly.
 
+Several adapters may sit on one model, each under a name (unipelt.adapter_set; `default` when none is given):
+attach adds one and makes it the active adapter; unipelt.adapters switches, composes, renames and deletes them.
+
 Order at a shared site: parallel slots are installed before sequential ones, so a sequential module sees h with
 every parallel module's Δh already added (YAML order within each kind); see unipelt/slot.py.
 
@@ -15,14 +18,15 @@ attach_method takes sizes as they are.
 from __future__ import annotations
 
 import contextlib
-import copy
-import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from . import compat
+from .adapter_set import (DEFAULT, AdapterSet, CopyableHook, apply, check_name, child_name, install_hooks,
+                          remove_hooks)
 from .errors import AttachError, MethodConfigError
 from .forms import form_of
 from .placement import Placement, projection_index, resolve
@@ -30,33 +34,55 @@ from .quantize import check_quantization, quantize_base, restore_base
 from .model_snapshot import ModelSnapshot
 from .slot import HostRef, Slot, like
 from .spec import MethodSpec, load_method
+from .trained_params import _listed_module_ids, check_train_base, trained_parameters
 
 STATE_ATTR = "_unipelt"
 
 
 @dataclass
 class AttachedState:
+    """One named adapter: its method, placements and slots (keyed by their saved names, the `default` adapter's
+    child names), and what it trains besides its own modules."""
     method: MethodSpec
     placements: list[Placement]
+    name: str = DEFAULT
     slots: dict[str, Slot] = field(default_factory=dict)  # full slot name -> slot
     # training-only modules a form registers on the model itself, shared by its slots (a prefix MLP), by name
     reparams: dict[str, nn.Module] = field(default_factory=dict)
     reparam_owners: dict[str, str] = field(default_factory=dict)  # reparam name -> the module spec that built it
     handles: list[Any] = field(default_factory=list)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
     trained_base: list[str] = field(default_factory=list)  # base parameter names the method trains
     trained_head: list[str] = field(default_factory=list)  # task-head parameter names (outside base_model)
     merged: list[str] = field(default_factory=list)
     # method-level training objects reached through unipelt.optim (AdaLoRA's rank allocators), by name
     controllers: dict[str, Any] = field(default_factory=dict)
-    quantized: list[tuple[str, nn.Module, Any]] = field(default_factory=list)  # (name, original, device)
+
+    def child(self, canonical: str) -> str:
+        """The attribute name on the model of the child whose saved name is `canonical`."""
+        return child_name(self.name, canonical)
 
 
-def state_of(model: nn.Module) -> AttachedState:
-    state = model.__dict__.get(STATE_ATTR)
-    if state is None:
+def adapter_set(model: nn.Module) -> AdapterSet:
+    aset = model.__dict__.get(STATE_ATTR)
+    if aset is None:
         raise AttachError(f"no unipelt method is attached to this {type(model).__name__}; call unipelt.attach first")
-    return state
+    return aset
+
+
+def state_of(model: nn.Module, name: str | None = None, caller: str = "unipelt") -> AttachedState:
+    """The named adapter's state; without a name, the only adapter, else the only active one (else one line)."""
+    aset = adapter_set(model)
+    if name is not None:
+        if name not in aset.adapters:
+            raise AttachError(f"{caller}: no adapter named {name!r} (this model has: {', '.join(aset.adapters)})")
+        return aset.adapters[name]
+    if len(aset.adapters) == 1:
+        return next(iter(aset.adapters.values()))
+    active = aset.active_names()
+    if len(active) == 1:
+        return aset.adapters[active[0]]
+    raise AttachError(f"{caller}: this model has {len(aset.adapters)} adapters ({', '.join(aset.adapters)}), "
+                      f"{len(active)} of them active; pass name=")
 
 
 def is_attached(model: nn.Module) -> bool:
@@ -73,15 +99,34 @@ def refuse_wrapped(model: Any, caller: str) -> None:
         raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
 
 
-def check_model(model: Any, caller: str) -> None:
-    """One line for what cannot take a method: not a transformers model, or one that already has one."""
+def check_model(model: Any, caller: str, name: str | None = None) -> str:
+    """One line for what cannot take a method: not a transformers model, or a name already taken; returns the
+    adapter's name."""
     refuse_wrapped(model, caller)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise AttachError(f"{caller}: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    if is_attached(model):
-        raise AttachError(
-            f"{caller}: method '{state_of(model).method.name}' is already attached; call unipelt.detach(model) first"
-        )
+    name = DEFAULT if name is None else check_name(name, caller)
+    if is_attached(model) and name in adapter_set(model).adapters:
+        method = adapter_set(model).adapters[name].method.name
+        raise AttachError(f"{caller}: an adapter named '{name}' (method '{method}') is already attached; pass "
+                          "another name=, or call unipelt.detach(model) first")
+    return name
+
+
+def check_coexistence(model: nn.Module, spec: MethodSpec, name: str) -> None:
+    """What two adapters on one base cannot differ in: the base's quantization; and an adapter that trains every
+    base weight has the base to itself."""
+    if not is_attached(model):
+        return
+    aset = adapter_set(model)
+    if spec.quantize != aset.quantize:
+        raise AttachError(f"attach: adapter '{name}' has quantize '{spec.quantize}' but the base already carries "
+                          f"adapters with quantize '{aset.quantize}'; adapters of one model share one base")
+    whole = [n for n, s in aset.adapters.items() if s.method.train_base == "all"]
+    if spec.train_base == "all" or whole:
+        who = name if spec.train_base == "all" else whole[0]
+        raise AttachError(f"attach: adapter '{who}' trains every base weight (train_base: all); it cannot share "
+                          "the model with other adapters (attach it to its own copy of the model)")
 
 
 def prepare(model: nn.Module, spec: MethodSpec) -> MethodSpec:
@@ -102,21 +147,17 @@ def prepare_counting(model: nn.Module, spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def check_train_base(model: nn.Module, spec: MethodSpec) -> None:
-    base = getattr(model, "base_model", model)
-    if spec.train_base == "bias" and not any(n.endswith("bias") for n, _ in base.named_parameters()):
-        raise AttachError(f"method '{spec.name}': train_base 'bias' but this {model.config.model_type} has no biases")
-
-
-def attach_method(model: nn.Module, method: Any) -> nn.Module:
-    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) with its sizes as given."""
-    check_model(model, "attach")
+def attach_method(model: nn.Module, method: Any, name: str | None = None) -> nn.Module:
+    """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) with its sizes as given, as the
+    adapter `name` (default: "default"), and make it the active adapter."""
+    name = check_model(model, "attach", name)
     spec = prepare(model, prepare_counting(model, load_method(method)))
+    check_coexistence(model, spec, name)
     placements = resolve(model, spec) if spec.modules else []
     check_train_base(model, spec)
     _listed_module_ids(model, spec)  # an unknown train_modules name fails here, before anything changes
     to_quantize = []
-    if spec.quantize != "none":
+    if spec.quantize != "none" and not is_attached(model):  # a second QLoRA adapter shares the quantized base
         check_quantization(model, spec)
         to_quantize = _all_linear_names(model)
     try:
@@ -129,17 +170,57 @@ def attach_method(model: nn.Module, method: Any) -> nn.Module:
     # All or nothing from here: whatever raises (a form's install, a quantization half-way), the model is put
     # back exactly as it was -- module tree, weights, hooks, routing, requires_grad -- before the error goes on.
     snapshot = ModelSnapshot(model)
+    previous = model.__dict__.get(STATE_ATTR)
     quantized: list[tuple[str, nn.Module, Any]] = []
     try:
         quantize_base(model, spec, to_quantize, quantized)
-        state = _install(model, spec, placements, slots, reparams, dict(model.named_modules()))  # anew: quantized
-        state.controllers.update(controllers)
-        state.quantized.extend(quantized)
+        aset = previous if previous is not None else AdapterSet(quantize=spec.quantize)
+        state = AttachedState(method=spec, placements=placements, name=name, controllers=controllers)
+        _install(model, state, slots, reparams, dict(model.named_modules()))  # anew: quantized
+        _claim(model, aset, state, first=previous is None)
+        aset.quantized.extend(quantized)
+        model.__dict__[STATE_ATTR] = aset
+        aset.adapters[name] = state
+        aset.hook_order.append(name)
+        apply(model, aset, name, caller="attach")
     except BaseException:
+        if previous is None:
+            model.__dict__.pop(STATE_ATTR, None)
+        else:
+            _forget(previous, name, state if "state" in locals() else None)
         restore_base(model, quantized)
         snapshot.restore()
         raise
     return model
+
+
+def _forget(aset: AdapterSet, name: str, state: "AttachedState | None") -> None:
+    """Drop what a failed attach put into an existing set (the snapshot restores the model itself)."""
+    if aset.adapters.get(name) is state:
+        aset.adapters.pop(name, None)
+    aset.hook_order = [n for n in aset.hook_order if n != name]
+    aset.stored.pop(name, None)
+    for pname in [p for p, owner in aset.in_force.items() if owner == name]:
+        aset.in_force[pname] = None
+
+
+def _claim(model: nn.Module, aset: AdapterSet, state: AttachedState, first: bool) -> None:
+    """Record the base's trainability (first adapter) and give the new adapter its own copy of every base or head
+    parameter it trains, starting from the original values (another adapter may have trained them since)."""
+    state.trained_base, state.trained_head = trained_parameters(model, state.method)
+    params = dict(model.named_parameters())
+    if first:
+        for pname, param in params.items():
+            if ".unipelt_" not in f".{pname}" and param.dtype.is_floating_point:
+                aset.original_requires_grad[pname] = param.requires_grad
+    if state.method.train_base == "all":  # it has the base to itself (check_coexistence): no copies
+        return
+    own = aset.stored.setdefault(state.name, {})
+    for pname in state.trained_base + state.trained_head:
+        if pname not in aset.base_values:
+            aset.base_values[pname] = params[pname].detach().clone()
+            aset.in_force[pname] = None
+        own[pname] = aset.base_values[pname].clone()
 
 
 def _sizes(spec: MethodSpec) -> str:
@@ -175,156 +256,97 @@ def _build(spec: MethodSpec, placements: list[Placement], model: nn.Module,
     return [built[i] for i in range(len(placements))], reparams, controllers
 
 
-class CopyableHook:
-    """A hook closure that copy.deepcopy copies with the model: its closure cells (the slot it calls, ...) are
-    deep-copied through the same memo as the module tree, so a copied model's hooks call the copied slots. (A plain
-    function is copied by reference: the copy would keep calling the original model's slots, in silence.)"""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> "CopyableHook":
-        cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in self.fn.__closure__ or ())
-        fn = types.FunctionType(self.fn.__code__, self.fn.__globals__, self.fn.__name__, self.fn.__defaults__,
-                                cells or None)
-        fn.__kwdefaults__ = self.fn.__kwdefaults__
-        return CopyableHook(fn)
-
-
-def _install(model, spec, placements, slots, reparams, modules) -> AttachedState:
-    state = AttachedState(method=spec, placements=placements)
+def _install(model: nn.Module, state: AttachedState, slots: list[Slot], reparams: dict, modules: dict) -> None:
+    """Register the adapter's modules under its child names and install its hooks (unipelt.adapter_set)."""
     for name, (owner, reparam) in reparams.items():
-        model.add_module(name, reparam)
+        model.add_module(state.child(name), reparam)
         state.reparams[name] = reparam
         state.reparam_owners[name] = owner
-    for p, slot in zip(placements, slots):
-        modules[p.host_name].add_module(p.slot_name, slot)
+    for p, slot in zip(state.placements, slots):
+        modules[p.host_name].add_module(state.child(p.slot_name), slot)
         state.slots[f"{p.host_name}.{p.slot_name}" if p.host_name else p.slot_name] = slot
-    # Parallel before sequential at a shared site (sorted is stable: YAML order within each kind).
-    for p, slot in sorted(zip(placements, slots), key=lambda pair: pair[0].spec.insertion == "sequential"):
         slot.bind_host(HostRef(model, p.host_name))
-        state.handles.extend(slot.install(p, modules, model))
-    for handle in state.handles:  # copy.deepcopy(model) must give hooks that call the copy's own slots
-        if hasattr(handle, "hooks_dict_ref"):
-            hooks = handle.hooks_dict_ref()
-            hooks[handle.id] = CopyableHook(hooks[handle.id])
+    install_hooks(model, state)
     # New modules start in training mode; follow the model's, so an eval model stays deterministic (dropout).
     for module in [*state.slots.values(), *state.reparams.values()]:
         module.train(model.training)
-    _freeze(model, spec, state)
-    model.__dict__[STATE_ATTR] = state
-    return state
 
 
-def _pretrained_head_ids(model: nn.Module) -> set[int]:
-    """Parameters of a pretrained LM head outside the base model (an untied lm_head, BERT's MLM head): a model with
-    output embeddings is a language model whose head came with its weights. Any other head (classifier, score,
-    tagger, QA span head) is newly initialised for the task."""
-    get = getattr(model, "get_output_embeddings", None)
-    if get is None or get() is None:
-        return set()
-    return {id(p) for p in model.parameters()}
-
-
-def _listed_module_ids(model: nn.Module, spec: MethodSpec) -> set[int]:
-    """Parameters of the modules the method names in train_modules (a name or a '.'-separated name suffix)."""
-    ids: set[int] = set()
-    modules = list(model.named_modules())
-    for entry in spec.train_modules:
-        found = [m for name, m in modules if name == entry or name.endswith(f".{entry}")]
-        if not found:
-            raise AttachError(f"method '{spec.name}': train_modules entry '{entry}' matches no module of this "
-                              f"{type(model).__name__}")
-        ids |= {id(p) for m in found for p in m.parameters()}
-    return ids
-
-
-def _norm_ids(model: nn.Module) -> set[int]:
-    """Parameters of the normalisation layers (LayerNorm, RMSNorm and the families' own classes of them)."""
-    names = ("LayerNorm", "RMSNorm")
-    return {id(p) for m in model.modules() if any(n in type(m).__name__ for n in names) for p in m.parameters()}
-
-
-def trained_parameters(model: nn.Module, spec: MethodSpec) -> tuple[list[str], list[str]]:
-    """Names of the base parameters and of the head parameters (outside base_model) that the method trains besides
-    its own modules: train_base (all, bias, layernorm), train_modules, and a newly initialised task head."""
-    base = getattr(model, "base_model", model)
-    base_ids = {id(p) for p in base.parameters()}
-    norms = _norm_ids(base) if spec.train_base == "layernorm" else set()
-    pretrained_head = _pretrained_head_ids(model) - base_ids
-    listed = _listed_module_ids(model, spec)
-    trained_base, trained_head = [], []
-    for name, param in model.named_parameters():
-        if ".unipelt_" in f".{name}" or not param.dtype.is_floating_point:  # adapters; a quantized base weight
-            continue
-        in_base = id(param) in base_ids
-        if spec.train_base == "all" or id(param) in listed:
-            train = True
-        elif in_base:
-            train = (spec.train_base == "bias" and name.endswith("bias")) or id(param) in norms
-        else:
-            train = spec.train_head and id(param) not in pretrained_head
-        if train:
-            (trained_base if in_base else trained_head).append(name)
-    return trained_base, trained_head
-
-
-def _freeze(model: nn.Module, spec: MethodSpec, state: AttachedState) -> None:
-    state.trained_base, state.trained_head = trained_parameters(model, spec)
-    train = set(state.trained_base) | set(state.trained_head)
-    for name, param in model.named_parameters():
-        if ".unipelt_" in f".{name}":
-            param.requires_grad_(True)
-            continue
-        if not param.dtype.is_floating_point:  # a quantized base weight: frozen by nature, restored by detach
-            continue
-        state.requires_grad[name] = param.requires_grad
-        param.requires_grad_(name in train)
-
-
-def detach(model: nn.Module) -> nn.Module:
-    """Remove every unipelt module, hook and routing; restores the original parameters' trainability."""
-    state = state_of(model)
-    unmerge_slots(model)
-    for handle in reversed(state.handles):
-        handle.remove()
-    modules = dict(model.named_modules())
-    for full_name in state.slots:
-        parent, _, child = full_name.rpartition(".")
-        delattr(modules[parent] if parent else model, child)
-    for name in state.reparams:
-        delattr(model, name)
-    restore_base(model, state.quantized)
+def detach(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove the named adapter (unipelt.delete_adapter), or without a name every adapter with every module, hook
+    and routing; the last one gone restores the original parameters' trainability and the unquantized base."""
+    aset = adapter_set(model)
+    if name is not None:
+        state_of(model, name, "detach")
+        if len(aset.adapters) > 1:
+            remove_adapter(model, name)
+            return model
+    for adapter in reversed(list(aset.adapters)):
+        _remove_modules(model, aset.adapters[adapter])
+    restore_base(model, aset.quantized)
     params = dict(model.named_parameters())
-    for name, flag in state.requires_grad.items():
-        params[name].requires_grad_(flag)
+    for pname, flag in aset.original_requires_grad.items():
+        params[pname].requires_grad_(flag)
     del model.__dict__[STATE_ATTR]
     return model
 
 
-def unmerge_slots(model: nn.Module) -> list[str]:
-    """Undo every merge (last merged first): each slot applies its own inverse to its host's weights."""
-    state = state_of(model)
+def _remove_modules(model: nn.Module, state: AttachedState) -> None:
+    unmerge_slots(model, state.name)
+    remove_hooks(state)
+    modules = dict(model.named_modules())
+    for full_name in state.slots:
+        parent, _, child = full_name.rpartition(".")
+        delattr(modules[parent] if parent else model, state.child(child))
+    for reparam in state.reparams:
+        delattr(model, state.child(reparam))
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete one adapter of several: its modules, hooks and copies of shared parameters go; what it held in the
+    model goes back to the original values; the remaining active adapters stay active (else the first one)."""
+    aset = adapter_set(model)
+    state = aset.adapters[name]
+    remaining_active = [n for n in aset.active_names() if n != name]
+    _remove_modules(model, state)
+    del aset.adapters[name]
+    aset.hook_order = [n for n in aset.hook_order if n != name]
+    aset.stored.pop(name, None)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pname, owner in list(aset.in_force.items()):
+            if owner == name:
+                params[pname].copy_(aset.base_values[pname])
+                aset.in_force[pname] = None
+    still_owned = {p for n in aset.adapters for p in aset.owned(n)}
+    for pname in [p for p in aset.base_values if p not in still_owned]:
+        del aset.base_values[pname], aset.in_force[pname]
+        params[pname].requires_grad_(aset.original_requires_grad.get(pname, False))
+    aset.active = None
+    apply(model, aset, remaining_active or next(iter(aset.adapters)), caller="delete_adapter")
+
+
+def unmerge_slots(model: nn.Module, name: str | None = None) -> list[str]:
+    """Undo every merge of an adapter (last merged first): each slot applies its own inverse to its host's
+    weights."""
+    state = state_of(model, name, "unmerge")
     modules = dict(model.named_modules())
     undone = []
-    for name in reversed(state.merged):
-        state.slots[name].unmerge(modules[name.rpartition(".")[0]], name)
-        undone.append(name)
+    for slot_name in reversed(state.merged):
+        state.slots[slot_name].unmerge(modules[slot_name.rpartition(".")[0]], slot_name)
+        undone.append(slot_name)
     state.merged.clear()
     return undone
 
 
-def fold_prefixes(model: nn.Module) -> None:
+def fold_prefixes(model: nn.Module, name: str | None = None) -> None:
     """Fold every training aid (a prefix reparameterisation MLP, a P-tuning prompt encoder) into the plain vectors
     it produces and drop it (outputs unchanged)."""
-    state = state_of(model)
+    state = state_of(model, name, "fold_prefixes")
     for slot in state.slots.values():
         slot.fold()
-    for name in state.reparams:
-        delattr(model, name)
+    for reparam in state.reparams:
+        delattr(model, state.child(reparam))
     state.reparams.clear()
     state.reparam_owners.clear()
     state.method = state.method.folded()
@@ -332,11 +354,13 @@ def fold_prefixes(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first)."""
-    state = state_of(model)
-    if state.merged:
+    """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first):
+    every adapter is switched off."""
+    aset = adapter_set(model)
+    merged = [n for n, state in aset.adapters.items() if state.merged]
+    if merged:
         raise AttachError("disabled: modules are merged into the weights; call unipelt.unmerge(model) first")
-    slots = list(state.slots.values())
+    slots = [slot for state in aset.adapters.values() for slot in state.slots.values()]
     previous = [slot.active for slot in slots]
     for slot in slots:
         slot.active = False
@@ -353,4 +377,4 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
 
 __all__ = ["attach_method", "check_model", "check_train_base", "prepare_counting", "trained_parameters", "detach",
            "unmerge_slots", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
-           "refuse_wrapped"]
+           "refuse_wrapped", "adapter_set", "remove_adapter", "AttachedState", "CopyableHook"]

@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attach import attach_method, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
+from .adapter_set import apply, check_name
+from .attach import adapter_set, attach_method, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
 from .errors import AdapterFileError
 from .sites.identity import base_identity, config_hash  # noqa: F401  config_hash: part of this module's API
 from .spec import MethodSpec, load_method
@@ -25,17 +26,36 @@ from .spec import MethodSpec, load_method
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "unipelt_adapter.json"
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything the method trained, by parameter name, with reparameterised prefixes folded."""
-    state = state_of(model)
+def adapter_state(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Everything an adapter trained, by its saved name (the `default` adapter's parameter names, whatever the
+    adapter is called), with reparameterised prefixes folded."""
+    state = state_of(model, name, "save_adapter")
     tensors: dict[str, torch.Tensor] = {}
-    for slot_name, slot in state.slots.items():
-        for name, param in slot.exported_parameters().items():
-            tensors[f"{slot_name}.{name}"] = param
-    params = dict(model.named_parameters())
-    for name in state.trained_base + state.trained_head:
-        tensors[name] = params[name]
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    with torch.no_grad():  # a reparameterisation is run as inference runs it (an LSTM's kernels differ with autograd)
+        for slot_name, slot in state.slots.items():
+            for pname, param in slot.exported_parameters().items():
+                tensors[f"{slot_name}.{pname}"] = param
+    for pname in state.trained_base + state.trained_head:
+        tensors[pname] = owned_value(model, state, pname)
+    return {key: t.detach().to("cpu").contiguous().clone() for key, t in tensors.items()}
+
+
+def owned_value(model: nn.Module, state: Any, pname: str) -> torch.Tensor:
+    """The adapter's own value of a base / head parameter it trains: in the model while the adapter is in force,
+    else its stored copy (unipelt.adapter_set)."""
+    aset = adapter_set(model)
+    if pname in aset.in_force and aset.in_force[pname] != state.name:
+        return aset.stored[state.name][pname]
+    return model.get_parameter(pname)
+
+
+def parameter_path(state: Any, key: str) -> str:
+    """The model's parameter path of a saved tensor name (a non-default adapter's children carry its name)."""
+    for canonical in state.slots:
+        if key.startswith(canonical + "."):
+            host, _, slot_name = canonical.rpartition(".")
+            return (f"{host}." if host else "") + state.child(slot_name) + key[len(canonical):]
+    return key
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
@@ -80,15 +100,17 @@ def make_directory(directory: str | os.PathLike, caller: str) -> Path:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    state = state_of(model)
+def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Save one adapter (`name`; default the only or the active one): its tensors and a JSON with the method and
+    the base's identity. The file is the same whatever the adapter is called."""
+    state = state_of(model, name, "save_adapter")
     if state.merged:
         raise AdapterFileError("save_adapter: modules are merged into the weights; call unipelt.unmerge first")
     adapters = [p for module in [*state.slots.values(), *state.reparams.values()] for p in module.parameters()]
     if any(getattr(p, "full_tensor", None) is not None for p in adapters):  # FSDP2 keeps DTensor shards
         raise AdapterFileError("save_adapter: the model is sharded (FSDP); call "
                                "unipelt.train.sharding.save_adapter(model, directory, info) on every rank")
-    tensors = adapter_state(model)
+    tensors = adapter_state(model, state.name)
     bad = non_finite_tensor(tensors)
     if bad is not None:
         raise AdapterFileError(f"save_adapter: tensor {bad} holds non-finite values; nothing written")
@@ -187,36 +209,49 @@ def _check_listed_fields(saved: dict[str, Any], current: dict[str, Any]) -> None
             _refuse(key, listed[key], here.get(key))
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the saved method (if not attached yet) and load its tensors; on any error the model is unchanged."""
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Load a saved adapter into the adapter `name`: attached first (and made active) when the model has no
+    adapter of that name, else its tensors replace that adapter's (the methods must be equal). Without a name: into
+    the only / active adapter of an attached model, else as "default". On any error the model is unchanged."""
     refuse_wrapped(model, "load_adapter")
-    if is_attached(model) and state_of(model).merged:
-        # merged weights hold the old ΔW; new adapter values would make unmerge() subtract the wrong one
-        raise AdapterFileError("load_adapter: modules are merged into the weights; call unipelt.unmerge first")
+    if name is not None:
+        check_name(name, "load_adapter")
+    target = None
+    if is_attached(model) and (name is None or name in adapter_set(model).adapters):
+        target = state_of(model, name, "load_adapter")
+        if target.merged:
+            # merged weights hold the old ΔW; new adapter values would make unmerge() subtract the wrong one
+            raise AdapterFileError("load_adapter: modules are merged into the weights; call unipelt.unmerge first")
     meta, tensors = read_adapter(directory)
     _check_identity(meta.get("base_model", {}), model.config)
     method = load_method(meta["method"])
-    attached_here = not is_attached(model)
+    attached_here = target is None
+    previous = adapter_set(model).active if attached_here and is_attached(model) else None
     if attached_here:
-        attach_method(model, method)
-    elif state_of(model).method.folded() != method:
+        attach_method(model, method, name)
+        target = state_of(model, name, "load_adapter")
+    elif target.method.folded() != method:
         raise AdapterFileError(
-            f"load_adapter: the attached method '{state_of(model).method.name}' differs from the saved one "
-            f"'{method.name}'; detach first"
+            f"load_adapter: the attached method '{target.method.name}' (adapter '{target.name}') differs from the "
+            f"saved one '{method.name}'; detach first, or load it under another name="
         )
     try:
-        _copy_tensors(model, tensors, directory)
+        _copy_tensors(model, target, tensors, directory)
     except Exception:
-        if attached_here:
-            detach(model)
+        if attached_here:  # back to the model as it was: without the new adapter, the old composition active
+            if previous is None:
+                detach(model)
+            else:
+                detach(model, target.name)
+                apply(model, adapter_set(model), previous, caller="load_adapter")
         raise
     return model
 
 
-def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory) -> None:
+def _copy_tensors(model: nn.Module, state: Any, tensors: dict[str, torch.Tensor], directory) -> None:
     # adapter_state already names reparameterised prefixes in folded form, so every check runs before folding:
     # a file that fails them leaves an attached model exactly as it was (MLP included).
-    expected = adapter_state(model)
+    expected = adapter_state(model, state.name)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -232,8 +267,9 @@ def _copy_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory)
                 f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "
                 f"{tuple(expected[name].shape)} in the model"
             )
-    fold_prefixes(model)
-    params = dict(model.named_parameters())
+    fold_prefixes(model, state.name)
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(params[name].dtype))
+        for key, tensor in tensors.items():
+            target = owned_value(model, state, key) if key in state.trained_base + state.trained_head \
+                else model.get_parameter(parameter_path(state, key))
+            target.copy_(tensor.to(target.dtype))

@@ -12,19 +12,26 @@ import warnings
 
 from torch import nn
 
-from .attach import state_of, unmerge_slots
+from .attach import adapter_set, is_attached, state_of, unmerge_slots
 from .errors import AttachError
 from .slot import Slot
 
 
-def merge(model: nn.Module) -> dict[str, list[str]]:
-    """Fold every mergeable slot into its weight. Returns {'merged': [...], 'unmerged': [...]} (slot names)."""
-    state = state_of(model)
+def merge(model: nn.Module, name: str | None = None) -> dict[str, list[str]]:
+    """Fold every mergeable slot of an adapter (`name`; default: the only or the active one) into its weight.
+    Returns {'merged': [...], 'unmerged': [...]} (slot names)."""
+    state = state_of(model, name, "merge")
     modules = dict(model.named_modules())
     merged, skipped = [], []
     rounding: dict[str, float] = {}
     if any(not slot.active for slot in state.slots.values()):
-        raise AttachError("merge: called inside unipelt.disabled(model); merge after the block")
+        if state.name in adapter_set(model).active_names():
+            raise AttachError("merge: called inside unipelt.disabled(model); merge after the block")
+        raise AttachError(f"merge: adapter '{state.name}' is not active; merging it would change outputs "
+                          f"(call unipelt.set_active(model, '{state.name}') first)")
+    if any(slot.route is not None for slot in state.slots.values()):
+        raise AttachError(f"merge: adapter '{state.name}' acts on some rows or beside others in a block; "
+                          "a merged weight serves every row alone (activate it alone first)")
     todo = []
     for name, slot in state.slots.items():
         if name in state.merged:
@@ -64,9 +71,16 @@ def merge(model: nn.Module) -> dict[str, list[str]]:
     return {"merged": merged, "unmerged": skipped}
 
 
-def unmerge(model: nn.Module) -> list[str]:
-    """Undo merge(): the original weights bit for bit (each merged slot puts back what it changed, last first)."""
-    return unmerge_slots(model)
+def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
+    """Undo merge(): the original weights bit for bit (each merged slot puts back what it changed, last first).
+    Without a name, every merged adapter is unmerged."""
+    if name is None and is_attached(model):
+        undone = []
+        for adapter, state in reversed(list(adapter_set(model).adapters.items())):
+            if state.merged:
+                undone.extend(unmerge_slots(model, adapter))
+        return undone
+    return unmerge_slots(model, name)
 
 
 __all__ = ["merge", "unmerge"]

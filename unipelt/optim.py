@@ -20,15 +20,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .attach import state_of
+from .attach import adapter_set, state_of
 from .errors import AttachError
 from .spec import MethodSpec
 
 
-def _participants(model: nn.Module) -> Iterator[tuple[str, Any]]:
-    """Every slot and reparameterisation of the attached method, every submodule inside them, and the method's
-    controllers (objects that see several slots at once, e.g. AdaLoRA's rank allocator with its global budget)."""
-    state = state_of(model)
+def _participants(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Every slot and reparameterisation of an adapter (the only or the active one without a name), every submodule
+    inside them, and its controllers (objects that see several slots at once, e.g. AdaLoRA's rank allocator with
+    its global budget)."""
+    state = state_of(model, name, "unipelt.optim")
     roots = list(state.slots.items()) + list(state.reparams.items())
     for root_name, root in roots:
         for name, module in root.named_modules():
@@ -41,14 +42,17 @@ def _no_decay(param: torch.Tensor) -> bool:
     return param.dim() < 2
 
 
-def method_of(model: nn.Module) -> MethodSpec:
+def method_of(model: nn.Module, name: str | None = None) -> MethodSpec:
     """The attached method's spec (what a trainer reads method-level choices from, e.g. `optimizer`)."""
-    return state_of(model).method
+    return state_of(model, name, "method_of").method
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """AdamW parameter groups: each module spec's own `lr` where it sets one, else `lr`; decay only on matrices."""
-    state = state_of(model)
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                 name: str | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups of an adapter (the only or the active one without a name): each module spec's own
+    `lr` where it sets one, else `lr`; decay only on matrices. Only that adapter's parameters (and the base / head
+    parameters it trains) are listed, so an optimizer built from them never steps another adapter."""
+    state = state_of(model, name, "param_groups")
     # merged or disabled modules take no part in forward: their parameters would get no gradients, in silence
     if state.merged:
         raise AttachError("param_groups: modules are merged into the weights and would not train; "
@@ -64,22 +68,37 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list
         for param in reparam.parameters():
             lr_of[id(param)] = specs[state.reparam_owners[reparam_name]].lr or lr
     groups: dict[tuple[float, float], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
+    own = _own_parameter_ids(model, state)
+    for pname, param in model.named_parameters():
+        if not param.requires_grad or id(param) not in own:
             continue
         group_lr = lr_of.get(id(param), lr)
         decay = 0.0 if _no_decay(param) else weight_decay
         group = groups.setdefault((group_lr, decay), {"params": [], "names": [], "lr": group_lr,
                                                       "weight_decay": decay})
         group["params"].append(param)
-        group["names"].append(name)
+        group["names"].append(pname)
     return list(groups.values())
 
 
-def regularization_loss(model: nn.Module) -> torch.Tensor | None:
+def _own_parameter_ids(model: nn.Module, state: Any) -> set[int]:
+    """The parameters one adapter trains: its modules', the base / head parameters it lists, and any other
+    trainable parameter that belongs to no adapter (a user's own unfrozen module; as before several adapters)."""
+    aset = adapter_set(model)
+    mine = {id(p) for m in [*state.slots.values(), *state.reparams.values()] for p in m.parameters()}
+    others = {id(p) for n, s in aset.adapters.items() if n != state.name
+              for m in [*s.slots.values(), *s.reparams.values()] for p in m.parameters()}
+    params = dict(model.named_parameters())
+    shared = {pname for n in aset.adapters for pname in aset.owned(n)}
+    mine |= {id(params[pname]) for pname in aset.owned(state.name)}
+    loose = {id(p) for pname, p in params.items() if pname not in shared and id(p) not in others}
+    return mine | loose
+
+
+def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tensor | None:
     """The sum of every module's extra loss term, or None when the method has none."""
     total = None
-    for _, module in _participants(model):
+    for _, module in _participants(model, name):
         fn = getattr(module, "regularization_loss", None)
         if fn is None:
             continue
@@ -89,26 +108,26 @@ def regularization_loss(model: nn.Module) -> torch.Tensor | None:
     return total
 
 
-def on_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
+def on_optimizer_step(model: nn.Module, step: int, total_steps: int, name: str | None = None) -> None:
     """Tell every module that optimizer step `step` (1-based) of `total_steps` has been taken."""
-    for _, module in _participants(model):
+    for _, module in _participants(model, name):
         fn = getattr(module, "on_optimizer_step", None)
         if fn is not None:
             fn(step, total_steps)
 
 
-def training_metrics(model: nn.Module) -> dict[str, float]:
+def training_metrics(model: nn.Module, name: str | None = None) -> dict[str, float]:
     """Values worth logging during training, keyed by the slot that reports them, plus `mean/<module>/<key>`: the
     mean over a module spec's slots (e.g. `mean/prefix/gate`, the average UniPELT prefix gate)."""
     out: dict[str, float] = {}
     per_module: dict[str, list[float]] = {}
-    for name, module in _participants(model):
+    for key_name, module in _participants(model, name):
         fn = getattr(module, "training_metrics", None)
         if fn is None:
             continue
         spec = getattr(module, "spec", None) if isinstance(module, nn.Module) else None
         for key, value in fn().items():
-            out[f"{name}/{key}"] = float(value)
+            out[f"{key_name}/{key}"] = float(value)
             if spec is not None:
                 per_module.setdefault(f"mean/{spec.name}/{key}", []).append(float(value))
     out.update({key: sum(values) / len(values) for key, values in per_module.items()})
@@ -118,24 +137,24 @@ def training_metrics(model: nn.Module) -> dict[str, float]:
 __all__ = ["method_of", "param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]
 
 
-def training_state(model: nn.Module) -> dict[str, Any]:
+def training_state(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """Every participant's non-parameter training state, keyed by its name; {} when the method has none."""
     out: dict[str, Any] = {}
-    for name, module in _participants(model):
+    for key, module in _participants(model, name):
         fn = getattr(module, "training_state", None)
         if fn is not None:
-            out[name] = fn()
+            out[key] = fn()
     return out
 
 
-def load_training_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
+def load_training_state(model: nn.Module, state: dict[str, Any], source: str, name: str | None = None) -> None:
     """Restore what training_state returned; `source` (a checkpoint path) names the culprit of a mismatch."""
-    owners = {name: module for name, module in _participants(model) if hasattr(module, "load_training_state")}
+    owners = {key: module for key, module in _participants(model, name) if hasattr(module, "load_training_state")}
     if set(owners) != set(state):
         culprit = sorted(set(owners) ^ set(state))[0]
         what = "holds no" if culprit in owners else "holds a"
         raise AttachError(f"{source} {what} training state for '{culprit}', which the attached method "
                           f"{'needs' if culprit in owners else 'lacks'}; was it written with another method or by "
                           "an older unipelt? Resuming would restart that state in silence")
-    for name, module in owners.items():
-        module.load_training_state(state[name])
+    for key, module in owners.items():
+        module.load_training_state(state[key])

@@ -36,9 +36,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import compat
-from .attach import attach_method, check_model, detach, state_of
+from .adapter_set import apply
+from .attach import adapter_set, attach_method, check_model, detach, is_attached, state_of
 from .errors import AdapterFileError
-from .io import atomic_write, make_directory, non_finite_tensor, read_json, read_tensors
+from .io import atomic_write, make_directory, non_finite_tensor, owned_value, read_json, read_tensors
 from .peft_names import layer_index, name_matches, pattern_value, target_suffixes
 from .placement import base_path, projection_index
 from .sites import family_of, is_transposed, linear_dims
@@ -74,9 +75,10 @@ def _as_lora(slot: Slot) -> PeftLora | str:
     return form_of(slot.spec.form).peft_lora_export(slot)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the attached LoRA-type method as a PEFT LoRA adapter; refuses (one line) what PEFT LoRA cannot say."""
-    state = state_of(model)
+def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write an attached LoRA-type adapter (`name`; default the only or the active one) as a PEFT LoRA adapter;
+    refuses (one line) what PEFT LoRA cannot say."""
+    state = state_of(model, name, "export_peft")
     if state.merged:
         raise AdapterFileError("export_peft: modules are merged into the weights; call unipelt.unmerge first")
     if state.method.train_base != "none":
@@ -134,10 +136,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
 
-    params = dict(model.named_parameters())
     head_modules = sorted({n.rpartition(".")[0] for n in state.trained_head})
     for name in state.trained_head:
-        tensors[f"{KEY_PREFIX}{name}"] = params[name]
+        tensors[f"{KEY_PREFIX}{name}"] = owned_value(model, state, name)
     if not ranks:
         raise AdapterFileError(
             f"export_peft: method '{state.method.name}' has every rank pruned to 0; nothing to export"
@@ -361,26 +362,31 @@ def _method(model: nn.Module, layout: dict, ranks: dict, index: dict, dropout: f
     return {"name": "peft_lora", "modules": entries}
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach a PEFT LoRA adapter as unipelt modules with identical outputs; on any error the model is unchanged."""
-    check_model(model, "import_peft")
+def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Attach a PEFT LoRA adapter as unipelt modules with identical outputs, as the adapter `name` (default
+    "default"), made active; on any error the model is unchanged."""
+    name = check_model(model, "import_peft", name)
     config, tensors = read_peft(directory)
     form = _reading_form(config)
     layout, ranks, head_tensors, index = _lora_layout(model, config, tensors, form)
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
     method = load_method(_method(model, layout, ranks, index, dropout, form))
-    attach_method(model, method)
+    previous = adapter_set(model).active if is_attached(model) else None
+    attach_method(model, method, name)
     try:
-        state = state_of(model)
-        params = dict(model.named_parameters())
+        state = state_of(model, name)
         with torch.no_grad():
             for placement in state.placements:
                 slot = state.slots[f"{placement.host_name}.{placement.slot_name}"]
                 form.peft_lora_load(slot, layout[placement.h_name], placement.chunk)
-            for name, tensor in head_tensors.items():
-                params[name].copy_(tensor)
+            for pname, tensor in head_tensors.items():
+                owned_value(model, state, pname).copy_(tensor)
     except Exception:
-        detach(model)
+        if previous is None:
+            detach(model)
+        else:
+            detach(model, name)
+            apply(model, adapter_set(model), previous, caller="import_peft")
         raise
     return model
 

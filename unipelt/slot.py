@@ -141,6 +141,58 @@ def _norm_hook(slot: "Slot"):
     return hook
 
 
+class SharedInput:
+    """The h that every member of a Parallel / Average block reads at one site in one forward call: the first
+    member's hook stores it, the last one clears it."""
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+
+
+class Route:
+    """How a slot acts under a composition block or a mixed batch (None on a slot: on every row, reading h).
+
+    rows: the batch rows it acts on (a BatchSplit's share, a mixed batch's rows of this adapter), or None for all;
+    batch: the batch size those rows assume (checked at every call); shared / first / last / weight: membership
+    of a Parallel (weight 1) or Average block, whose members all read the h the first one saw and add
+    weight·(its composed output − that h)."""
+
+    def __init__(self, rows: torch.Tensor | None = None, batch: int | None = None,
+                 shared: SharedInput | None = None, first: bool = False, last: bool = False,
+                 weight: float = 1.0, what: str = "") -> None:
+        self.rows, self.batch, self.shared = rows, batch, shared
+        self.first, self.last, self.weight, self.what = first, last, weight, what
+
+    def apply(self, slot: "Slot", h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        rows = self.rows
+        if self.batch is not None and h.shape[0] != self.batch:
+            # generate() repeats each row for beams / return sequences (repeat_interleave): so do the rows
+            if rows is None or h.shape[0] % self.batch:
+                raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {h.shape[0]} rows")
+            k = h.shape[0] // self.batch
+            rows = (rows[:, None] * k + torch.arange(k)).reshape(-1)
+        base = h
+        if self.shared is not None:
+            if self.first:
+                self.shared.h = h
+            base = self.shared.h
+            if base is None or base.shape != h.shape:
+                raise AttachError(f"{self.what}: the members' shared input is missing at this site")
+            if self.last:
+                self.shared.h = None
+        if rows is None:
+            out = slot.composed(base, x)
+            return out if self.shared is None else h + self.weight * (out - base)
+        if rows.numel() == 0:
+            return h
+        rows = rows.to(h.device)
+        sub_base = base.index_select(0, rows)
+        out = slot.composed(sub_base, None if x is None else x.index_select(0, rows))
+        if self.shared is not None:
+            out = h.index_select(0, rows) + self.weight * (out - sub_base)
+        return h.index_copy(0, rows, out.to(h.dtype))
+
+
 class Slot(nn.Module):
     """One placed module: Δh = form(x or h), composed into h. `active` / `merged` switch it off in forward."""
 
@@ -159,6 +211,8 @@ class Slot(nn.Module):
         self.captured_x: torch.Tensor | None = None
         self._merge_record: MergeRecord | None = None  # what merge() changed, to undo it exactly
         self.host_ref: HostRef | None = None  # set by bind_host at install
+        self.route: Route | None = None  # set by unipelt.adapter_set while a composition block needs it
+        self._norm_site = False
 
     def bind_host(self, host: HostRef) -> None:
         """Hand the slot (and its Δh module) the live accessor to the module it lives on; attach calls it before
@@ -177,6 +231,19 @@ class Slot(nn.Module):
         return getattr(self, self.FORM_ATTR)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        if self.route is None:
+            return self.composed(h, x)
+        return self.route.apply(self, h, x)
+
+    def route_refusal(self) -> str | None:
+        """Why this slot cannot act on some rows only or read a shared h (a Parallel / Average block, a mixed
+        batch), or None when it can."""
+        if self._norm_site:
+            return "a Pfeiffer-style adapter at a LayerNorm re-applies the norm to its own input"
+        return None
+
+    def composed(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """h with this slot's Δh composed in, on every row."""
         form = self.delta_module
         parallel = self.spec.insertion == "parallel"
         if self.chunk is None:
@@ -202,6 +269,7 @@ class Slot(nn.Module):
         if placement.modifies_input:
             handles.append(h_module.register_forward_pre_hook(_input_hook(self), with_kwargs=True))
         elif placement.kind == "norm":
+            self._norm_site = True
             handles.append(h_module.register_forward_hook(_norm_hook(self)))
         else:
             handles.append(h_module.register_forward_hook(_output_hook(self, same), with_kwargs=True))
@@ -282,4 +350,4 @@ class Slot(nn.Module):
         self.merged = False
 
 
-__all__ = ["Delta", "HostRef", "LinearMap", "Slot", "capture_hook", "chunk_rows", "like"]
+__all__ = ["Delta", "HostRef", "LinearMap", "Route", "SharedInput", "Slot", "capture_hook", "chunk_rows", "like"]

@@ -93,6 +93,9 @@ class PrefixSlot(Slot):
     def cannot_merge(self, host: nn.Module) -> str | None:
         return "a prefix acts inside attention (not a weight update)"
 
+    def route_refusal(self) -> str | None:
+        return "a prefix joins the attention's keys for every row (not yet routed by rows or summed as a Δh)"
+
     def fold(self) -> None:
         self.prefix.fold()
 

@@ -55,6 +55,9 @@ class PromptSlot(Slot):
     def cannot_merge(self, host: nn.Module) -> str | None:
         return "virtual tokens at the input (not a weight update)"
 
+    def route_refusal(self) -> str | None:
+        return "virtual tokens join every row's input (not yet routed by rows or summed as a Δh)"
+
     def fold(self) -> None:
         self.tokens.fold()
 
