@@ -99,7 +99,17 @@ def method(preset: str):
 
 def run(family: str, preset: str, out: Path, info: Dist) -> dict:
     set_seed(0)
-    model = unipelt.attach(tiny(family), method(preset))
+    model = tiny(family)
+    beside = preset.startswith("beside_lora_")  # a frozen LoRA "frozen" beside the trained adapter
+    if beside:
+        unipelt.attach(model, "lora", name="frozen")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "unipelt_frozen__" in name:
+                    param.add_(0.1)
+        preset = preset[len("beside_lora_"):]
+    unipelt.attach(model, method(preset))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "unipelt_frozen__" in n}
     for module in model.modules():  # adapter dropout too (lora/qlora presets)
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -118,6 +128,13 @@ def run(family: str, preset: str, out: Path, info: Dist) -> dict:
     folder = out / f"{family}-{preset}-{info.world_size}"
     result = fit(model, TinyTask(family, examples(family)), cfg, folder, seed=0, log=log, info=info)
     report = {"losses": losses, "metrics": result.metrics, "adapter": str(folder / "best_adapter")}
+    if beside:  # what training the other adapter did to the frozen one (gathered: its shards are everywhere)
+        from torch.distributed.tensor import DTensor
+        now = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()
+               if "unipelt_frozen__" in n}
+        report["frozen_change"] = max(float((now[n] - (t.full_tensor() if isinstance(t, DTensor) else t)).abs().max())
+                                      for n, t in frozen.items())
+        report["frozen_count"] = len(now)
     allocators = [c for c in state_of(model).controllers.values() if hasattr(c, "triplet_scores")]
     if allocators:
         masks = torch.cat([f.rank_mask.float() for a in allocators for f in a.forms.values()])

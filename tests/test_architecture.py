@@ -29,7 +29,7 @@ LAYERS = [
     {"placement", "adapter_set", "trained_params"},
     {"attach"},
     {"merge", "io", "accounting", "optim", "peft_names", "peft_interop", "adapters"},
-    {"budget"},
+    {"budget", "adapter_folders", "adapter_combine"},
     {"api", "__init__"},
     {"tasks"},
     {"train"},

@@ -28,7 +28,9 @@ from unipelt.train.config import check
 
 HERE = Path(__file__).resolve().parent
 PRESETS = ("lora", "mam", "prefix", "prompt_tuning", "adalora", "unipelt")
-JOBS = {"llama": PRESETS + ("qlora_adamw",), "bert": PRESETS + ("learned_scale",), "bart": PRESETS}
+# beside_lora_<preset>: the preset trained beside a frozen LoRA (several adapters on one sharded model)
+JOBS = {"llama": PRESETS + ("qlora_adamw", "beside_lora_houlsby"), "bert": PRESETS + ("learned_scale",),
+        "bart": PRESETS}
 # Each step reduces the gradient as two halves averaged across the processes where one process sums the doubled
 # batch, and the loss mean likewise; every optimizer step carries what differs on.
 SPLIT_SUMS = "each step's gradient and loss mean as two halves averaged across the processes, carried on"
@@ -101,6 +103,9 @@ def _check_equal(entry: dict) -> None:
         assert ta[name].shape == tb[name].shape and ta[name].dtype == tb[name].dtype, name
         # (an empty tensor: every triplet pruned away)
         assert_close_trained(ta[name], tb[name], lr=LR, reason=SPLIT_SUMS, msg=name)
+    if "frozen_change" in single:  # the other adapter on the model: untouched, bit for bit, on both sides
+        assert sharded["frozen_count"] == single["frozen_count"] > 0
+        assert sharded["frozen_change"] == single["frozen_change"] == 0.0
     if "rank_mask" in single:  # AdaLoRA: pruned to the target, from the same scores, on every rank
         assert sum(single["rank_mask"]) < len(single["rank_mask"])  # something was pruned
         assert sharded["rank_mask"] == single["rank_mask"]

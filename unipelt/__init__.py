@@ -9,6 +9,8 @@ optim / peft (operations on an attached model, the contract with a training loop
 count with a budget solved) → tasks → train → app, cli → hydra_plugins (docs/forms.md).
 """
 
+from .adapter_combine import merge_adapters, to_lora
+from .adapter_folders import load_adapters, save_adapters
 from .adapters import active_adapters, delete_adapter, list_adapters, mixed_batch, rename_adapter, set_active
 from .api import attach, count_parameters
 from .composition import Average, BatchSplit, Parallel, Stack
@@ -32,6 +34,10 @@ __all__ = [
     "active_adapters",
     "delete_adapter",
     "list_adapters",
+    "load_adapters",
+    "merge_adapters",
+    "to_lora",
+    "save_adapters",
     "mixed_batch",
     "rename_adapter",
     "set_active",

@@ -27,6 +27,7 @@ from torch import nn
 
 from .composition import Average, BatchSplit, Parallel, Stack, as_block, names_in
 from .errors import AttachError
+from .forms import form_of
 from .row_values import install_row_values, owner_among
 from .slot import Route, SharedInput, Slot
 
@@ -133,6 +134,7 @@ def plan_routes(aset: AdapterSet, block: Stack, rows_of: dict[str, torch.Tensor]
     """Every slot of the block's adapters -> its Route (None: every row, reading h); raises before any change."""
     routes: dict[int, Route | None] = {}
     seen: set[str] = set()
+    placed: list[tuple[str, Slot, Route]] = []  # asked for refusals once every block's members are known
 
     def slots(name: str) -> Iterable[tuple[str, Slot]]:
         if name in seen:
@@ -145,11 +147,8 @@ def plan_routes(aset: AdapterSet, block: Stack, rows_of: dict[str, torch.Tensor]
             if rows is None and shared is None:
                 routes[id(slot)] = None
                 continue
-            refusal = slot.route_refusal()
-            if refusal is not None:
-                kind = "a mixed batch" if what == "mixed_batch" else "this composition"
-                raise AttachError(f"{what}: adapter '{name}' cannot take part in {kind}: {refusal}")
             route = Route(rows=rows, batch=total, weight=weight, what=what)
+            placed.append((name, slot, route))
             if shared is not None:
                 key = _site_key(aset.adapters[name], canonical)
                 members = shared.setdefault(key, {"cell": SharedInput(), "routes": [], "names": []})
@@ -158,6 +157,7 @@ def plan_routes(aset: AdapterSet, block: Stack, rows_of: dict[str, torch.Tensor]
                                       "a Parallel / Average block each adapter must have one module per site")
                 members["names"].append(name)
                 members["routes"].append(route)
+                members["cell"].members.append(slot)
                 route.shared = members["cell"]
             routes[id(slot)] = route
 
@@ -189,6 +189,11 @@ def plan_routes(aset: AdapterSet, block: Stack, rows_of: dict[str, torch.Tensor]
             place(member, rows_of[member], None, 1.0, batch)
         else:
             walk(member, None, None)
+    for name, slot, route in placed:
+        refusal = slot.route_refusal(route)
+        if refusal is not None:
+            kind = "a mixed batch" if what == "mixed_batch" else "this composition"
+            raise AttachError(f"{what}: adapter '{name}' cannot take part in {kind}: {refusal}")
     return routes
 
 
@@ -278,8 +283,10 @@ def apply(model: nn.Module, aset: AdapterSet, spec: Any, trainable: Any = None, 
         if name not in names:
             raise AttachError(f"{caller}: trainable adapter '{name}' is not active")
     routes = plan_routes(aset, block, what=caller)
-    check_single_prompt(aset, names, caller)
     groups = row_groups(block)
+    for adapters in ([names] if groups is None else [a for _, a in groups]):  # rows of a BatchSplit apart
+        check_single_prompt(aset, list(dict.fromkeys(adapters)), caller)
+        check_fused_apart(aset, adapters, caller)
     owner = owners_in_force(aset, names, caller, groups is not None)
     if groups is not None:
         for rows, adapters in groups:  # two owners of one parameter on the same rows: refused here
@@ -317,6 +324,28 @@ def check_single_prompt(aset: AdapterSet, names: list[str], caller: str) -> None
                           "input; only one of them can be active at a time")
 
 
+def fused_members(aset: AdapterSet, name: str) -> list[str]:
+    """The adapters that adapter `name` runs itself (an AdapterFusion's members; its forms' uses_adapters)."""
+    return [m for module in aset.adapters[name].method.modules for m in form_of(module.form).uses_adapters(module)]
+
+
+def check_not_fused(aset: AdapterSet, name: str, caller: str) -> None:
+    """An adapter that another one runs itself (fuses) stays while that one exists."""
+    users = [other for other in aset.adapters if other != name and name in fused_members(aset, other)]
+    if users:
+        raise AttachError(f"{caller}: adapter '{name}' is fused by adapter '{users[0]}', which runs it; delete "
+                          f"'{users[0]}' first")
+
+
+def check_fused_apart(aset: AdapterSet, names: list[str], caller: str) -> None:
+    """An adapter and one it runs itself cannot both act on the same rows (its Δh would be added twice)."""
+    for name in names:
+        both = next((m for m in fused_members(aset, name) if m in names), None)
+        if both is not None:
+            raise AttachError(f"{caller}: adapter '{name}' runs '{both}' itself (it fuses it): '{both}' active on the "
+                              f"same rows would add its Δh twice; activate '{name}' without '{both}'")
+
+
 def _names(value: Any, caller: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -325,6 +354,6 @@ def _names(value: Any, caller: str) -> list[str]:
     raise AttachError(f"{caller}: trainable must be an adapter name or a list of names, got {value!r}")
 
 
-__all__ = ["DEFAULT", "AdapterSet", "CopyableHook", "apply", "commit", "owners_in_force", "check_single_prompt", "check_block", "check_merged", "check_name",
+__all__ = ["DEFAULT", "AdapterSet", "CopyableHook", "apply", "commit", "owners_in_force", "check_single_prompt", "check_block", "check_merged", "check_name", "check_not_fused",
            "child_name", "install_hooks", "order_hooks", "plan_routes", "remove_hooks", "set_trainable",
            "swap_values"]

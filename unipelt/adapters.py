@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter_set import (DEFAULT, apply, check_merged, check_name, check_single_prompt, commit, owners_in_force,
+from .adapter_set import (DEFAULT, apply, check_merged, check_name, check_not_fused, commit, owners_in_force,
                           plan_routes)
 from .attach import adapter_set, detach, refuse_wrapped
 from .composition import Stack, block_from_config, simplest
@@ -37,7 +37,7 @@ def set_active(model: nn.Module, spec: Any, trainable: Any = None) -> None:
     BatchSplit; or their YAML form, e.g. {"stack": ["a", {"parallel": ["b", "c"]}]}). The active adapters train
     (`trainable`: a name or a list of active names, to train fewer); every other adapter is frozen and off."""
     refuse_wrapped(model, "set_active")
-    apply(model, adapter_set(model), block_from_config(spec), trainable, caller="set_active")
+    apply(model, adapter_set(model), block_from_config(spec, "set_active"), trainable, caller="set_active")
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -46,6 +46,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     aset = adapter_set(model)
     if name not in aset.adapters:
         raise AttachError(f"delete_adapter: no adapter named {name!r} (this model has: {', '.join(aset.adapters)})")
+    check_not_fused(aset, name, "delete_adapter")
     detach(model, name)
 
 
@@ -55,6 +56,7 @@ def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     if old not in aset.adapters:
         raise AttachError(f"rename_adapter: no adapter named {old!r} (this model has: {', '.join(aset.adapters)})")
     check_name(new, "rename_adapter")
+    check_not_fused(aset, old, "rename_adapter")  # the fusing adapter's method names it
     if new in aset.adapters:
         raise AttachError(f"rename_adapter: an adapter named '{new}' already exists")
     state = aset.adapters[old]
@@ -107,7 +109,6 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     rows_of = {n: torch.tensor([i for i, m in enumerate(adapter_names) if m == n], dtype=torch.long) for n in names}
     block = Stack(*names) if names else None
     routes = plan_routes(aset, block, rows_of, len(adapter_names), "mixed_batch") if block is not None else {}
-    check_single_prompt(aset, names, "mixed_batch") if len(names) > 1 else None
     keys = list(dict.fromkeys(adapter_names))
     groups = [(torch.tensor([i for i, m in enumerate(adapter_names) if m == key], dtype=torch.long),
                [] if key is None else [key]) for key in keys]

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import compat
-from .adapter_set import (DEFAULT, AdapterSet, CopyableHook, apply, check_name, child_name, install_hooks,
-                          remove_hooks)
+from .adapter_set import (DEFAULT, AdapterSet, CopyableHook, apply, check_name, check_not_fused, child_name,
+                          install_hooks, remove_hooks)
 from .errors import AttachError, MethodConfigError
 from .forms import form_of
 from .placement import Placement, projection_index, resolve
@@ -278,6 +278,7 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     aset = adapter_set(model)
     if name is not None:
         state_of(model, name, "detach")
+        check_not_fused(aset, name, "detach")
         if len(aset.adapters) > 1:
             remove_adapter(model, name)
             return model
@@ -353,14 +354,14 @@ def fold_prefixes(model: nn.Module, name: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
     """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first):
-    every adapter is switched off."""
+    every adapter is switched off; with a name, that adapter only (the others act as they did)."""
     aset = adapter_set(model)
-    merged = [n for n, state in aset.adapters.items() if state.merged]
-    if merged:
+    names = [state_of(model, name, "disabled").name] if name is not None else list(aset.adapters)
+    if any(aset.adapters[n].merged for n in names):
         raise AttachError("disabled: modules are merged into the weights; call unipelt.unmerge(model) first")
-    slots = [slot for state in aset.adapters.values() for slot in state.slots.values()]
+    slots = [slot for n in names for slot in aset.adapters[n].slots.values()]
     previous = [slot.active for slot in slots]
     for slot in slots:
         slot.active = False

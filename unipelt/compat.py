@@ -14,6 +14,7 @@ renamed keyword can never turn into a silently wrong answer (a prompt inserted a
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import sys
 from typing import Any, Callable
@@ -221,10 +222,66 @@ def check_model(model: nn.Module, *, prompts: bool, prefixed_attention: list[nn.
         check_attention_routing(model, attention)
 
 
+# ---- torch.compile (torch, not transformers: the same rule, one place) ---------------------------------------
+# torch.compile(model) returns torch._dynamo.eval_frame.OptimizedModule, which holds the compiled model as its child
+# `_orig_mod` (torch 2.4-2.13). Its attribute reads fall through to that model (`.config` works), but its own __dict__
+# and its module and parameter names (each starting with `_orig_mod.`) are the wrapper's, so every lookup by the
+# model's identity or by name must see the model inside. Trainer(torch_compile=True), accelerate's prepare() and
+# unwrap_model(keep_torch_compile=True) hand back the same wrapper.
+_COMPILED_MODULE = "torch._dynamo.eval_frame"
+_COMPILED_CLASS = "OptimizedModule"
+_COMPILED_INNER = "_orig_mod"
+
+
+def _compiled_class() -> type | None:
+    """OptimizedModule, or None while torch.compile has never run (nothing can be compiled before its module loads,
+    so unipelt never imports torch._dynamo itself: that import costs seconds)."""
+    return getattr(sys.modules.get(_COMPILED_MODULE), _COMPILED_CLASS, None)
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether `model` is a torch.compile wrapper (OptimizedModule)."""
+    cls = _compiled_class()
+    return cls is not None and isinstance(model, cls)
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The model a torch.compile wrapper compiles (through wrappers of wrappers); anything else as it is."""
+    while is_compiled(model):
+        inner = model.__dict__.get("_modules", {}).get(_COMPILED_INNER)
+        if not isinstance(inner, nn.Module):
+            raise AttachError(f"a torch.compile'd {type(model).__name__} without its '{_COMPILED_INNER}' module "
+                              f"(torch {torch.__version__}); pass the model itself")
+        model = inner
+    return model
+
+
+def accepts_compiled(fn: Callable) -> Callable:
+    """`fn(model, ...)` that also takes a torch.compile'd model: it runs on the model inside (first positional
+    argument, or `model=`), and where it returns that inner model it returns what the caller passed (the wrapper,
+    still compiled), so `model = unipelt.attach(torch.compile(m), "lora")` keeps a compiled model."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args:
+            given = args[0]
+            inner = unwrap_compiled(given)
+            result = fn(inner, *args[1:], **kwargs)
+        elif "model" in kwargs:
+            given = kwargs["model"]
+            inner = unwrap_compiled(given)
+            result = fn(**{**kwargs, "model": inner})
+        else:
+            return fn(*args, **kwargs)
+        return given if result is inner and inner is not given else result
+
+    return wrapper
+
+
 __all__ = [
     "TRANSFORMERS_VERSION", "CHECKED_RANGE", "MODEL_LOAD_KWARGS", "CACHE_KWARGS", "POSITION_KWARGS", "MODULE_INPUT_KWARGS",
     "ATTN_IS_CAUSAL", "ATTN_SCALING", "ATTN_POSITION_BIAS", "ATTN_DROPOUT", "cache_of", "cache_length", "module_input",
     "is_transposed_linear", "keep_in_fp32_modules", "name_or_path", "attention_implementation", "route_attention",
     "register_attention", "attention_function", "modeling_function", "eager_attention", "decoder_inputs_from",
-    "model_types_with", "check_model",
+    "model_types_with", "check_model", "is_compiled", "unwrap_compiled", "accepts_compiled",
 ]

@@ -137,30 +137,31 @@ def simplest(block: Stack) -> Any:
     return block
 
 
-def block_from_config(data: Any) -> Any:
+def block_from_config(data: Any, caller: str = "composition") -> Any:
     """A name / list / block from YAML-shaped data: {"stack": [...]}, {"parallel": [...]},
     {"average": [...], "weights": [...]}, {"batch_split": [...], "sizes": [...]}."""
     if isinstance(data, str):
         return data
     if isinstance(data, (list, tuple)):
-        return [block_from_config(item) for item in data]
+        return [block_from_config(item, caller) for item in data]
     if isinstance(data, BLOCK_TYPES):
         return data
     if not isinstance(data, dict):
-        raise AttachError(f"composition: expected a name, a list or a mapping, got {type(data).__name__}")
+        raise AttachError(f"{caller}: expected an adapter name, a list or a composition block (or its mapping), "
+                          f"got {type(data).__name__}")
     kinds = {"stack": Stack, "parallel": Parallel, "average": Average, "batch_split": BatchSplit}
     found = [k for k in data if k in kinds]
     if len(found) != 1:
-        raise AttachError(f"composition: a mapping needs exactly one of {', '.join(kinds)}; got keys {sorted(data)}")
+        raise AttachError(f"{caller}: a mapping needs exactly one of {', '.join(kinds)}; got keys {sorted(data)}")
     kind = found[0]
     extra = {"average": {"weights"}, "batch_split": {"sizes"}}.get(kind, set())
     unknown = sorted(set(data) - {kind} - extra)
     if unknown:
-        raise AttachError(f"composition: unknown key '{unknown[0]}' in a {kind} block")
+        raise AttachError(f"{caller}: unknown key '{unknown[0]}' in a {kind} block")
     members = data[kind]
     if not isinstance(members, (list, tuple)):
-        raise AttachError(f"composition: {kind} takes a list of adapters, got {type(members).__name__}")
-    parsed = [block_from_config(m) for m in members]
+        raise AttachError(f"{caller}: {kind} takes a list of adapters, got {type(members).__name__}")
+    parsed = [block_from_config(m, caller) for m in members]
     parsed = [Stack(*m) if isinstance(m, list) else m for m in parsed]
     options = {k: data[k] for k in extra if k in data}
     return kinds[kind](*parsed, **options)

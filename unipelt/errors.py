@@ -35,7 +35,8 @@ def allowed(values) -> str:
 
 def read_utf8(path, error: type[UnipeltError], where: str) -> str:
     """A text file as UTF-8 (a leading BOM is dropped), or one `error` line naming the file and the first bad line."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as handle:  # closed here, not whenever the file object happens to be collected
+        data = handle.read()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

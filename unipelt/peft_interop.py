@@ -78,11 +78,25 @@ def _as_lora(slot: Slot) -> PeftLora | str:
 def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
     """Write an attached LoRA-type adapter (`name`; default the only or the active one) as a PEFT LoRA adapter;
     refuses (one line) what PEFT LoRA cannot say."""
-    state = state_of(model, name, "export_peft")
+    config, tensors = peft_lora_state(model, name, "export_peft")
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    bad = non_finite_tensor(cpu)
+    if bad is not None:
+        raise AdapterFileError(f"export_peft: tensor {bad} holds non-finite values; nothing written")
+    out = make_directory(directory, "export_peft")
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    return out
+
+
+def peft_lora_state(model: nn.Module, name: str | None, caller: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter as PEFT's LoRA config and tensors (what export_peft writes), or one line saying why it has
+    none."""
+    state = state_of(model, name, caller)
     if state.merged:
-        raise AdapterFileError("export_peft: modules are merged into the weights; call unipelt.unmerge first")
+        raise AdapterFileError(f"{caller}: modules are merged into the weights; call unipelt.unmerge first")
     if state.method.train_base != "none":
-        raise AdapterFileError(f"export_peft: train_base '{state.method.train_base}' has no PEFT LoRA equivalent")
+        raise AdapterFileError(f"{caller}: train_base '{state.method.train_base}' has no PEFT LoRA equivalent")
     groups: dict[str, list[tuple[Any, PeftLora]]] = {}
     variant: dict[str, Any] = {}  # LoraConfig values the modules need (a LoRA variant's flag); all must agree
     for placement in state.placements:
@@ -90,18 +104,18 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
         lora = _as_lora(slot)
         if isinstance(lora, str):
             raise AdapterFileError(
-                f"export_peft: module '{placement.spec.name}' at '{placement.site}' cannot be expressed as PEFT LoRA: "
+                f"{caller}: module '{placement.spec.name}' at '{placement.site}' cannot be expressed as PEFT LoRA: "
                 f"{lora}"
             )
         for key, value in lora.config.items():
             if variant.setdefault(key, value) != value:
-                raise AdapterFileError(f"export_peft: modules need different {key} values ({variant[key]!r} and "
+                raise AdapterFileError(f"{caller}: modules need different {key} values ({variant[key]!r} and "
                                        f"{value!r}); one PEFT file has one")
         groups.setdefault(placement.h_name, []).append((placement, lora))
     dropouts = sorted({getattr(p.spec, "dropout", 0.0) for group in groups.values() for p, _ in group})
     if len(dropouts) > 1:
         raise AdapterFileError(
-            f"export_peft: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout"
+            f"{caller}: modules use different dropouts {dropouts}; PEFT LoRA has one lora_dropout"
         )
 
     modules = dict(model.named_modules())
@@ -121,7 +135,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
             # each module's B (times its scale) in its own output rows (a chunk's, or all) and its own columns
             placement, lora = next(((p, lo) for p, lo in group if not lo.stackable), (None, None))
             if lora is not None:
-                raise AdapterFileError(f"export_peft: module '{placement.spec.name}' at '{placement.site}' shares "
+                raise AdapterFileError(f"{caller}: module '{placement.spec.name}' at '{placement.site}' shares "
                                        f"projection '{name}' with other modules or chunks, which its PEFT LoRA "
                                        "variant cannot be stacked with")
             out_features = linear_dims(host, name)[1]
@@ -141,7 +155,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
         tensors[f"{KEY_PREFIX}{name}"] = owned_value(model, state, name)
     if not ranks:
         raise AdapterFileError(
-            f"export_peft: method '{state.method.name}' has every rank pruned to 0; nothing to export"
+            f"{caller}: method '{state.method.name}' has every rank pruned to 0; nothing to export"
         )
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
@@ -165,14 +179,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
         "use_dora": False,
         **variant,
     }
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    bad = non_finite_tensor(cpu)
-    if bad is not None:
-        raise AdapterFileError(f"export_peft: tensor {bad} holds non-finite values; nothing written")
-    out = make_directory(directory, "export_peft")
-    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(cpu, str(p), metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
-    return out
+    return config, tensors
 
 
 # ---- import ---------------------------------------------------------------------------------------------------
@@ -367,6 +374,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
     "default"), made active; on any error the model is unchanged."""
     name = check_model(model, "import_peft", name)
     config, tensors = read_peft(directory)
+    return attach_peft_state(model, config, tensors, name, "import_peft")
+
+
+def attach_peft_state(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
+                      caller: str) -> nn.Module:
+    """Attach a checked PEFT LoRA config and its tensors as the adapter `name` (import_peft's second half)."""
     form = _reading_form(config)
     layout, ranks, head_tensors, index = _lora_layout(model, config, tensors, form)
     dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -386,9 +399,9 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None
             detach(model)
         else:
             detach(model, name)
-            apply(model, adapter_set(model), previous, caller="import_peft")
+            apply(model, adapter_set(model), previous, caller=caller)
         raise
     return model
 
 
-__all__ = ["export_peft", "import_peft", "read_peft"]
+__all__ = ["attach_peft_state", "export_peft", "import_peft", "peft_lora_state", "read_peft"]

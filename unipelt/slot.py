@@ -125,28 +125,64 @@ def _input_hook(slot: "Slot"):
     return hook
 
 
+PRENORM = "_unipelt_prenorm"  # set on a post-LN site's output: the pre-norm value it normalises
+
+
 def _norm_hook(slot: "Slot"):
     """Pfeiffer placement (AdapterHub). Post-LN, at the output LayerNorm: its input is z = h + residual; Δ (and a
     gate) read LN(z), the hook's output, and the same LayerNorm is applied again to z + Δ. Pre-LN, at the module
-    whose output is z = h + residual: z + Δ with Δ read from z."""
+    whose output is z = h + residual: z + Δ with Δ read from z.
+
+    Post-LN, the pre-norm value z + Δ rides on the returned tensor (attribute PRENORM), so that a second adapter's
+    hook at the same LayerNorm (a Stack) composes into z + Δ, not into the module's input z. Under a Route (rows of a
+    mixed batch, a BatchSplit share, a Parallel / Average block) only the routed rows change; members of a block
+    all read LN of the pre-norm value the first one saw."""
     def hook(module, args, output):
         if not slot.enabled:
             return None
         if isinstance(module, nn.LayerNorm):
-            composed = slot.composer(args[0], slot.delta_module(output), output)
-            return nn.functional.layer_norm(composed, module.normalized_shape, module.weight, module.bias, module.eps)
+            def norm(t: torch.Tensor) -> torch.Tensor:
+                return nn.functional.layer_norm(t, module.normalized_shape, module.weight, module.bias, module.eps)
+
+            z = getattr(output, PRENORM, None)
+            z = args[0] if z is None else z
+            if slot.route is None:
+                composed = slot.composer(z, slot.delta_module(output), output)
+                result = norm(composed)
+            else:
+                def compose(h: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
+                    read = norm(h) if read is None else read
+                    return slot.composer(h, slot.delta_module(read), read)
+
+                shared = slot.route.shared is not None  # members read LN of the shared z, not this call's output
+                composed = slot.route.apply(slot, z, None if shared else output, compose)
+                rows = slot.route.rows_at(z.shape[0])
+                if rows is None:
+                    result = norm(composed)
+                elif rows.numel() == 0:
+                    return None
+                else:
+                    rows = rows.to(z.device)
+                    result = output.index_copy(0, rows, norm(composed.index_select(0, rows)).to(output.dtype))
+            setattr(result, PRENORM, composed)
+            return result
         z = output[0] if isinstance(output, tuple) else output
-        composed = slot.composer(z, slot.delta_module(z), z)
+        if slot.route is None:
+            composed = slot.composer(z, slot.delta_module(z), z)
+        else:
+            composed = slot.route.apply(slot, z, None, lambda h, _: slot.composer(h, slot.delta_module(h), h))
         return (composed,) + tuple(output[1:]) if isinstance(output, tuple) else composed
     return hook
 
 
 class SharedInput:
     """The h that every member of a Parallel / Average block reads at one site in one forward call: the first
-    member's hook stores it, the last one clears it."""
+    member's hook stores it, the last one clears it. `members`: the slots of the block at this site (filled by
+    unipelt.adapter_set while it plans the routes)."""
 
     def __init__(self) -> None:
         self.h: torch.Tensor | None = None
+        self.members: list = []
 
 
 class Route:
@@ -162,15 +198,28 @@ class Route:
                  weight: float = 1.0, what: str = "") -> None:
         self.rows, self.batch, self.shared = rows, batch, shared
         self.first, self.last, self.weight, self.what = first, last, weight, what
+        self._expanded: dict[int, torch.Tensor] = {}
 
-    def apply(self, slot: "Slot", h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        rows = self.rows
-        if self.batch is not None and h.shape[0] != self.batch:
-            # generate() repeats each row for beams / return sequences (repeat_interleave): so do the rows
-            if rows is None or h.shape[0] % self.batch:
-                raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {h.shape[0]} rows")
-            k = h.shape[0] // self.batch
-            rows = (rows[:, None] * k + torch.arange(k)).reshape(-1)
+    def rows_at(self, size: int) -> torch.Tensor | None:
+        """The rows this route acts on in a call of `size` rows (None: all of them). generate() repeats each row
+        for beams / return sequences (repeat_interleave), so k·batch rows are row i's k copies in a row."""
+        if self.rows is None or self.batch is None or size == self.batch:
+            if self.batch is not None and size != self.batch and self.rows is None:
+                raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {size} rows")
+            return self.rows
+        if size % self.batch:
+            raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {size} rows")
+        rows = self._expanded.get(size)
+        if rows is None:
+            k = size // self.batch
+            rows = self._expanded[size] = (self.rows[:, None] * k + torch.arange(k)).reshape(-1)
+        return rows
+
+    def apply(self, slot: "Slot", h: torch.Tensor, x: torch.Tensor | None, compose: Any = None) -> torch.Tensor:
+        """h with the slot composed in on this route's rows; `compose(h, x)` (default slot.composed) composes the
+        slot into the rows it is given."""
+        compose = slot.composed if compose is None else compose
+        rows = self.rows_at(h.shape[0])
         base = h
         if self.shared is not None:
             if self.first:
@@ -181,16 +230,23 @@ class Route:
             if self.last:
                 self.shared.h = None
         if rows is None:
-            out = slot.composed(base, x)
-            return out if self.shared is None else h + self.weight * (out - base)
+            out = compose(base, x)
+            return out if self.shared is None else h + (out - base)
         if rows.numel() == 0:
             return h
+        if rows.numel() == h.shape[0] and self.shared is None and _all_rows(rows):
+            return compose(h, x)
         rows = rows.to(h.device)
         sub_base = base.index_select(0, rows)
-        out = slot.composed(sub_base, None if x is None else x.index_select(0, rows))
+        out = compose(sub_base, None if x is None else x.index_select(0, rows))
         if self.shared is not None:
             out = h.index_select(0, rows) + self.weight * (out - sub_base)
         return h.index_copy(0, rows, out.to(h.dtype))
+
+
+def _all_rows(rows: torch.Tensor) -> bool:
+    """True when `rows` is 0, 1, ..., n-1 in order (every row of the call)."""
+    return bool(torch.equal(rows, torch.arange(rows.numel(), device=rows.device)))
 
 
 class Slot(nn.Module):
@@ -235,11 +291,9 @@ class Slot(nn.Module):
             return self.composed(h, x)
         return self.route.apply(self, h, x)
 
-    def route_refusal(self) -> str | None:
-        """Why this slot cannot act on some rows only or read a shared h (a Parallel / Average block, a mixed
-        batch), or None when it can."""
-        if self._norm_site:
-            return "a Pfeiffer-style adapter at a LayerNorm re-applies the norm to its own input"
+    def route_refusal(self, route: Route | None = None) -> str | None:
+        """Why this slot cannot take `route` (some rows only, or a shared h in a Parallel / Average block), or None
+        when it can. Every form routed by its hooks can (a LayerNorm site included: _norm_hook)."""
         return None
 
     def composed(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:

@@ -187,6 +187,11 @@ class Form:
         module (e.g. LoRA's zero B); the shared tester holds attach to it. Default False."""
         return False
 
+    def uses_adapters(self, spec: "ModuleSpec") -> tuple[str, ...]:
+        """The named adapters this module runs itself (AdapterFusion's members): they must be attached before it,
+        cannot be deleted or renamed while it exists, and cannot act on the same rows as it. Default none."""
+        return ()
+
     def attached_counts(self, deltas: list[nn.Module]) -> dict[str, int]:
         """Extra entries for count_parameters of an attached model, from this form's Δh modules of one method
         (e.g. AdaLoRA's current total rank); summed over modules of the same form. Default none."""

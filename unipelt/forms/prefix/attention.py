@@ -11,6 +11,11 @@ compose `sigmoid_gate` (UniPELT), g = mean over tokens of σ(W_g·x), one scalar
   prefix_gate `kv` (the preset; Mao et al.'s code): attention over [g·P_k; K], [g·P_v; V];
   prefix_gate `delta` (our earlier variant, kept as an option): Attn(x) + g·(Attn([P; K]) − Attn(x)), so that a
   closed gate is exactly the base attention (under `kv` zero keys still draw softmax mass).
+
+Several adapters (unipelt.adapters): every active prefix on the module acts, in the module's order; concatenated
+ones join one softmax (a Stack of prefixes). Under a Route (mixed batch, BatchSplit) a prefix acts on its rows only
+(rows.py: the attention runs once per group of rows that see the same prefixes). A prefix in a Parallel / Average
+block contributes weight·(Attn with it − Attn without it), both over the module's prefixes outside any such block.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import nn
 from ... import compat
 from ...compose import Composer
 from ...errors import AttachError
-from ...slot import Slot, capture_hook
+from ...slot import Route, Slot, capture_hook
+from .rows import row_groups, take_rows
 from .vectors import Prefix
 
 PREFIX_ATTENTION = "unipelt_prefix"
@@ -74,11 +80,12 @@ class PrefixSlot(Slot):
         """True when the prefix joins the attention's keys and values (gate, or sigmoid_gate on P_K and P_V)."""
         return self.spec.compose == "gate" or (self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv")
 
-    def batched_key_values(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[batch, kv_heads, length, head_dim] keys and values, multiplied by the gate under sigmoid_gate `kv`."""
+    def batched_key_values(self, batch: int, like: torch.Tensor,
+                           x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, kv_heads, length, head_dim] keys and values, multiplied by the gate under sigmoid_gate `kv`
+        (x: the attention input its gate reads)."""
         keys, values = (_batched(t, batch, like) for t in self.prefix.key_values())
         if self.spec.compose == "sigmoid_gate" and self.spec.prefix_gate == "kv":
-            x, self.captured_x = self.captured_x, None
             gate = self.composer.factor(x, like=keys).to(like.dtype)  # [batch, 1, 1, 1]
             keys, values = keys * gate, values * gate
         return keys, values
@@ -93,8 +100,13 @@ class PrefixSlot(Slot):
     def cannot_merge(self, host: nn.Module) -> str | None:
         return "a prefix acts inside attention (not a weight update)"
 
-    def route_refusal(self) -> str | None:
-        return "a prefix joins the attention's keys for every row (not yet routed by rows or summed as a Δh)"
+    def route_refusal(self, route: Route | None = None) -> str | None:
+        if route is not None and route.shared is not None:
+            other = next((m for m in route.shared.members if not isinstance(m, PrefixSlot)), None)
+            if other is not None:
+                return (f"a prefix acts inside the attention, before a {type(other).__name__} at the same site reads "
+                        "h, so the two cannot read one shared h in a Parallel / Average block")
+        return None
 
     def fold(self) -> None:
         self.prefix.fold()
@@ -162,13 +174,15 @@ def prefix_scores_attention(module: nn.Module, query: torch.Tensor, keys: torch.
     return (weights @ values).transpose(1, 2)
 
 
-def relu_prefix_attention(slot: PrefixSlot, query_like: torch.Tensor, dropout: float) -> torch.Tensor:
+def relu_prefix_attention(slot: PrefixSlot, query_like: torch.Tensor, dropout: float,
+                          x: torch.Tensor | None) -> torch.Tensor:
     """He et al.'s cross_attn_relu: ReLU(W_q·LN(x) P_kᵀ) P_v per head, unscaled, [batch, q, heads, head_dim]."""
-    x, slot.captured_x = slot.captured_x, None
     if x is None:
         raise RuntimeError("relu prefix: the attention input was not captured")
     projection, chunk = slot._query[0]
-    query = projection(slot.norm(x.to(slot.norm.weight.dtype)))
+    # forward(), not the module's call: the frozen W_q alone, without the hooks other adapters put on it (a LoRA
+    # on attn.q of another adapter, routed to other rows, must not act on this query)
+    query = projection.forward(slot.norm(x.to(slot.norm.weight.dtype)))
     if chunk is not None:
         query = query.chunk(chunk[1], dim=-1)[chunk[0]]
     batch, length = query.shape[:2]
@@ -189,21 +203,64 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     inner = every[0].inner_attention()
     if not slots:
         return inner(module, query, key, value, attention_mask, **kwargs)
+    inputs = {}  # what each slot that reads the attention input captured (read once per call)
+    for slot in slots:
+        inputs[id(slot)], slot.captured_x = slot.captured_x, None
+    batch = query.shape[0]
+    groups = row_groups(slots, batch)
+    if groups[0][0] is None:
+        return _prefixed(module, inner, query, key, value, attention_mask, kwargs, slots, inputs)
+    output = None
+    for rows, members in groups:
+        cut = lambda t: take_rows(t, rows, batch)  # noqa: E731
+        sub_kwargs = {name: cut(v) for name, v in kwargs.items()}
+        if members:
+            sub_inputs = {k: None if x is None else cut(x) for k, x in inputs.items()}
+            part, _ = _prefixed(module, inner, cut(query), cut(key), cut(value), cut(attention_mask), sub_kwargs,
+                                members, sub_inputs)
+        else:
+            part, _ = inner(module, cut(query), cut(key), cut(value), cut(attention_mask), **sub_kwargs)
+        if output is None:
+            output = part.new_zeros((batch, *part.shape[1:]))
+        output = output.index_copy(0, rows.to(part.device), part)
+    return output, None  # the groups' attention weights have other key lengths: not returned
+
+
+def _prefixed(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, kwargs: dict, slots: list[PrefixSlot],
+              inputs: dict[int, torch.Tensor | None]) -> tuple[torch.Tensor, Any]:
+    """The attention with `slots` acting on every row: those outside a Parallel / Average block stacked, each
+    block member adding weight·(the output with it − the output without it)."""
+    plain = [s for s in slots if s.route is None or s.route.shared is None]
+    members = [s for s in slots if s.route is not None and s.route.shared is not None]
+    base, weights = _stacked(module, inner, query, key, value, attention_mask, kwargs, plain, inputs)
+    output = base
+    for member in members:
+        with_member, _ = _stacked(module, inner, query, key, value, attention_mask, kwargs, plain + [member], inputs)
+        output = output + member.route.weight * (with_member - base)
+    return output, weights
+
+
+def _stacked(module: nn.Module, inner: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attention_mask: torch.Tensor | None, kwargs: dict, slots: list[PrefixSlot],
+             inputs: dict[int, torch.Tensor | None]) -> tuple[torch.Tensor, Any]:
+    """The attention with every one of `slots` acting: the concatenated ones joined to the keys and values, then
+    each other one composed into the output."""
     batch = query.shape[0]
     # each joined prefix's keys and values once per call (a sigmoid gate reads its captured input once)
-    joined = [s.batched_key_values(batch, key) for s in slots if s.concatenated]
+    joined = [s.batched_key_values(batch, key, inputs.get(id(s))) for s in slots if s.concatenated]
     output, weights = _attend(module, inner, query, key, value, attention_mask, kwargs, joined)
     base = output
     for slot in slots:
         if slot.concatenated:
             continue
+        x = inputs.get(id(slot))
         if slot.spec.compose == "sigmoid_gate":  # prefix_gate `delta`
-            own = slot.batched_key_values(batch, key)
+            own = slot.batched_key_values(batch, key, x)
             with_prefix, _ = _attend(module, inner, query, key, value, attention_mask, kwargs, joined + [own])
-            x, slot.captured_x = slot.captured_x, None
             output = slot.composer(output, with_prefix - base, x)
         elif slot.spec.score == "relu":
-            extra = relu_prefix_attention(slot, query, float(kwargs.get(compat.ATTN_DROPOUT) or 0.0))
+            extra = relu_prefix_attention(slot, query, float(kwargs.get(compat.ATTN_DROPOUT) or 0.0), x)
             output = slot.composer(output, extra)
         else:
             p_keys, p_values = slot.prefix.key_values()

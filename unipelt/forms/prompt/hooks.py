@@ -20,6 +20,11 @@ example's real tokens (padding stays outside), so left and right padding both wo
   sequence. encoder sequence classification: the head reads the first real token ([CLS], <s>; P-tuning v2's prompt
   baseline), swapped into widened position 0 before the pooler (BERT) and in last_hidden_state (RoBERTa).
   Base models (no head): widened outputs. Hidden states / attentions stay widened.
+- Rows of several prompt adapters (a mixed batch, a BatchSplit; rows.py): every row is laid out with its own
+  prompt's template (none for rows of the base or of other forms), the shorter ones padded at their right end
+  (mask 0, label -100, embedding 0), so that each row keeps the positions it has alone. A cached call (generate)
+  widens the first call's part of the mask as the first call did and shifts each row's positions by its own
+  prompt's count.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from torch import nn
 from ... import compat
 from ...errors import AttachError
 from ...module_spec import Placement
-from .layout import Layout, align, first_real_order, plan, widen, widen_positions
+from .layout import Layout, align, first_real_order, widen, widen_positions
+from .rows import Serving, register, serving
 
 
 class PromptSlot(Protocol):
@@ -45,6 +51,7 @@ class PromptSlot(Protocol):
     policy: str  # how the head reads the widened outputs (head_policy)
     _handoff: torch.Tensor | None
     _layouts: dict[str, Layout]
+    _first_length: int | None  # input length of the last uncached call (a mixed batch's cached calls read it)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -76,17 +83,29 @@ def _check_mask(mask: torch.Tensor | None) -> None:
                          f"got shape {tuple(mask.shape)}")
 
 
-def _widen_inputs(slot: "PromptSlot", kw: dict) -> Layout | None:
-    """Insert the prompt into kw in place; None when there is nothing to do (no input, or both kinds given)."""
+def _batch_of(kw: dict) -> int | None:
+    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    return None if source is None else int(source.shape[0])
+
+
+def _serving(slot: "PromptSlot", kw: dict, batch: int | None = None) -> Serving | None:
+    batch = _batch_of(kw) if batch is None else batch
+    return None if batch is None else serving(slot, batch)
+
+
+def _widen_inputs(serve: Serving, kw: dict) -> Layout | None:
+    """Insert the prompt(s) into kw in place; None when there is nothing to do (no input, or both kinds given)."""
     ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
     if (ids is None) == (embeds is None):
         return None  # the model raises its own error for both / neither
     if embeds is None:
-        embeds = slot.embed(ids)
+        embeds = serve.leader.embed(ids)
     mask = kw.get("attention_mask")
     _check_mask(mask)
-    layout = plan(slot.template, mask, embeds.shape[0], embeds.shape[1], embeds.device)
-    kw["inputs_embeds"] = widen(embeds, layout, slot.inserted(embeds))
+    if mask is None and not serve.single:  # rows padded to the longest prompt need a mask for their padding
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    layout = serve.plan(mask, embeds.shape[0], embeds.shape[1], embeds.device)
+    kw["inputs_embeds"] = widen(embeds, layout, serve.inserted(embeds))
     kw["input_ids"] = None
     if mask is not None:
         kw["attention_mask"] = widen(mask, layout, 1)
@@ -100,35 +119,71 @@ def _widen_inputs(slot: "PromptSlot", kw: dict) -> Layout | None:
     return layout
 
 
-def _widened_mask(slot: "PromptSlot", mask: torch.Tensor) -> torch.Tensor:
+def _widened_mask(serve: Serving, mask: torch.Tensor) -> torch.Tensor:
     """A 2-D mask of a call whose prompt is already in place (cache or encoder outputs), widened to match."""
-    return widen(mask, plan(slot.template, mask, mask.shape[0], mask.shape[1], mask.device), 1)
+    return widen(mask, serve.plan(mask, mask.shape[0], mask.shape[1], mask.device), 1)
 
 
-def _continue(slot: "PromptSlot", kw: dict, past_len: int) -> None:
+def _continue(serve: Serving, kw: dict, past_len: int, takes_positions: bool) -> None:
     """A call whose cache already holds the prompt: widen the mask, shift positions by the inserted count."""
+    if not serve.single:
+        _continue_rows(serve, kw, past_len, takes_positions)
+        return
+    slot = serve.leader
     source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
     mask = kw.get("attention_mask")
     if source is not None and mask is not None and mask.dim() == 2 and \
             mask.shape[-1] + slot.extra == past_len + source.shape[1]:
-        kw["attention_mask"] = _widened_mask(slot, mask)
+        kw["attention_mask"] = _widened_mask(serve, mask)
     for key in compat.POSITION_KWARGS:
         if kw.get(key) is not None:
             kw[key] = kw[key] + slot.extra
 
 
-def _base_hook(slot: "PromptSlot", bind: Callable, record: bool):
+def _continue_rows(serve: Serving, kw: dict, past_len: int, takes_positions: bool) -> None:
+    """A cached call of rows with prompts of different lengths: the cache holds the first call's widened rows
+    (each padded at its right end to the longest), then what was generated. The mask's first-call part is widened
+    as the first call widened it; each row's position ids count on from its own prompt's end; the cache positions
+    from the widest row's."""
+    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+    mask, first = kw.get("attention_mask"), serve.leader._first_length
+    new = 0 if source is None else int(source.shape[1])
+    if mask is None or mask.dim() != 2 or first is None or mask.shape[-1] < first:
+        raise AttachError("prompt: a cached call whose rows carry prompts of different lengths needs the 2-D "
+                          "attention_mask of the whole sequence, after an uncached first call (as generate() makes)")
+    head = mask[:, :first]
+    mask = torch.cat([_widened_mask(serve, head), mask[:, first:]], dim=-1)
+    if mask.shape[-1] != past_len + new:
+        raise AttachError(f"prompt: the widened attention_mask has {mask.shape[-1]} positions, the cache and the "
+                          f"input {past_len + new}; a cached mixed-prompt call must continue the last uncached one")
+    kw["attention_mask"] = mask
+    positions, cache_positions = compat.POSITION_KWARGS
+    shifts = serve.shifts(mask.device)
+    if kw.get(positions) is not None:
+        kw[positions] = kw[positions] + shifts
+    elif takes_positions:  # what the model would derive from the cache length, per row
+        start = past_len - serve.most
+        kw[positions] = torch.arange(start, start + new, device=mask.device)[None] + shifts
+    if kw.get(cache_positions) is not None:
+        kw[cache_positions] = kw[cache_positions] + serve.most
+
+
+def _base_hook(slot: "PromptSlot", bind: Callable, record: bool, takes_positions: bool):
     def hook(module, args, kwargs):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
+        serve = _serving(slot, kw)
+        if serve is None:
+            return None
         past_len = compat.cache_length(compat.cache_of(kw))
         if past_len > 0:
-            _continue(slot, kw, past_len)
+            _continue(serve, kw, past_len, takes_positions)
             return (), kw
-        layout = _widen_inputs(slot, kw)
+        layout = _widen_inputs(serve, kw)
         if layout is None:
             return None
+        slot._first_length = int(layout.real.shape[1])
         if record:
             slot._layouts["base"] = layout
         return (), kw
@@ -143,9 +198,20 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
         encoded = kw.get("encoder_outputs")
         if encoded is not None:  # generate(): the encoder already ran (with the prompt); widen the mask it gets
             mask = kw.get("attention_mask")
-            if mask is not None and mask.dim() == 2 and mask.shape[-1] + slot.extra == encoded[0].shape[1]:
-                kw["attention_mask"] = _widened_mask(slot, mask)
-                return (), kw
+            serve = _serving(slot, kw, int(encoded[0].shape[0]))
+            if serve is None:
+                return None
+            if mask is not None and mask.dim() == 2:
+                widened = _widened_mask(serve, mask)
+                if widened.shape[-1] == encoded[0].shape[1]:
+                    kw["attention_mask"] = widened
+                    return (), kw
+            if not serve.single:
+                raise AttachError("prompt: encoder outputs of rows with prompts of different lengths need the "
+                                  "2-D attention_mask of the input (their padding is masked)")
+            return None
+        serve = _serving(slot, kw)
+        if serve is None:
             return None
         if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \
                 and kw.get("input_ids") is not None:
@@ -153,7 +219,7 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
             shifted = compat.decoder_inputs_from(module, kw["input_ids"])
             if shifted is not None:
                 kw["decoder_input_ids"] = shifted
-        if _widen_inputs(slot, kw) is None:
+        if _widen_inputs(serve, kw) is None:
             return None
         slot._handoff = kw["inputs_embeds"]
         return (), kw
@@ -168,7 +234,8 @@ def _encoder_hook(slot: "PromptSlot", bind: Callable):
         if slot._handoff is not None and kw.get("inputs_embeds") is slot._handoff:
             slot._handoff = None  # the base model's hook already inserted the prompt
             return None
-        if _widen_inputs(slot, kw) is None:
+        serve = _serving(slot, kw)
+        if serve is None or _widen_inputs(serve, kw) is None:
             return None
         return (), kw
     return hook
@@ -193,11 +260,14 @@ def _top_pre_hook(slot: "PromptSlot", bind: Callable):
         if source is None or (mask is not None and mask.dim() != 2):
             return None
         batch, length = source.shape[:2]
-        layout = plan(slot.template, mask, batch, length, source.device)
+        serve = serving(slot, batch)
+        if serve is None:
+            return None
+        layout = serve.plan(mask, batch, length, source.device)
         slot._layouts["top"] = layout
         labels = kw.get("labels")
         if labels is not None and labels.dim() >= 2 and tuple(labels.shape[:2]) == (batch, length):
-            kw["labels"] = widen(labels, layout, -100)
+            kw["labels"] = widen(labels, layout, -100, -100)
             return (), kw
         return None
     return hook
@@ -262,7 +332,7 @@ def _pooler_hook(slot: "PromptSlot"):
 def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Placement", modules: dict) -> list[Any]:
     """Hooks that route the prompt through the model; returns their handles (detach removes them)."""
     base = modules[placement.x_name]
-    handles = []
+    handles: list[Any] = [register(model, slot)]
     if slot.policy == "seq2seq":
         encoder = modules[placement.encoder_name]
         handles.append(base.register_forward_pre_hook(_seq2seq_base_hook(slot, _binder(base)), with_kwargs=True))
@@ -270,7 +340,9 @@ def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Place
         handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
         return handles
     record = slot.policy in ("pool_last", "pool_first")
-    handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record), with_kwargs=True))
+    takes_positions = compat.POSITION_KWARGS[0] in compat.forward_parameters(base)
+    handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record, takes_positions),
+                                                  with_kwargs=True))
     if slot.policy == "pool_first":
         pooler = getattr(base, "pooler", None)
         if isinstance(pooler, nn.Module):

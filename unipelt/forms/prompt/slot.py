@@ -10,7 +10,7 @@ from torch import nn
 
 from ...compose import Composer
 from ...module_spec import Placement
-from ...slot import Slot
+from ...slot import Route, Slot
 from .hooks import install_prompt_hooks
 from .layout import Layout
 from .tokens import VirtualTokens
@@ -30,6 +30,8 @@ class PromptSlot(Slot):
         self._embed = [embed]  # a plain list: the base model's embedding must not become a child of the slot
         self._handoff: torch.Tensor | None = None  # encoder-decoders: widened embeddings the base hands its encoder
         self._layouts: dict[str, Layout] = {}  # layout of the call in flight, for the output hooks
+        self._first_length: int | None = None  # input length of the last uncached call (rows.py, hooks.py)
+        self._peers: list = [self]  # the model's prompt slots (rows.register sets the shared list at install)
 
     def install(self, placement: "Placement", modules: dict[str, nn.Module], model: nn.Module) -> list[Any]:
         return install_prompt_hooks(model, self, placement, modules)
@@ -55,8 +57,13 @@ class PromptSlot(Slot):
     def cannot_merge(self, host: nn.Module) -> str | None:
         return "virtual tokens at the input (not a weight update)"
 
-    def route_refusal(self) -> str | None:
-        return "virtual tokens join every row's input (not yet routed by rows or summed as a Δh)"
+    def route_refusal(self, route: Route | None = None) -> str | None:
+        """Rows: each row gets its own prompt's virtual tokens (rows.py). A Parallel block: the prompt acts on its
+        rows as alone (nothing else acts at the input); an Average weight has nothing to scale."""
+        if route is not None and route.shared is not None and route.weight != 1.0:
+            return (f"virtual tokens join the input sequence; they have no Δh that an Average weight "
+                    f"({route.weight:g}) could scale")
+        return None
 
     def fold(self) -> None:
         self.tokens.fold()

@@ -124,10 +124,10 @@ class SVDForm(AlphaScaledForm):
         slots = [Slot(spec, form, Composer(spec, p.d_in), p.site, p.chunk) for p, form in zip(placements, forms)]
         # The orthogonal regulariser is a mean over all the module's matrices, so it sees them all; while the ranks
         # are still to be pruned (no rank_pattern yet), one allocator keeps one global budget.
-        controllers: dict[str, Any] = {
-            f"unipelt_{spec.name}_orthogonal_regulariser": OrthogonalRegulariser(spec.options.orth_reg_weight, forms)}
+        regulariser = OrthogonalRegulariser(spec.options.orth_reg_weight, forms)
+        controllers: dict[str, Any] = {f"unipelt_{spec.name}_orthogonal_regulariser": regulariser}
         if spec.options.rank_pattern is None:
-            allocator = RankAllocator(spec, {_key(p): form for p, form in zip(placements, forms)})
+            allocator = RankAllocator(spec, {_key(p): form for p, form in zip(placements, forms)}, regulariser)
             controllers[f"unipelt_{spec.name}_rank_allocator"] = allocator
         return Built(slots, controllers=controllers)
 

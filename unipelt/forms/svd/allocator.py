@@ -1,7 +1,9 @@
 """AdaLoRA's rank allocator: importance scores and the cubic budget schedule over all svd slots of a module.
 
-Built by the svd form (one per module spec); driven only through the training contract (unipelt/optim.py): `on_optimizer_step(step, total_steps)` after each
-optimizer step, before the gradients are cleared. All target matrices of one svd module spec share one global
+Built by the svd form (one per module spec); driven only through the training contract (unipelt/optim.py):
+`on_optimizer_step(step, total_steps)` after each optimizer step, before the gradients are cleared (called without
+gradients it raises: scores would stay zero and the next masking step would prune everything). A loop that never
+calls it is warned once (watch.py). All target matrices of one svd module spec share one global
 budget b(t) of kept triplets (Zhang et al. 2023, eqs. 7-12):
 
 - sensitivity I = |w ⊙ ∇w|; smoothed Ī ← β1·Ī + (1−β1)·I; uncertainty Ū ← β2·Ū + (1−β2)·|I − Ī|; s = Ī·Ū
@@ -25,14 +27,17 @@ import torch
 from ...errors import UnipeltError
 from ...full_tensor import full
 from .delta import SVDDelta
+from .watch import DriveWatch
 
 
 class RankAllocator:
     """One global rank budget over the svd forms of one module spec, keyed 'stack.layer.site'."""
 
-    def __init__(self, spec: Any, forms: dict[str, "SVDDelta"]) -> None:
+    def __init__(self, spec: Any, forms: dict[str, "SVDDelta"], regulariser: Any = None) -> None:
         self.spec = spec
         self.forms = forms
+        # says so (once) when a training loop does not drive this allocator or the module's regulariser (watch.py)
+        self.watch = DriveWatch(spec.name, next(iter(forms.values())), regulariser) if forms else None
         self.initial_budget = spec.init_r * len(forms)
         self.target_budget = spec.target_r * len(forms)
         self.current_budget = self.initial_budget
@@ -65,8 +70,13 @@ class RankAllocator:
         return {key: form.effective_rank for key, form in self.forms.items()}
 
     @torch.no_grad()
-    def _update_scores(self) -> None:
+    def _update_scores(self, step: int) -> None:
         beta1, beta2 = self.spec.beta1, self.spec.beta2
+        if all(p.grad is None for form in self.forms.values() for p in (form.left, form.singular, form.right)):
+            # scoring without gradients keeps every score at zero, and the next masking step prunes every triplet
+            raise UnipeltError(f"AdaLoRA module '{self.spec.name}': on_optimizer_step(step {step}) found no "
+                               "gradients; call it after optimizer.step() and before the gradients are cleared "
+                               "(zero_grad), e.g. in TrainerCallback.on_optimizer_step, not on_step_end")
         for form in self.forms.values():
             for param in (form.left, form.singular, form.right):
                 if param.grad is None:
@@ -93,6 +103,10 @@ class RankAllocator:
     def mask_to(self, budget: int, final: bool = False) -> None:
         """Zero λ of every triplet scoring at or below the (b0 − budget)-th smallest score over all forms (the
         reference's kthvalue threshold, ties included)."""
+        if not self._ema:  # nothing scored yet: every score is zero and the threshold would prune every triplet
+            raise UnipeltError(f"AdaLoRA module '{self.spec.name}': masking to a budget of {budget} before any "
+                               "importance score was computed (a schedule that leaves no step to score before it, "
+                               "or a resume without the checkpoint's training state)")
         scores = [self.triplet_scores(form) for form in self.forms.values()]
         flat = torch.cat([s.to("cpu") for s in scores])
         pruned_count = flat.shape[0] - min(budget, flat.shape[0])
@@ -107,6 +121,8 @@ class RankAllocator:
         self.current_budget = budget
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
+        if self.watch is not None:
+            self.watch.stepped(step)
         tinit, tfinal = self.schedule_steps(total_steps)
         end = total_steps - tfinal
         if self.frozen:  # the final phase: the fixed pattern, applied again after every step
@@ -114,7 +130,7 @@ class RankAllocator:
                 form.apply_mask(form.rank_mask.clone(), final=True)
             return
         if step < end:
-            self._update_scores()
+            self._update_scores(step)
         if step >= end:  # the final fine-tuning phase: fix the pattern at the target budget
             self.mask_to(self.target_budget, final=True)
             self.frozen = True
@@ -156,6 +172,8 @@ class RankAllocator:
                 self._ema[id(param)] = averages[name][0].to(param.device)
                 self._uncertainty[id(param)] = averages[name][1].to(param.device)
         self.current_budget, self.frozen = int(state["budget"]), bool(state["frozen"])
+        if self.watch is not None:
+            self.watch.restored()
 
     def spec_changes(self) -> tuple[str, dict[str, Any]]:
         """(module name, option changes) that save_adapter writes into the method: the current ranks."""

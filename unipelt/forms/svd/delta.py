@@ -24,6 +24,7 @@ class SVDDelta(Delta):
         # Not persistent: the mask is an allocator decision, saved as the pruned shapes (rank_pattern) instead.
         self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool), persistent=False)
         self.mask_is_final = False
+        self.drive_watch = None  # set on one delta per module spec by its rank allocator (watch.py)
 
     @property
     def rank(self) -> int:
@@ -59,6 +60,9 @@ class SVDDelta(Delta):
         return self.singular * self.rank_mask.to(self.singular.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.drive_watch is not None and self.training and \
+                torch.is_grad_enabled():
+            self.drive_watch.forward_check(self)
         x = matmul_input(x, self.right)
         return ((x @ self.right.T) * self.masked_singular()) @ self.left.T
 
@@ -97,8 +101,10 @@ class OrthogonalRegulariser:
     def __init__(self, weight: float, forms: list[SVDDelta]) -> None:
         self.weight = weight
         self.forms = forms
+        self.calls = 0  # how often a training loop asked for it (the allocator's watch checks it is driven)
 
     def regularization_loss(self) -> torch.Tensor | None:
+        self.calls += 1
         if self.weight == 0 or not self.forms:
             return None
         total = sum(sum(form.orthogonality_norms()) for form in self.forms)
