@@ -247,3 +247,56 @@ def test_folders_refuse_what_is_not_theirs(three, tmp_path, llama):
     manifest = tmp_path / "all" / "adapters.json"
     manifest.write_text(json.dumps({"format_version": 1, "adapters": ["a"], "active": {"stack": 3}}))
     refused(fresh, lambda: unipelt.load_adapters(fresh, tmp_path / "all"), r"stack takes a list")
+
+
+def test_a_copied_model_keeps_its_own_adapters(three):
+    model, batch, _ = three
+    unipelt.set_active(model, "b")
+    expected_b = outputs(model, batch)
+    twin = copy.deepcopy(model)
+    unipelt.set_active(twin, "c")
+    assert unipelt.active_adapters(model) == "b"  # switching the copy leaves the original alone
+    assert_same(outputs(model, batch), expected_b)
+    unipelt.set_active(twin, "b")
+    assert_same(outputs(twin, batch), expected_b)
+    unipelt.delete_adapter(twin, "a")
+    assert unipelt.list_adapters(model) == ["a", "b", "c"]
+
+
+def test_an_error_inside_a_mixed_batch_restores_the_composition(three):
+    model, batch, _ = three
+    unipelt.set_active(model, ["a", "b"])
+    expected = outputs(model, batch)
+    with pytest.raises(RuntimeError, match="inside"):
+        with unipelt.mixed_batch(model, ["c", None]):
+            raise RuntimeError("inside")
+    assert unipelt.active_adapters(model) == ["a", "b"]
+    assert_same(outputs(model, batch), expected)
+
+
+def test_batch_split_rows_must_match_the_batch(three):
+    model, batch, _ = three
+    unipelt.set_active(model, unipelt.BatchSplit("a", "b", sizes=[2, 1]))
+    with pytest.raises(unipelt.AttachError, match=r"set_active: set for a batch of 3 rows, got 2 rows"):
+        outputs(model, batch)
+    with pytest.raises(unipelt.AttachError, match=r"Average: weight nan is not a finite number"):
+        unipelt.Average("a", "b", weights=[float("nan"), 1.0])
+    with pytest.raises(unipelt.AttachError, match=r"BatchSplit: size -1 is not a row count"):
+        unipelt.BatchSplit("a", "b", sizes=[-1, 3])
+
+
+def test_a_renamed_default_saves_the_same_file(llama, tmp_path):
+    model, batch = llama
+    base = copy.deepcopy(model)
+    unipelt.attach(model, "lora")
+    perturb_all(model)
+    unipelt.save_adapter(model, tmp_path / "before")
+    unipelt.rename_adapter(model, "default", "task")
+    assert any("unipelt_task__" in n for n, _ in model.named_parameters())
+    unipelt.save_adapter(model, tmp_path / "after", name="task")
+    before = (tmp_path / "before" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "after" / "adapter_model.safetensors").read_bytes() == before
+    fresh = copy.deepcopy(base)
+    unipelt.load_adapter(fresh, tmp_path / "after")
+    assert unipelt.list_adapters(fresh) == ["default"]
+    assert_same(outputs(fresh, batch), outputs(model, batch))

@@ -204,7 +204,7 @@ def _combine(tensors, weights: torch.Tensor, base: str, density, sign_method: st
     signs = stacked.sign()
     votes = stacked.sum(dim=0) if sign_method == "total" else signs.sum(dim=0)
     agrees = signs == torch.where(votes >= 0, 1, -1)
-    return (weighted * agrees).sum(dim=0) * 1.0
+    return (weighted * agrees).sum(dim=0) / agrees.sum(dim=0).clamp(min=1)
 
 
 def _weights(values: Sequence[float], device) -> torch.Tensor:
