@@ -300,3 +300,22 @@ def test_a_renamed_default_saves_the_same_file(llama, tmp_path):
     unipelt.load_adapter(fresh, tmp_path / "after")
     assert unipelt.list_adapters(fresh) == ["default"]
     assert_same(outputs(fresh, batch), outputs(model, batch))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_deleting_one_of_two_prefixes_keeps_the_other(family):
+    """One prefix adapter installs the routing of an attention module for every prefix on it; deleting that adapter
+    must not take the routing from the other one (whichever installed it)."""
+    base = tiny_model(family)
+    batch = tiny_batch(family)
+    for deleted, kept in (("p1", "p2"), ("p2", "p1")):
+        model, alone = copy.deepcopy(base), copy.deepcopy(base)
+        for name, seed in (("p1", 3), ("p2", 4)):
+            torch.manual_seed(seed)
+            unipelt.attach(model, "prefix", name=name)
+        torch.manual_seed({"p1": 3, "p2": 4}[kept])
+        unipelt.attach(alone, "prefix")
+        unipelt.delete_adapter(model, deleted)
+        assert_same(outputs(model, batch), outputs(alone, batch))
+        with unipelt.disabled(model):
+            assert not torch.equal(outputs(model, batch), outputs(alone, batch))  # the prefix does act

@@ -407,7 +407,8 @@ def test_different_head(saved):
 def test_other_method_already_attached(saved, bert):
     unipelt.attach(bert, "pa")
     trainable = {n for n, p in bert.named_parameters() if p.requires_grad}
-    with pytest.raises(unipelt.AdapterFileError, match=r"the attached method 'pa' differs from the saved one 'lora'") as e:
+    differs = r"the attached method 'pa' \(adapter 'default'\) differs from the saved one 'lora'"
+    with pytest.raises(unipelt.AdapterFileError, match=differs) as e:
         unipelt.load_adapter(bert, saved)
     one_line(e)
     assert unipelt.is_attached(bert)

@@ -282,6 +282,8 @@ def detach(model: nn.Module, name: str | None = None) -> nn.Module:
         if len(aset.adapters) > 1:
             remove_adapter(model, name)
             return model
+    for handle in aset.row_hooks:
+        handle.remove()
     for adapter in reversed(list(aset.adapters)):
         _remove_modules(model, aset.adapters[adapter])
     restore_base(model, aset.quantized)
@@ -323,7 +325,11 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     for pname in [p for p in aset.base_values if p not in still_owned]:
         del aset.base_values[pname], aset.in_force[pname]
         params[pname].requires_grad_(aset.original_requires_grad.get(pname, False))
-    aset.active = None
+    # Every remaining hook is installed anew: what the deleted adapter installed for others too (the routing of an
+    # attention module that carries prefixes of several adapters) must come back.
+    for other in aset.adapters.values():
+        remove_hooks(other)
+    aset.hook_order, aset.active = [], None
     apply(model, aset, remaining_active or next(iter(aset.adapters)), caller="delete_adapter")
 
 
