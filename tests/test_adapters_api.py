@@ -319,3 +319,12 @@ def test_deleting_one_of_two_prefixes_keeps_the_other(family):
         assert_same(outputs(model, batch), outputs(alone, batch))
         with unipelt.disabled(model):
             assert not torch.equal(outputs(model, batch), outputs(alone, batch))  # the prefix does act
+
+
+def test_the_composition_cannot_change_inside_disabled(three):
+    model, batch, _ = three
+    with unipelt.disabled(model):
+        refused(model, lambda: unipelt.set_active(model, "a"), r"set_active: called inside unipelt.disabled")
+        refused(model, lambda: unipelt.attach(model, "lora", name="z"), r"attach: called inside unipelt.disabled")
+        refused(model, lambda: unipelt.mixed_batch(model, ["a", "b"]).__enter__(), r"mixed_batch: called inside")
+    assert unipelt.active_adapters(model) == "c"

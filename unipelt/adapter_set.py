@@ -63,6 +63,7 @@ class AdapterSet:
     in_force: dict[str, str | None] = field(default_factory=dict)  # parameter -> whose values the model holds
     hook_order: list[str] = field(default_factory=list)
     row_hooks: list = field(default_factory=list)  # unipelt.row_values handles while rows need other values
+    disabled: bool = False  # inside unipelt.disabled(model): the composition cannot change
 
     def active_names(self) -> list[str]:
         return [] if self.active is None else list(dict.fromkeys(names_in(self.active)))
@@ -206,6 +207,11 @@ def check_block(aset: AdapterSet, spec: Any, caller: str) -> Stack:
     return block
 
 
+def check_enabled(aset: AdapterSet, caller: str) -> None:
+    if aset.disabled:
+        raise AttachError(f"{caller}: called inside unipelt.disabled(model); change adapters after the block")
+
+
 def check_merged(aset: AdapterSet, caller: str) -> None:
     merged = [name for name, state in aset.adapters.items() if state.merged]
     if merged:
@@ -277,6 +283,7 @@ def apply(model: nn.Module, aset: AdapterSet, spec: Any, trainable: Any = None, 
     """Put `spec` (a name, a list of names or a block) into effect; every check runs before anything changes."""
     block = check_block(aset, spec, caller)
     check_merged(aset, caller)
+    check_enabled(aset, caller)
     names = list(dict.fromkeys(names_in(block)))
     train = set(names) if trainable is None else set(_names(trainable, caller))
     for name in train:
@@ -354,6 +361,6 @@ def _names(value: Any, caller: str) -> list[str]:
     raise AttachError(f"{caller}: trainable must be an adapter name or a list of names, got {value!r}")
 
 
-__all__ = ["DEFAULT", "AdapterSet", "CopyableHook", "apply", "commit", "owners_in_force", "check_single_prompt", "check_block", "check_merged", "check_name", "check_not_fused",
+__all__ = ["check_enabled", "DEFAULT", "AdapterSet", "CopyableHook", "apply", "commit", "owners_in_force", "check_single_prompt", "check_block", "check_merged", "check_name", "check_not_fused",
            "child_name", "install_hooks", "order_hooks", "plan_routes", "remove_hooks", "set_trainable",
            "swap_values"]

@@ -13,8 +13,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter_set import (DEFAULT, apply, check_merged, check_name, check_not_fused, commit, owners_in_force,
-                          plan_routes)
+from .adapter_set import (DEFAULT, apply, check_enabled, check_merged, check_name, check_not_fused, commit,
+                          owners_in_force, plan_routes)
 from .attach import adapter_set, detach, refuse_wrapped
 from .composition import Stack, block_from_config, simplest
 from .errors import AttachError
@@ -105,6 +105,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             raise AttachError(f"mixed_batch: row {index} names adapter {name!r}, which this model does not have "
                               f"(it has: {', '.join(aset.adapters)})")
     check_merged(aset, "mixed_batch")
+    check_enabled(aset, "mixed_batch")
     names = list(dict.fromkeys(n for n in adapter_names if n is not None))
     rows_of = {n: torch.tensor([i for i, m in enumerate(adapter_names) if m == n], dtype=torch.long) for n in names}
     block = Stack(*names) if names else None

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from . import compat
-from .adapter_set import (DEFAULT, AdapterSet, CopyableHook, apply, check_name, check_not_fused, child_name,
-                          install_hooks, remove_hooks)
+from .adapter_set import (DEFAULT, AdapterSet, CopyableHook, apply, check_enabled, check_name, check_not_fused,
+                          child_name, install_hooks, remove_hooks)
 from .errors import AttachError, MethodConfigError
 from .forms import form_of
 from .placement import Placement, projection_index, resolve
@@ -151,6 +151,8 @@ def attach_method(model: nn.Module, method: Any, name: str | None = None) -> nn.
     """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) with its sizes as given, as the
     adapter `name` (default: "default"), and make it the active adapter."""
     name = check_model(model, "attach", name)
+    if is_attached(model):
+        check_enabled(adapter_set(model), "attach")
     spec = prepare(model, prepare_counting(model, load_method(method)))
     check_coexistence(model, spec, name)
     placements = resolve(model, spec) if spec.modules else []
@@ -367,13 +369,17 @@ def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
     names = [state_of(model, name, "disabled").name] if name is not None else list(aset.adapters)
     if any(aset.adapters[n].merged for n in names):
         raise AttachError("disabled: modules are merged into the weights; call unipelt.unmerge(model) first")
+    if aset.disabled:
+        raise AttachError("disabled: already inside unipelt.disabled(model)")
     slots = [slot for n in names for slot in aset.adapters[n].slots.values()]
     previous = [slot.active for slot in slots]
     for slot in slots:
         slot.active = False
+    aset.disabled = True
     try:
         yield model
     finally:
+        aset.disabled = False
         for slot, flag in zip(slots, previous):
             slot.active = flag
 
