@@ -97,7 +97,7 @@ def test_to_lora_is_exact_at_the_adapters_rank_and_reports_truncation(two_loras)
     assert unipelt.count_parameters(model, name="a")["added"] * 4 == unipelt.count_parameters(model, name="b")["added"]
 
 
-def test_ia3_to_lora_and_refusals(two_loras):
+def test_ia3_to_lora_serves_through_peft_and_refusals(two_loras, tmp_path):
     base, _, _ = two_loras
     model = copy.deepcopy(base)
     batch = tiny_batch("llama")
@@ -108,6 +108,13 @@ def test_ia3_to_lora_and_refusals(two_loras):
     assert max(errors.values()) < 1e-5
     assert_close_scaled(outputs(model, batch), expected, ops=16,
                         reason="(IA)³'s l⊙(Wx) against x(W + SVD factors of diag(l−1)W) in float32")
+    # served: PEFT loads the converted LoRA onto the original base and gives the (IA)³ outputs
+    from peft import PeftModel
+
+    unipelt.export_peft(model, tmp_path / "served", name="scales")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "served"))
+    assert_close_scaled(outputs(peft_model, batch), expected, ops=16,
+                        reason="(IA)³'s l⊙(Wx) against Wx + B(Ax) from SVD factors of diag(l−1)W in float32")
     unipelt.attach(model, "prefix", name="p")
     with pytest.raises(unipelt.AttachError, match=r"to_lora: .*cannot be expressed as PEFT LoRA.*does not fold"):
         unipelt.to_lora(model, "p", rank=4)
