@@ -276,3 +276,24 @@ def test_load_checks_the_config_hash(saved):
         unipelt.load_adapter(model, saved)
     one_line(e)
     before.assert_unchanged(model)
+
+
+@pytest.mark.parametrize("load", ["load_adapter", "import_peft"])
+def test_values_that_overflow_a_half_precision_model_are_refused(tmp_path, load):
+    """A float32 file whose values exceed float16's range: the finite check runs on the values as the model would
+    hold them, so nothing turns into inf in silence."""
+    source = tiny_model("llama")
+    unipelt.attach(source, "lora")
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "unipelt_" in name:
+                param.fill_(1e6)
+    unipelt.save_adapter(source, tmp_path / "unipelt")
+    unipelt.export_peft(source, tmp_path / "peft")
+    half = tiny_model("llama").half()
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    with pytest.raises(unipelt.AdapterFileError, match=rf"{load}: tensor .* overflows torch.float16") as e:
+        getattr(unipelt, load)(half, tmp_path / ("unipelt" if load == "load_adapter" else "peft"))
+    one_line(e)
+    assert not unipelt.is_attached(half)
+    assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())

@@ -267,6 +267,10 @@ def _copy_tensors(model: nn.Module, state: Any, tensors: dict[str, torch.Tensor]
                 f"load_adapter: tensor '{name}' has shape {tuple(tensor.shape)} in the file, "
                 f"{tuple(expected[name].shape)} in the model"
             )
+        cast = tensor.to(expected[name].dtype)  # the finite check of the file's values, again in the model's dtype
+        if cast.dtype.is_floating_point and not bool(torch.isfinite(cast).all()):
+            raise AdapterFileError(f"load_adapter: tensor '{name}' in {directory} overflows {cast.dtype} (the "
+                                   f"model's dtype; largest |value| {float(tensor.abs().max()):.4g}); nothing loaded")
     fold_prefixes(model, state.name)
     with torch.no_grad():
         for key, tensor in tensors.items():

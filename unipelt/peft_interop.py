@@ -394,6 +394,12 @@ def attach_peft_state(model: nn.Module, config: dict[str, Any], tensors: dict[st
                 form.peft_lora_load(slot, layout[placement.h_name], placement.chunk)
             for pname, tensor in head_tensors.items():
                 owned_value(model, state, pname).copy_(tensor)
+        loaded = {f"{n}.{k}": v for n, slot in state.slots.items() for k, v in slot.named_parameters()}
+        loaded.update({p: owned_value(model, state, p) for p in head_tensors})
+        bad = non_finite_tensor(loaded)
+        if bad is not None:  # the file's values are finite (read_peft) but overflow the model's dtype
+            dtype = next(iter(loaded.values())).dtype
+            raise AdapterFileError(f"{caller}: tensor {bad} overflows {dtype} (the model's dtype); nothing loaded")
     except Exception:
         if previous is None:
             detach(model)
