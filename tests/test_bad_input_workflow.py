@@ -129,3 +129,36 @@ def test_a_bad_value_in_a_single_run_is_one_line_and_no_record(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "error: trainer.lr must be positive, got -1.0"
     assert "Traceback" not in result.stderr
     assert not (run_dir / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("value", [-1, 0, True])
+def test_max_new_tokens_must_be_a_positive_count(value):
+    from unipelt.train import TrainConfig
+    from unipelt.train.config import check
+
+    with pytest.raises(unipelt.UnipeltError, match=r"trainer.max_new_tokens must be a positive number of tokens"):
+        check(TrainConfig(max_new_tokens=value))
+    check(TrainConfig(max_new_tokens=None))
+    check(TrainConfig(max_new_tokens=3))
+
+
+def test_the_length_check_reserves_room_for_anchor_tokens():
+    """P-tuning's template anchors are tokens inserted into every sequence, like its virtual tokens: once attach
+    has made them token ids they count against the model's positions."""
+    from tiny_models import tiny_model
+    from unipelt.attach import state_of
+    from unipelt.train import TrainConfig
+    from unipelt.train.config import check_max_length
+
+    model = tiny_model("bert")
+    method = {"name": "anchored", "modules": [{"form": "prompt", "at": "embeddings", "insertion": "parallel",
+                                               "compose": "gate", "length": 4, "template": [
+                                                   "input_first", {"prompt": 2}, {"anchor": [5, 6, 7]},
+                                                   "input_rest", {"prompt": 2}]}]}
+    unipelt.attach(model, method)
+    reserved = state_of(model).method.input_tokens()
+    assert reserved == 4 + 3
+    limit = model.config.max_position_embeddings
+    check_max_length(TrainConfig(max_length=limit - 7), model.config, reserved)
+    with pytest.raises(unipelt.UnipeltError, match=rf"exceeds the {limit - 7} positions .* after 7 inserted"):
+        check_max_length(TrainConfig(max_length=limit - 6), model.config, reserved)

@@ -80,6 +80,9 @@ def check(cfg: TrainConfig) -> None:
     for key in ("adam_beta1", "adam_beta2", "label_smoothing"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise UnipeltError(f"trainer.{key} must be in [0, 1), got {getattr(cfg, key)!r}")
+    if cfg.max_new_tokens is not None and (isinstance(cfg.max_new_tokens, bool) or cfg.max_new_tokens < 1):
+        raise UnipeltError(f"trainer.max_new_tokens must be a positive number of tokens or null (the task's "
+                           f"default), got {cfg.max_new_tokens!r}")
     if not cfg.adam_epsilon > 0:
         raise UnipeltError(f"trainer.adam_epsilon must be positive, got {cfg.adam_epsilon!r}")
     if not 0.0 <= cfg.warmup_ratio < 1.0:

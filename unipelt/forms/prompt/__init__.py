@@ -70,7 +70,11 @@ class PromptForm(Form):
         return out
 
     def input_tokens(self, options: PromptOptions) -> int:
-        return options.length
+        """The virtual tokens plus the template's anchor tokens (counted once they are token ids: after attach
+        has tokenized the anchor texts; before it, a text anchor's length is not known)."""
+        anchors = sum(len(item[1]) for item in options.template or () if item[0] == "anchor"
+                      and isinstance(item[1], tuple) and all(isinstance(i, int) for i in item[1]))
+        return options.length + anchors
 
     def folded(self, options: PromptOptions) -> PromptOptions:
         # A P-tuning encoder is folded into the plain vectors it produces, as a prefix MLP is.
