@@ -77,7 +77,7 @@ def run(scenarios: list[dict]) -> dict:
     import transformers
 
     out: dict[Any, Any] = {"versions": {"adapters": adapters.__version__, "transformers": transformers.__version__,
-                                        "torch": torch.__version__}}
+                                        "torch": str(torch.__version__)}}
     for index, scenario in enumerate(scenarios):
         model = _model(scenario)
         results = {}

@@ -164,3 +164,50 @@ def test_bad_inputs_are_one_line(tiny, tmp_path):
         UnipeltTrainer(model=tiny.base(), args=trainer_args(tmp_path, max_steps=1), train_dataset=tiny.task.train)
     with pytest.raises(unipelt.UnipeltError, match="unipelt_trainer: expected a transformers Trainer class, got"):
         unipelt_trainer(dict)
+
+
+def test_what_the_callback_cannot_drive_is_one_line(tiny, tmp_path):
+    """DeepSpeed and the Trainer's FSDP partition gradients away from .grad (AdaLoRA reads them whole); a Trainer loop
+    that skips on_step_begin would step without the regulariser; a damaged resume file is named."""
+    from types import SimpleNamespace
+
+    from hf_fixtures import ADALORA
+
+    from unipelt.integrations import RESUME_FILE, UnipeltCallback
+    from unipelt.integrations.resume_files import read_resume
+
+    model = tiny.build(ADALORA)
+    state = SimpleNamespace(global_step=0, max_steps=8, log_history=[])
+    for args, which in ((SimpleNamespace(deepspeed="ds.json", fsdp=""), "DeepSpeed"),
+                        (SimpleNamespace(deepspeed=None, fsdp="full_shard"), "the Trainer's FSDP")):
+        with pytest.raises(unipelt.UnipeltError, match=rf"^UnipeltCallback: method 'adalora_tiny' has a regulariser "
+                                                       rf"or rank allocator that reads whole gradients, which {which} "
+                                                       "partitions away from .grad; train it with unipelt-train"):
+            UnipeltCallback().on_train_begin(args, state, None, model=model)
+    callback = UnipeltCallback()
+    callback.on_init_end(None, state, None, model=model)
+    with pytest.raises(unipelt.UnipeltError, match=r"^UnipeltCallback: optimizer step 1 was taken without "
+                                                   r"on_step_begin, so the method's regulariser was not added"):
+        callback.on_optimizer_step(None, state, None)
+    (tmp_path / RESUME_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(unipelt.UnipeltError, match=rf"^cannot read {tmp_path / RESUME_FILE} \(UnpicklingError"):
+        read_resume(tmp_path)
+
+
+@pytest.mark.slow  # compiles the tiny model (aot_eager) for training and for evaluation
+def test_trainer_with_torch_compile_trains_and_saves_the_adapter(tiny, tmp_path):
+    """Trainer(torch_compile=True) trains the compiled wrapper; the integration reaches the model inside it."""
+    from hf_fixtures import ADALORA
+
+    torch._dynamo.reset()
+    eager, _ = _trained_by_the_trainer(tiny, ADALORA, tmp_path / "eager")
+    compiled, trainer = _trained_by_the_trainer(tiny, ADALORA, tmp_path / "compiled", torch_compile=True,
+                                                torch_compile_backend="aot_eager")
+    for name, tensor in trainable(eager).items():
+        assert_close_trained(trainable(compiled)[name], tensor, lr=LR, msg=name,
+                             reason="aot_eager decomposes composite ops and orders gradient sums its own way")
+    assert rank_masks(compiled) == rank_masks(eager)
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = unipelt.load_adapter(tiny.base(), tmp_path / "final")  # the pruned ranks, as the allocator left them
+    kept = sum(sum(mask) for mask, _ in rank_masks(compiled).values())
+    assert sum(dict(unipelt.optim.method_of(loaded).modules[0].options.rank_pattern).values()) == kept

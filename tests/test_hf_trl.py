@@ -20,6 +20,10 @@ TEXTS = [f"the {a} cat sat on the {b} mat ." for a in ("red", "big", "old", "tin
          for b in ("blue", "soft", "flat", "new")] * 4  # 64 sentences: 16 steps of 4
 LR = 1e-2
 METHODS = {"lora": "lora", "prefix": "prefix", "adalora": ADALORA_16}
+# SFTConfig's own defaults differ from TrainingArguments' (bf16 autocast where the device has it, gradient
+# checkpointing, ...): the tests train in float32 without checkpointing, with torch's AdamW and clipping at 1
+FP32_ADAMW = {"bf16": False, "fp16": False, "gradient_checkpointing": False, "optim": "adamw_torch",
+              "max_grad_norm": 1.0}
 
 
 def _sft(method, out: Path, *, packing=False, stop=None, saves=(), **changes):
@@ -38,9 +42,9 @@ def _sft(method, out: Path, *, packing=False, stop=None, saves=(), **changes):
     tokenizer.pad_token = tokenizer.eos_token
     model = unipelt.attach(tiny_model("llama", seed=0), method)
     args = trl_.SFTConfig(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=LR,
-                          warmup_steps=2, max_grad_norm=1.0, packing=packing, max_length=32,
+                          warmup_steps=2, packing=packing, max_length=32,
                           save_strategy="no", logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
-                          seed=0, **{"optim": "adamw_torch", "gradient_checkpointing": False, **changes})
+                          seed=0, **{**FP32_ADAMW, **changes})
     trainer = unipelt_trainer(trl_.SFTTrainer)(model=model, args=args, processing_class=tokenizer,
                                                train_dataset=Dataset.from_dict({"text": TEXTS}), callbacks=[SaveAt()])
     return model, trainer

@@ -23,7 +23,7 @@ PRESETS = [p for p in unipelt.list_presets() if p != "full"]  # full fine-tuning
 CASES = [(family, preset) for family in FAMILIES for preset in PRESETS
          if not (preset == "bitfit" and not has_biases(family))]
 ROWS = ["a", None, "b", "c", "a"]  # row -> adapter; rows 1 and 2 are padded (right), by 2 and 3 positions
-LAYERS = {"bert": 2, "roberta": 2, "gpt2": 2, "llama": 2, "gemma": 2, "bart": 4, "t5": 4}
+LAYERS = {"bert": 2, "roberta": 2, "gpt2": 2, "llama": 2, "gemma": 2, "bart": 4, "t5": 4}  # both stacks
 
 
 def variant(preset: str) -> dict:
@@ -47,6 +47,17 @@ def plan_of(preset: str) -> tuple[dict[str, object], list]:
         return {"a": "pfeiffer", "b": "pfeiffer", "f": preset}, ["f", None, "a", "b", "f"]
     lora = "qlora" if preset == "qlora" else "lora"  # adapters of one model share one base: 4-bit or not
     return {"a": preset, "b": variant(preset), "c": lora}, ROWS
+
+
+def perturb(model, name: str, seed: int) -> None:
+    """Move the adapter's parameters, and its copies of head / base parameters, off their init (the adapter is
+    the active one: its copies are in the model)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in unipelt.param_groups(model, 1e-2, name=name):
+            for param in group["params"]:
+                if param.dtype.is_floating_point:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,12 +88,13 @@ def build(family: str, preset: str):
     for name, method in adapters.items():
         needs = list(adapters) if method == "adapter_fusion" else [name]
         key = (family, method, name) if isinstance(method, str) and method in ("lora", "qlora") else None
-        if key is None or key not in _ALONE:  # the LoRA beside every preset is the same: built once a family
-            alone[name] = copy.deepcopy(base)
-            attach_as(alone[name], needs, adapters)
-            if key is not None:
-                _ALONE[key] = alone[name]
-        alone[name] = _ALONE.get(key, alone[name])
+        if key in _ALONE:  # the LoRA beside every preset is the same: built once a family
+            alone[name] = _ALONE[key]
+            continue
+        alone[name] = copy.deepcopy(base)
+        attach_as(alone[name], needs, adapters)
+        if key is not None:
+            _ALONE[key] = alone[name]
     if preset == "qlora":  # QLoRA's base is the 4-bit one: a QLoRA copy, not moved off init, its adapter off
         alone[None] = copy.deepcopy(base)
         unipelt.attach(alone[None], "qlora")
@@ -115,9 +127,10 @@ def alone_logits(alone: dict, name: str | None, batch: dict) -> torch.Tensor:
 
 
 def ops_of(family: str) -> int:
-    """Every matmul of every layer (up to 9 of the base's, 6 more for a decoder's cross-attention, and those of
-    the adapters acting there) and the head."""
-    return 16 * LAYERS[family] + 1
+    """docs/testing.md's count for another batch shape: every matmul of every layer (up to 9 a layer, 6 more for
+    a decoder layer's cross-attention) and the head."""
+    layers = LAYERS[family]
+    return 9 * layers + (6 * layers // 2 if family in ENCODER_DECODERS else 0) + 1
 
 
 BATCH_SHAPE = ("the row runs inside a batch of 5 rows, padded at its right end to the longest prompt: every matmul "
@@ -138,3 +151,77 @@ def test_rows_equal_each_adapter_alone(family, preset):
                             msg=f"row {index} ({name})")
         if name is not None:  # the adapter matters on its row: a route that skipped it would fail above
             assert_differs(expected, plain[index:index + 1], ops=ops_of(family), reason="the adapter's own Δh")
+
+
+# ---- generate ------------------------------------------------------------------------------------------------
+
+GENERATE_ADAPTERS = {  # prompts of two lengths, a prefix, UniPELT (gated prefix, Pfeiffer at ffn.ln, LoRA), a LoRA
+    "p": {"name": "p", "modules": [{"form": "prompt", "at": "embeddings", "insertion": "parallel",
+                                    "compose": "gate", "length": 4, "init": "vocab"}]},
+    "q": {"name": "q", "modules": [{"form": "prompt", "at": "embeddings", "insertion": "parallel",
+                                    "compose": "gate", "length": 2, "init": "random"}]},
+    "x": {"name": "x", "modules": [{"form": "prefix", "at": ["attn.heads", "cross_attn.heads"],
+                                    "insertion": "parallel", "compose": "gate", "length": 3}]},
+    "u": "unipelt",
+    "l": "lora",
+}
+GENERATE_ROWS = ["p", None, "q", "x", "u", "l"]
+STEPS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def generating(family: str):
+    """The model with GENERATE_ADAPTERS and each adapter alone on a copy of the base (same weights)."""
+    base = base_of(family)
+    model = copy.deepcopy(base)
+    attach_as(model, list(GENERATE_ADAPTERS), GENERATE_ADAPTERS)
+    alone = {None: base}
+    for name in GENERATE_ADAPTERS:
+        alone[name] = copy.deepcopy(base)
+        attach_as(alone[name], [name], GENERATE_ADAPTERS)
+    return model.eval(), alone
+
+
+def prompts(family: str) -> dict:
+    """Unequal real lengths: a decoder's row 2 left-padded (as generation wants), an encoder input right-padded."""
+    batch = tiny_batch(family, batch=len(GENERATE_ROWS), length=6, padded=False)
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if family in ENCODER_DECODERS:
+        batch["attention_mask"][2, -2:] = 0
+    else:
+        batch["attention_mask"][2, :2] = 0
+    return batch
+
+
+def generate(model, batch: dict, beams: int):
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, num_beams=beams,
+                              output_scores=True, output_logits=True, return_dict_in_generate=True)
+
+
+CACHED = ("the row runs in a batch of 6 rows, prompts padded to the longest at their right end: every matmul of "
+          "every layer and of the head, on another shape, at the first call and at each cached step")
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+@pytest.mark.parametrize("family", DECODERS + ENCODER_DECODERS)
+def test_generate_rows_equal_each_adapter_alone(family, beams):
+    model, alone = generating(family)
+    batch = prompts(family)
+    with unipelt.mixed_batch(model, GENERATE_ROWS):
+        mixed = generate(model, batch, beams)
+    first_plain = None
+    for index, name in enumerate(GENERATE_ROWS):
+        expected = generate(alone[name], row(batch, index), beams)
+        assert torch.equal(mixed.sequences[index], expected.sequences[0]), f"row {index} ({name})"
+        if beams == 1:  # every step's logits of the row against the row alone
+            got = torch.stack([step[index] for step in mixed.logits])
+            want = torch.stack([step[0] for step in expected.logits])
+            assert_close_scaled(got, want, ops=STEPS * ops_of(family), reason=CACHED, msg=f"row {index} ({name})")
+            if name is None:
+                first_plain = want
+            elif first_plain is not None:
+                assert_differs(want, first_plain, ops=STEPS * ops_of(family), reason="the adapter's own Δh")
+        else:
+            assert_close_scaled(mixed.sequences_scores[index], expected.sequences_scores[0],
+                                ops=STEPS * ops_of(family), reason=CACHED, msg=f"row {index} ({name})")

@@ -234,8 +234,8 @@ _COMPILED_INNER = "_orig_mod"
 
 
 def _compiled_class() -> type | None:
-    """OptimizedModule, or None while torch.compile has never run (nothing can be compiled before its module loads,
-    so unipelt never imports torch._dynamo itself: that import costs seconds)."""
+    """OptimizedModule, or None while its module is not loaded (no model can be compiled before it is): looked up
+    in sys.modules, never imported from here."""
     return getattr(sys.modules.get(_COMPILED_MODULE), _COMPILED_CLASS, None)
 
 

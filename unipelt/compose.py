@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .row_extent import own_widths
+
 
 def sigmoid_gate_linear(d_in: int) -> nn.Linear:
     """UniPELT's gate W_g: one output, N(0, 0.02) weights and a zero bias (BERT's init, which Mao et al.'s gates get
@@ -30,9 +32,17 @@ def sigmoid_gate_linear(d_in: int) -> nn.Linear:
 
 def mean_sigmoid_gate(gate: nn.Linear, x: torch.Tensor, keepdim: bool) -> torch.Tensor:
     """mean over tokens of σ(W_g·x) (the sigmoid first, as Mao et al.'s code; padding tokens included, as there):
-    [batch, 1] (or [batch, 1, 1] with keepdim) for x [batch, tokens, d]; σ(W_g·x) itself for x [batch, d]."""
+    [batch, 1] (or [batch, 1, 1] with keepdim) for x [batch, tokens, d]; σ(W_g·x) itself for x [batch, d]. In a
+    mixed batch whose rows are padded past their own length (unipelt.row_extent), over each row's own tokens."""
     values = torch.sigmoid(gate(x.to(gate.weight.dtype)))
-    return values.mean(dim=-2, keepdim=keepdim) if x.dim() > 2 else values
+    if x.dim() <= 2:
+        return values
+    widths = own_widths(x)
+    if widths is None:
+        return values.mean(dim=-2, keepdim=keepdim)
+    own = torch.arange(x.shape[-2], device=x.device)[None, :] < widths[:, None]  # [batch, tokens]
+    total = (values * own.unsqueeze(-1).to(values.dtype)).sum(dim=-2, keepdim=keepdim)
+    return total / widths.to(values.dtype).reshape(-1, *([1] * (total.dim() - 1)))
 
 
 class Composer(nn.Module):

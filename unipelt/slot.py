@@ -231,7 +231,7 @@ class Route:
                 self.shared.h = None
         if rows is None:
             out = compose(base, x)
-            return out if self.shared is None else h + (out - base)
+            return out if self.shared is None else h + self.weight * (out - base)
         if rows.numel() == 0:
             return h
         if rows.numel() == h.shape[0] and self.shared is None and _all_rows(rows):

@@ -17,7 +17,8 @@ replaces h instead of being added to it; not at `ffn.ln`, whose pre-norm h the h
 `temperature` (T starts at 50 and falls by 0.05 per training forward to 1; else T = 1); dropout on the scores
 (`dropout`, default the model's attention_probs_dropout_prob, as AdapterHub); `regularization`: 0.01·‖I − W_v‖²
 per site, returned by regularization_loss() (AdapterHub's AdapterTrainer backpropagates the same term at each
-step end). Static AdapterFusion is `value: false`.
+step end whenever W_v trains, reading no flag). Static AdapterFusion is `value: false`. Parallel adapters (LoRA
+included) are not fused: AdapterFusion's query and residual are a sequential adapter's input.
 
 Activation. The fusion is an adapter of its own (`unipelt.attach(model, method, name="fusion")`), attached after
 its members (`adapters: [a, b, ...]`, each a sequential bottleneck adapter at exactly the fusion's sites) and active

@@ -58,6 +58,9 @@ class PromptSlot(Protocol):
     def inserted(self, like: torch.Tensor) -> torch.Tensor: ...
 
 
+LOGITS_TO_KEEP = "logits_to_keep"  # transformers' causal-LM keyword: logits of the last k positions only (generate: 1)
+
+
 # ---- hooks ---------------------------------------------------------------------------------------------------
 
 
@@ -265,11 +268,18 @@ def _top_pre_hook(slot: "PromptSlot", bind: Callable):
             return None
         layout = serve.plan(mask, batch, length, source.device)
         slot._layouts["top"] = layout
+        changed = False
+        keep = kw.get(LOGITS_TO_KEEP)
+        if layout.padded and isinstance(keep, int) and not isinstance(keep, bool) and keep > 0:
+            # the last k widened positions are not every row's last k (shorter prompts end in padding): compute
+            # every position's logits, aligned to the input, then keep the last k of those
+            kw[LOGITS_TO_KEEP], changed = 0, True
+            slot._layouts["top_keep"] = keep
         labels = kw.get("labels")
         if labels is not None and labels.dim() >= 2 and tuple(labels.shape[:2]) == (batch, length):
             kw["labels"] = widen(labels, layout, -100, -100)
-            return (), kw
-        return None
+            changed = True
+        return ((), kw) if changed else None
     return hook
 
 
@@ -292,10 +302,17 @@ def _output_hook(slot: "PromptSlot", name: str, keys: tuple[str, ...], use_after
     """use_after: True → `after` positions, False → `real`, "first" → widened, first real token at position 0."""
     def hook(module, args, kwargs, output):
         layout = slot._layouts.pop(name, None)
+        keep = slot._layouts.pop(f"{name}_keep", None)
         if layout is None or output is None or not slot.active:
             return None
         positions = first_real_order(layout) if use_after == "first" else layout.after if use_after else layout.real
-        return _aligned(output, layout, positions, keys)
+        output = _aligned(output, layout, positions, keys)
+        if keep is not None:  # the caller's logits_to_keep, applied after alignment (_top_pre_hook)
+            for key in keys:
+                value = output.get(key) if hasattr(output, "get") else None
+                if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                    output[key] = value[:, -keep:]
+        return output
     return hook
 
 

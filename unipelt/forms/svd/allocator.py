@@ -121,21 +121,21 @@ class RankAllocator:
         self.current_budget = budget
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
-        if self.watch is not None:
-            self.watch.stepped(step)
         tinit, tfinal = self.schedule_steps(total_steps)
         end = total_steps - tfinal
         if self.frozen:  # the final phase: the fixed pattern, applied again after every step
             for form in self.forms.values():
                 form.apply_mask(form.rank_mask.clone(), final=True)
-            return
-        if step < end:
-            self._update_scores(step)
-        if step >= end:  # the final fine-tuning phase: fix the pattern at the target budget
-            self.mask_to(self.target_budget, final=True)
-            self.frozen = True
-        elif step > tinit and step % self.spec.delta_t == 0:
-            self.mask_to(self.budget(step, total_steps))
+        else:
+            if step < end:
+                self._update_scores(step)
+            if step >= end:  # the final fine-tuning phase: fix the pattern at the target budget
+                self.mask_to(self.target_budget, final=True)
+                self.frozen = True
+            elif step > tinit and step % self.spec.delta_t == 0:
+                self.mask_to(self.budget(step, total_steps))
+        if self.watch is not None:  # driven (an error above says what went wrong instead)
+            self.watch.stepped(step)
 
     def training_metrics(self) -> dict[str, float]:
         return {"total_rank": float(self.total_rank), "budget": float(self.current_budget)}
