@@ -16,8 +16,9 @@ from unipelt import compat
 from unipelt.train import TrainConfig, set_seed
 from unipelt.train.seeding import epoch_order
 
-# AdaLoRA with a schedule that prunes within a tiny run: masking at steps 4 and 6, the pattern final from step 7 on
-# (T = 16: t_i = 2, T - t_f = 7) or from step 5 on (T = 8).
+# AdaLoRA with a schedule that prunes within a tiny run (t_i = 2, delta_t = 2): over T = 8 steps (t_f = 3) it masks at
+# step 4 and fixes the pattern from step 5 on; ADALORA_16, over T = 16 steps (t_f = 9), masks at steps 4 and 6 and
+# fixes the pattern from step 7 on.
 ADALORA = {"name": "adalora_tiny", "modules": [
     {"form": "svd", "at": ["attn.q", "attn.v", "ffn.up"], "insertion": "parallel", "compose": "scale", "alpha": 8,
      "init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "delta_t": 2, "orth_reg_weight": 0.1}]}

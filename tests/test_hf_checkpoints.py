@@ -84,7 +84,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_bit_identical(tiny,
 
 
 def _tensor_counts(folder: Path) -> dict[str, int]:
-    """Elements of every tensor file in a folder (the Trainer's RNG states and arguments are no tensors of the model)."""
+    """Elements of every tensor file in a folder (the Trainer's RNG states and arguments hold no model tensors)."""
     counts = {}
     for path in folder.rglob("*"):
         if path.suffix == ".safetensors":

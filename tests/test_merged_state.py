@@ -225,13 +225,6 @@ def test_a_deep_copy_is_a_model_of_its_own(family, method):
     assert torch.equal(outputs(model, family), before)
 
 
-def test_a_compiled_model_is_refused_in_one_line():
-    compiled = torch.compile(tiny_model("bert"))
-    with pytest.raises(unipelt.AttachError) as info:
-        unipelt.attach(compiled, "lora")
-    assert str(info.value) == "attach: got a torch.compile'd model; attach the model itself, then compile it"
-
-
 def test_adapter_files_that_would_load_wrong_are_refused(tmp_path):
     import json
 

@@ -6,7 +6,7 @@ identity), quantize → module_spec (the contract's data types: a module spec, a
 slot, forms (the composition axis, the slot and Δh bases, the form registry and every form) → spec (method specs,
 validated against what forms declare) → placement (a spec resolved on a model) → attach → merge / io / accounting /
 optim / peft (operations on an attached model, the contract with a training loop) → budget → api (attach and
-count with a budget solved) → tasks → train → app, cli → hydra_plugins (docs/forms.md).
+count with a budget solved) → tasks → train → integrations → app, cli → hydra_plugins (docs/forms.md).
 """
 
 from .adapter_combine import merge_adapters, to_lora

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compat
 from .attach import adapter_set, check_train_base, is_attached, prepare_counting, state_of, trained_parameters
 from .forms import Counts, form_of
 from .placement import resolve
@@ -44,6 +45,7 @@ def _summary(method: str, added: int, reparam: int, trainable: int, trained_base
     }
 
 
+@compat.accepts_compiled
 def attached_counts(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """Counts of an adapter attached to `model` (the only or the active one without a name), read from its slots.
     `trainable` is what that adapter trains (its modules, the base / head parameters it trains); on a model with
@@ -111,6 +113,7 @@ def build_meta_model(config: Any) -> nn.Module:
         return AutoModel.from_config(config)
 
 
+@compat.accepts_compiled
 def count_parameters(model_or_config: Any, method: Any = None, name: str | None = None) -> dict[str, Any]:
     """Counts for an attached model (one adapter: `name`, default the only or active one), or for a config
     (object, hub id or local dir) or a model plus a method whose sizes are given (unipelt.count_parameters solves

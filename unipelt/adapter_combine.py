@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import compat
 from .adapter_merging import COMBINATIONS, LoraFactors, merge_module, merge_plan, to_lora_factors
 from .adapter_set import check_name
 from .adapters import delete_adapter, rename_adapter, set_active
@@ -112,6 +113,7 @@ def _new_config(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.T
     return config, tensors
 
 
+@compat.accepts_compiled
 def merge_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], combination: str = "linear",
                    density: float | None = None, new_name: str = "merged", *, svd_rank: int | None = None,
                    majority_sign_method: str = "total", svd_clamp: float | None = None,
@@ -162,6 +164,7 @@ def merge_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[flo
     return new_name
 
 
+@compat.accepts_compiled
 def to_lora(model: nn.Module, name: str | None = None, rank: int = 8, new_name: str | None = None
             ) -> dict[str, float]:
     """Turn a mergeable adapter into a LoRA of rank `rank` (its ΔW per projection by truncated SVD: exact when

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .adapter_set import apply, check_name
 from .attach import adapter_set, detach, is_attached, refuse_wrapped
 from .composition import block_from_config, block_to_config
@@ -31,6 +32,7 @@ MANIFEST = "adapters.json"
 FOLDERS_VERSION = 1
 
 
+@compat.accepts_compiled
 def save_adapters(model: nn.Module, directory: str | os.PathLike, format: str = "unipelt") -> Path:
     """Save every adapter of the model under <directory>/<name>/ (format "unipelt", with adapters.json; or
     "peft", PEFT's multi-adapter layout: "default" at the top). Returns the folder."""
@@ -117,6 +119,7 @@ def _entries(src: Path) -> tuple[str, list[tuple[str, Path]], Any]:
     return layout, entries, None
 
 
+@compat.accepts_compiled
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Attach every adapter of a save_adapters (or PEFT multi-adapter) folder under its name and restore the saved
     composition; every file is read and checked before anything changes. Returns the names loaded."""

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import compat
 from .adapter_set import (DEFAULT, apply, check_enabled, check_merged, check_name, check_not_fused, commit,
                           owners_in_force, plan_routes)
 from .attach import adapter_set, detach, refuse_wrapped
@@ -20,18 +21,21 @@ from .composition import Stack, block_from_config, simplest
 from .errors import AttachError
 
 
+@compat.accepts_compiled
 def list_adapters(model: nn.Module) -> list[str]:
     """The names of the model's adapters, in the order they were attached."""
     refuse_wrapped(model, "list_adapters")
     return list(adapter_set(model).adapters)
 
 
+@compat.accepts_compiled
 def active_adapters(model: nn.Module) -> Any:
     """The active composition: a name, a list of names, or a block (None while none is active)."""
     aset = adapter_set(model)
     return None if aset.active is None else simplest(aset.active)
 
 
+@compat.accepts_compiled
 def set_active(model: nn.Module, spec: Any, trainable: Any = None) -> None:
     """Activate a name, a list of names (all applied, in order), or a composition block (Stack, Parallel, Average,
     BatchSplit; or their YAML form, e.g. {"stack": ["a", {"parallel": ["b", "c"]}]}). The active adapters train
@@ -40,6 +44,7 @@ def set_active(model: nn.Module, spec: Any, trainable: Any = None) -> None:
     apply(model, adapter_set(model), block_from_config(spec, "set_active"), trainable, caller="set_active")
 
 
+@compat.accepts_compiled
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove one adapter (its modules, hooks, copies of shared head / base values). The last one's deletion
     detaches unipelt altogether (unipelt.detach)."""
@@ -50,6 +55,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     detach(model, name)
 
 
+@compat.accepts_compiled
 def rename_adapter(model: nn.Module, old: str, new: str) -> None:
     """Give an adapter another name (its child modules are renamed with it; saved files do not change)."""
     aset = adapter_set(model)
@@ -91,6 +97,7 @@ def _renamed(block: Any, old: str, new: str) -> Any:
 
 
 @contextlib.contextmanager
+@compat.accepts_compiled
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Within the block, row i of every batch runs with adapter adapter_names[i] alone (None: the base model),
     in forward and in generate (rows repeated for beams follow their row). The composition active before comes

@@ -10,12 +10,14 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .accounting import count_parameters as count_sized
 from .attach import attach_method, check_model
 from .budget import solve_budget
 from .spec import load_method
 
 
+@compat.accepts_compiled
 def attach(model: nn.Module, method: Any, name: str | None = None) -> nn.Module:
     """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) to `model` in place, as the adapter
     `name` (default "default"; several may coexist) made active; a budget is solved on the model's config first."""
@@ -26,6 +28,7 @@ def attach(model: nn.Module, method: Any, name: str | None = None) -> nn.Module:
     return attach_method(model, spec, name)
 
 
+@compat.accepts_compiled
 def count_parameters(model_or_config: Any, method: Any = None, name: str | None = None) -> dict[str, Any]:
     """Counts for an attached model (its adapter `name`, default the only or active one), or for a config (object,
     hub id or local dir) or a model plus a method (its budget solved first); see unipelt.accounting."""

@@ -62,6 +62,7 @@ class AttachedState:
         return child_name(self.name, canonical)
 
 
+@compat.accepts_compiled
 def adapter_set(model: nn.Module) -> AdapterSet:
     aset = model.__dict__.get(STATE_ATTR)
     if aset is None:
@@ -69,6 +70,7 @@ def adapter_set(model: nn.Module) -> AdapterSet:
     return aset
 
 
+@compat.accepts_compiled
 def state_of(model: nn.Module, name: str | None = None, caller: str = "unipelt") -> AttachedState:
     """The named adapter's state; without a name, the only adapter, else the only active one (else one line)."""
     aset = adapter_set(model)
@@ -85,6 +87,7 @@ def state_of(model: nn.Module, name: str | None = None, caller: str = "unipelt")
                       f"{len(active)} of them active; pass name=")
 
 
+@compat.accepts_compiled
 def is_attached(model: nn.Module) -> bool:
     return STATE_ATTR in model.__dict__
 
@@ -95,10 +98,9 @@ def refuse_wrapped(model: Any, caller: str) -> None:
     if any(cls.__name__ == "PeftModel" for cls in type(model).__mro__):
         raise AttachError(f"{caller}: got a PEFT {type(model).__name__}; unipelt works on the transformers model "
                           "itself: pass model.get_base_model() (or model.merge_and_unload() to keep PEFT's LoRA)")
-    if type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper: its names start with _orig_mod.
-        raise AttachError(f"{caller}: got a torch.compile'd model; {caller} the model itself, then compile it")
 
 
+@compat.accepts_compiled
 def check_model(model: Any, caller: str, name: str | None = None) -> str:
     """One line for what cannot take a method: not a transformers model, or a name already taken; returns the
     adapter's name."""
@@ -147,6 +149,7 @@ def prepare_counting(model: nn.Module, spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+@compat.accepts_compiled
 def attach_method(model: nn.Module, method: Any, name: str | None = None) -> nn.Module:
     """Attach `method` (preset name, YAML path, dict, DictConfig or MethodSpec) with its sizes as given, as the
     adapter `name` (default: "default"), and make it the active adapter."""
@@ -274,6 +277,7 @@ def _install(model: nn.Module, state: AttachedState, slots: list[Slot], reparams
         module.train(model.training)
 
 
+@compat.accepts_compiled
 def detach(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove the named adapter (unipelt.delete_adapter), or without a name every adapter with every module, hook
     and routing; the last one gone restores the original parameters' trainability and the unquantized base."""
@@ -307,6 +311,7 @@ def _remove_modules(model: nn.Module, state: AttachedState) -> None:
         delattr(model, state.child(reparam))
 
 
+@compat.accepts_compiled
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete one adapter of several: its modules, hooks and copies of shared parameters go; what it held in the
     model goes back to the original values; the remaining active adapters stay active (else the first one)."""
@@ -335,6 +340,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     apply(model, aset, remaining_active or next(iter(aset.adapters)), caller="delete_adapter")
 
 
+@compat.accepts_compiled
 def unmerge_slots(model: nn.Module, name: str | None = None) -> list[str]:
     """Undo every merge of an adapter (last merged first): each slot applies its own inverse to its host's
     weights."""
@@ -348,6 +354,7 @@ def unmerge_slots(model: nn.Module, name: str | None = None) -> list[str]:
     return undone
 
 
+@compat.accepts_compiled
 def fold_prefixes(model: nn.Module, name: str | None = None) -> None:
     """Fold every training aid (a prefix reparameterisation MLP, a P-tuning prompt encoder) into the plain vectors
     it produces and drop it (outputs unchanged)."""
@@ -362,6 +369,7 @@ def fold_prefixes(model: nn.Module, name: str | None = None) -> None:
 
 
 @contextlib.contextmanager
+@compat.accepts_compiled
 def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
     """Within the block the model behaves exactly as the base model (merged weights excepted: unmerge first):
     every adapter is switched off; with a name, that adapter only (the others act as they did)."""
@@ -384,6 +392,7 @@ def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
             slot.active = flag
 
 
+@compat.accepts_compiled
 def adapter_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
 

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import compat
 from .adapter_set import apply, check_name
 from .attach import adapter_set, attach_method, detach, fold_prefixes, is_attached, refuse_wrapped, state_of
 from .errors import AdapterFileError
@@ -26,6 +27,7 @@ from .spec import MethodSpec, load_method
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "unipelt_adapter.json"
+@compat.accepts_compiled
 def adapter_state(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Everything an adapter trained, by its saved name (the `default` adapter's parameter names, whatever the
     adapter is called), with reparameterised prefixes folded."""
@@ -100,6 +102,7 @@ def make_directory(directory: str | os.PathLike, caller: str) -> Path:
     return out
 
 
+@compat.accepts_compiled
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
     """Save one adapter (`name`; default the only or the active one): its tensors and a JSON with the method and
     the base's identity. The file is the same whatever the adapter is called."""
@@ -209,6 +212,7 @@ def _check_listed_fields(saved: dict[str, Any], current: dict[str, Any]) -> None
             _refuse(key, listed[key], here.get(key))
 
 
+@compat.accepts_compiled
 def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Load a saved adapter into the adapter `name`: attached first (and made active) when the model has no
     adapter of that name, else its tensors replace that adapter's (the methods must be equal). Without a name: into

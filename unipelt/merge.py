@@ -12,11 +12,13 @@ import warnings
 
 from torch import nn
 
+from . import compat
 from .attach import adapter_set, is_attached, state_of, unmerge_slots
 from .errors import AttachError
 from .slot import Slot
 
 
+@compat.accepts_compiled
 def merge(model: nn.Module, name: str | None = None) -> dict[str, list[str]]:
     """Fold every mergeable slot of an adapter (`name`; default: the only or the active one) into its weight.
     Returns {'merged': [...], 'unmerged': [...]} (slot names)."""
@@ -71,6 +73,7 @@ def merge(model: nn.Module, name: str | None = None) -> dict[str, list[str]]:
     return {"merged": merged, "unmerged": skipped}
 
 
+@compat.accepts_compiled
 def unmerge(model: nn.Module, name: str | None = None) -> list[str]:
     """Undo merge(): the original weights bit for bit (each merged slot puts back what it changed, last first).
     Without a name, every merged adapter is unmerged."""

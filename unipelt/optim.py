@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import compat
 from .attach import adapter_set, state_of
 from .errors import AttachError
 from .spec import MethodSpec
@@ -42,11 +43,13 @@ def _no_decay(param: torch.Tensor) -> bool:
     return param.dim() < 2
 
 
+@compat.accepts_compiled
 def method_of(model: nn.Module, name: str | None = None) -> MethodSpec:
     """The attached method's spec (what a trainer reads method-level choices from, e.g. `optimizer`)."""
     return state_of(model, name, "method_of").method
 
 
+@compat.accepts_compiled
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                  name: str | None = None) -> list[dict[str, Any]]:
     """AdamW parameter groups of an adapter (the only or the active one without a name): each module spec's own
@@ -95,6 +98,7 @@ def _own_parameter_ids(model: nn.Module, state: Any) -> set[int]:
     return mine | loose
 
 
+@compat.accepts_compiled
 def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tensor | None:
     """The sum of every module's extra loss term, or None when the method has none."""
     total = None
@@ -108,6 +112,7 @@ def regularization_loss(model: nn.Module, name: str | None = None) -> torch.Tens
     return total
 
 
+@compat.accepts_compiled
 def on_optimizer_step(model: nn.Module, step: int, total_steps: int, name: str | None = None) -> None:
     """Tell every module that optimizer step `step` (1-based) of `total_steps` has been taken."""
     for _, module in _participants(model, name):
@@ -116,6 +121,7 @@ def on_optimizer_step(model: nn.Module, step: int, total_steps: int, name: str |
             fn(step, total_steps)
 
 
+@compat.accepts_compiled
 def training_metrics(model: nn.Module, name: str | None = None) -> dict[str, float]:
     """Values worth logging during training, keyed by the slot that reports them, plus `mean/<module>/<key>`: the
     mean over a module spec's slots (e.g. `mean/prefix/gate`, the average UniPELT prefix gate)."""
@@ -137,6 +143,7 @@ def training_metrics(model: nn.Module, name: str | None = None) -> dict[str, flo
 __all__ = ["method_of", "param_groups", "regularization_loss", "on_optimizer_step", "training_metrics"]
 
 
+@compat.accepts_compiled
 def training_state(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     """Every participant's non-parameter training state, keyed by its name; {} when the method has none."""
     out: dict[str, Any] = {}
@@ -147,6 +154,7 @@ def training_state(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     return out
 
 
+@compat.accepts_compiled
 def load_training_state(model: nn.Module, state: dict[str, Any], source: str, name: str | None = None) -> None:
     """Restore what training_state returned; `source` (a checkpoint path) names the culprit of a mismatch."""
     owners = {key: module for key, module in _participants(model, name) if hasattr(module, "load_training_state")}

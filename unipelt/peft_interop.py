@@ -75,6 +75,7 @@ def _as_lora(slot: Slot) -> PeftLora | str:
     return form_of(slot.spec.form).peft_lora_export(slot)
 
 
+@compat.accepts_compiled
 def export_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
     """Write an attached LoRA-type adapter (`name`; default the only or the active one) as a PEFT LoRA adapter;
     refuses (one line) what PEFT LoRA cannot say."""
@@ -369,6 +370,7 @@ def _method(model: nn.Module, layout: dict, ranks: dict, index: dict, dropout: f
     return {"name": "peft_lora", "modules": entries}
 
 
+@compat.accepts_compiled
 def import_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Attach a PEFT LoRA adapter as unipelt modules with identical outputs, as the adapter `name` (default
     "default"), made active; on any error the model is unchanged."""

@@ -24,6 +24,7 @@ from . import compat
 from .compose import Composer
 from .errors import AttachError
 from .quantize import dense_weight, is_4bit
+from .row_extent import close_extent, narrow
 from .sites.names import ACTIVATION_SITES, PROJECTION_SITES
 from .weight_fold import LinearMap, MergeRecord, chunk_rows, fold, unfold
 
@@ -238,7 +239,12 @@ class Route:
             return compose(h, x)
         rows = rows.to(h.device)
         sub_base = base.index_select(0, rows)
-        out = compose(sub_base, None if x is None else x.index_select(0, rows))
+        narrowed = narrow(rows, h.shape[0])  # a gate's mean over these rows' own positions (row_extent)
+        try:
+            out = compose(sub_base, None if x is None else x.index_select(0, rows))
+        finally:
+            if narrowed:
+                close_extent()
         if self.shared is not None:
             out = h.index_select(0, rows) + self.weight * (out - sub_base)
         return h.index_copy(0, rows, out.to(h.dtype))

@@ -17,6 +17,7 @@ What the mixin changes, over what UnipeltCallback (added by it) drives:
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import compat, optim
 from ..errors import UnipeltError
@@ -36,7 +38,8 @@ from .resume_files import _named, read_resume, restore, write_resume
 
 PEFT_DIR = "peft"
 # Trainer.get_optimizer_cls_and_kwargs keys that build an optimizer from the model itself (GaLore, LOMO, layer-wise):
-# those keep the Trainer's own parameter grouping
+# those, and optimizer factories, keep the Trainer's own parameter grouping (UnipeltCallback warns if a module's own
+# lr is then lost)
 _OWN_GROUPING = ("params", "model", "optimizer_dict")
 
 
@@ -80,8 +83,9 @@ class UnipeltTrainerMixin:
         inner = compat.unwrap_compiled(self.model if model is None else model)
         given = getattr(self, "optimizer_cls_and_kwargs", None)
         cls, kwargs = given if given is not None else self.get_optimizer_cls_and_kwargs(self.args, inner)
-        if any(key in kwargs for key in _OWN_GROUPING) or not isinstance(cls, type):
-            return super().create_optimizer(model)
+        plain = isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)  # not a factory (Muon, Dion, ...)
+        if not plain or any(key in kwargs for key in _OWN_GROUPING):
+            return super().create_optimizer() if model is None else super().create_optimizer(model)
         adapter = self.unipelt_callback.adapter
         groups = optim.param_groups(inner, self.args.learning_rate, self.args.weight_decay, **_named(adapter))
         for group in groups:
@@ -111,7 +115,8 @@ class UnipeltTrainerMixin:
         model, adapter = self.unipelt_model, self.unipelt_callback.adapter
         save_adapter(model, out, **_named(adapter))
         _export_peft_copy(model, out / PEFT_DIR, adapter)
-        if self._unipelt_checkpointing:
+        # a checkpoint: save_model(..., _internal_call=True) from _save_checkpoint, or a folder named as one
+        if self._unipelt_checkpointing or re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", out.name):
             write_resume(model, out, with_weights=True, name=adapter)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(out)
@@ -151,7 +156,7 @@ def unipelt_trainer(trainer_class: type) -> type:
     if issubclass(trainer_class, UnipeltTrainerMixin):
         return trainer_class
     return type(f"Unipelt{trainer_class.__name__}", (UnipeltTrainerMixin, trainer_class),
-                {"__module__": trainer_class.__module__, "__doc__": f"{trainer_class.__name__} with unipelt's "
+                {"__module__": __name__, "__doc__": f"{trainer_class.__name__} with unipelt's "
                  "integration (unipelt.integrations.UnipeltTrainerMixin)."})
 
 

@@ -103,10 +103,8 @@ class RankAllocator:
     def mask_to(self, budget: int, final: bool = False) -> None:
         """Zero λ of every triplet scoring at or below the (b0 − budget)-th smallest score over all forms (the
         reference's kthvalue threshold, ties included)."""
-        if not self._ema:  # nothing scored yet: every score is zero and the threshold would prune every triplet
-            raise UnipeltError(f"AdaLoRA module '{self.spec.name}': masking to a budget of {budget} before any "
-                               "importance score was computed (a schedule that leaves no step to score before it, "
-                               "or a resume without the checkpoint's training state)")
+        if not self._ema and self.watch is not None:  # nothing scored: every score is zero, every triplet pruned
+            self.watch.unscored(budget)
         scores = [self.triplet_scores(form) for form in self.forms.values()]
         flat = torch.cat([s.to("cpu") for s in scores])
         pruned_count = flat.shape[0] - min(budget, flat.shape[0])

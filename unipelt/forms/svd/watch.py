@@ -11,6 +11,9 @@ Two signs, each warned once per svd module:
   (zero_grad(set_to_none=False)) or shards λ (FSDP replaces the parameter) is not seen.
 - the regulariser is not driven: `on_optimizer_step` comes with no `unipelt.optim.regularization_loss` call since
   the step before (its weight γ > 0).
+
+It also says so when the allocator masks before it has scored anything (a schedule too short for its run, or a
+resume that dropped the training state): every triplet is then pruned.
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ class DriveWatch:
                                       "unipelt.optim.regularization_loss(model) in the loss: this trains without "
                                       "AdaLoRA's orthogonal regulariser")
         self.regulariser_calls = reg.calls
+
+    def unscored(self, budget: int) -> None:
+        """A masking step before any importance score exists: all scores are zero and the threshold prunes every
+        triplet (what PEFT's allocator would crash on)."""
+        self._warn("unscored", f"masking to a budget of {budget} before any importance score was computed, so every "
+                               "triplet is pruned (rank 0): the schedule leaves no step to score before it (tinit / "
+                               "tfinal against the run's total steps), or a resume lost the checkpoint's training "
+                               "state")
 
     def restored(self) -> None:
         """Training state was loaded (a resume): count afresh."""
