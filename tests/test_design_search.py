@@ -32,6 +32,7 @@ def test_design_search_composes_as_an_optuna_search_at_a_fixed_budget():
     assert cfg.hydra.callbacks.best_method._target_ == "unipelt.app.design_search.BestMethodWriter"
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_search_writes_a_method_file_that_unipelt_train_runs_unchanged(tmp_path):
     model = make_tiny_model(tmp_path / "model")
     data = make_small_sst2(tmp_path / "data", n_train=32, n_eval=32)
@@ -55,6 +56,7 @@ def test_search_writes_a_method_file_that_unipelt_train_runs_unchanged(tmp_path)
     assert rerun["score"] == pytest.approx(best["score"])  # same method, data, seed and rate: the same run
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_a_bad_method_file_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodules: [{form: prefix, at: ffn, insertion: parallel, compose: gate}]\n")

@@ -145,6 +145,7 @@ def test_a_non_finite_lr_by_method_is_named():
         validate(cfg)
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_a_refused_sweep_resume_keeps_each_jobs_record(tiny, tmp_path):
     """Hydra writes a sweep job's .hydra/config.yaml before any callback sees the job: a resume with a changed
     setting is refused by the trainer, and the job's record still describes the run its checkpoint holds."""

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,6 +18,7 @@ from numerics import assert_close_scaled, assert_close_trained
 SPLIT_SUMS = "each step's gradient and loss mean as two halves averaged across the processes, carried on by AdamW"
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_two_cpu_processes_match_one_process_with_the_doubled_batch(tmp_path):
     model = make_tiny_model(tmp_path / "model", dropout=0.0)  # dropout off: the two runs draw masks differently
     data = make_small_sst2(tmp_path / "sst2")

@@ -76,6 +76,7 @@ def more_report(tmp_path_factory) -> dict:
     return _launch(tmp_path_factory.mktemp("fsdp_more"), MORE_JOBS)
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 @pytest.mark.parametrize("job", [f"{f}:{p}" for f, presets in JOBS.items() for p in presets])
 def test_fsdp_equals_one_process_with_the_doubled_batch(report, job):
     _check_equal(report[job])

@@ -23,6 +23,7 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
                                 env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow  # an end-to-end run of processes (tens of seconds): CI's slow stage
 def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path):
     model = make_tiny_model(tmp_path / "model", dropout=0.1)  # dropout: the RNG state must be restored too
     data = make_small_sst2(tmp_path / "sst2")
