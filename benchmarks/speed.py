@@ -3,8 +3,9 @@ to the equivalent Hugging Face PEFT configuration, measured in one process on th
 
     python benchmarks/speed.py                       # gpu1b on a CUDA machine, else the small CPU shape
     python benchmarks/speed.py --shape cpu --steps 8 --warmup 2 --methods full,lora,lora_all,peft_lora_qv
+    python benchmarks/speed.py --methods mixed_lora4,peft_mixed_lora4   # 4 LoRAs x 8 rows: mixed_batch vs PEFT
 
-See benchmarks/README.md for what each column means.
+See benchmarks/README.md for what each column means; the mixed-adapter batch case is benchmarks/speed_mixed.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import unipelt
+from speed_mixed import MIXED, measure_mixed
 from unipelt.attach import state_of
 
 SHAPES = {
@@ -45,7 +47,7 @@ EXTRA_METHODS: dict[str, dict[str, Any]] = {
 
 # unipelt method -> the PEFT configuration that computes the same thing (PEFT 0.21 defaults otherwise).
 PEFT_EQUIVALENT = {"lora": "peft_lora_qv", "lora_all": "peft_lora_all", "prefix": "peft_prefix",
-                   "prompt_tuning": "peft_prompt", "adalora": "peft_adalora"}
+                   "prompt_tuning": "peft_prompt", "adalora": "peft_adalora", "mixed_lora4": "peft_mixed_lora4"}
 CUDA_ONLY = {"qlora"}
 
 
@@ -152,6 +154,8 @@ class Row:
     infer_ms: float | None = None
     merged_ms: float | None = None
     note: str = ""
+    rows: int | None = None  # another batch than the shape's (the mixed case): no ratios to full fine-tuning
+    base_infer_ms: float | None = None  # the bare model's latency on that batch
 
 
 def build_base(shape: dict, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
@@ -256,8 +260,12 @@ def measure(name: str, args: argparse.Namespace, shape: dict, dtype: torch.dtype
 def default_methods(peft_available: bool) -> list[str]:
     names = ["full"] + [p for p in unipelt.list_presets() if p != "full"] + list(EXTRA_METHODS)
     if peft_available:
-        names += list(PEFT_METHODS)
+        names += list(PEFT_METHODS) + list(MIXED)
     return names
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def ratio(value: float | None, reference: float | None) -> str:
@@ -269,20 +277,22 @@ def ratio(value: float | None, reference: float | None) -> str:
 def render(rows: list[Row]) -> str:
     by_name = {r.method: r for r in rows}
     full = by_name.get("full")
-    base_infer = full.infer_ms if full else None
     header = ["method", "step ms", "vs full", "vs peft", "peak MiB", "mem vs full", "mem vs peft",
-              "trainable", "infer ms", "vs base", "merged ms", "note"]
+              "trainable", "infer ms", "vs base", "infer vs peft", "merged ms", "note"]
     lines = []
     for r in rows:
         peer = by_name.get(PEFT_EQUIVALENT.get(r.method, ""))
-        if r.step_ms is None:
-            lines.append([r.method] + ["-"] * 10 + [r.note])
+        if r.step_ms is None and r.infer_ms is None:
+            lines.append([r.method] + ["-"] * (len(header) - 2) + [r.note])
             continue
+        ref = full if r.rows is None else None  # full fine-tuning ran another batch than a mixed case's
+        base_infer = r.base_infer_ms if r.base_infer_ms is not None else (full.infer_ms if full else None)
         lines.append([
-            r.method, f"{r.step_ms:.1f}", ratio(r.step_ms, full and full.step_ms),
-            ratio(r.step_ms, peer and peer.step_ms), f"{r.peak_bytes / 2**20:.0f}",
-            ratio(r.peak_bytes, full and full.peak_bytes), ratio(r.peak_bytes, peer and peer.peak_bytes),
-            f"{r.trainable:,}", f"{r.infer_ms:.1f}", ratio(r.infer_ms, base_infer),
+            r.method, _ms(r.step_ms), ratio(r.step_ms, ref and ref.step_ms), ratio(r.step_ms, peer and peer.step_ms),
+            "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f}",
+            ratio(r.peak_bytes, ref and ref.peak_bytes), ratio(r.peak_bytes, peer and peer.peak_bytes),
+            "-" if r.trainable is None else f"{r.trainable:,}", _ms(r.infer_ms), ratio(r.infer_ms, base_infer),
+            ratio(r.infer_ms, peer and peer.infer_ms),
             "-" if r.merged_ms is None else f"{r.merged_ms:.1f} ({ratio(r.merged_ms, base_infer)})", r.note,
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
@@ -330,6 +340,14 @@ def main(argv: list[str] | None = None) -> None:
     for method in methods:
         if method in CUDA_ONLY and not cuda:
             rows.append(Row(method, note="skipped: needs CUDA"))
+            continue
+        if method in MIXED:  # both sides measured together, interleaved (speed_mixed.py)
+            if not any(row.method in MIXED for row in rows):
+                try:
+                    rows.extend(measure_mixed(args, shape, dtype, device, Row, build_base, peft_config, sync))
+                except Exception as error:  # noqa: BLE001 - one case failing should not lose the table
+                    rows.append(Row(method, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"))
+                print(f"  measured {', '.join(MIXED)}", flush=True)
             continue
         try:
             rows.append(measure(method, args, shape, dtype, device, memory))

@@ -21,7 +21,7 @@ MAX_LINES = 420
 # Low to high, by top-level module of unipelt (or "hydra_plugins"). A module may import only from its own layer or
 # below.
 LAYERS = [
-    {"errors", "compat", "full_tensor", "package_files", "model_snapshot"},
+    {"errors", "compat", "full_tensor", "package_files", "model_snapshot", "row_extent"},
     {"spec_values", "sites", "quantize", "composition", "row_values"},
     {"module_spec"},
     {"compose", "weight_fold", "adapter_merging", "slot", "forms"},

@@ -225,3 +225,102 @@ def test_generate_rows_equal_each_adapter_alone(family, beams):
         else:
             assert_close_scaled(mixed.sequences_scores[index], expected.sequences_scores[0],
                                 ops=STEPS * ops_of(family), reason=CACHED, msg=f"row {index} ({name})")
+
+
+# ---- prompts beside gates, BatchSplit, Parallel / Average of prefixes, refusals ---------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_of_two_lengths_beside_gated_adapters(family):
+    """Rows of two prompt lengths beside UniPELT's gates (a mean over the row's own tokens: the padding the
+    longer prompt adds to the other rows is not counted), a prefix, a LoRA and the base."""
+    model, alone = generating(family)
+    batch = padded_batch(family)
+    batch = {key: torch.cat([value, value[:1]]) for key, value in batch.items()}  # 6 rows
+    with unipelt.mixed_batch(model, GENERATE_ROWS):
+        mixed = logits(model, batch)
+    for index, name in enumerate(GENERATE_ROWS):
+        expected = logits(alone[name], row(batch, index))
+        assert_close_scaled(mixed[index:index + 1], expected, ops=ops_of(family), reason=BATCH_SHAPE,
+                            msg=f"row {index} ({name})")
+
+
+def test_batch_split_of_two_prompts_and_a_prefix():
+    """Two prompt adapters may share a batch when a BatchSplit keeps their rows apart (refused on the same rows)."""
+    model, alone = generating("gpt2")
+    batch = padded_batch("gpt2")
+    names = ["p", "p", "q", "x", "x"]
+    unipelt.set_active(model, unipelt.BatchSplit("p", "q", "x", sizes=[2, 1, 2]))
+    try:
+        split = logits(model, batch)
+    finally:
+        unipelt.set_active(model, "l")
+    for index, name in enumerate(names):
+        assert_close_scaled(split[index:index + 1], logits(alone[name], row(batch, index)), ops=ops_of("gpt2"),
+                            reason=BATCH_SHAPE, msg=f"row {index} ({name})")
+    with pytest.raises(unipelt.AttachError, match="'p' and 'q' both insert virtual tokens"):
+        unipelt.set_active(model, unipelt.BatchSplit(unipelt.Stack("p", "q"), "x", sizes=[3, 2]))
+    assert unipelt.active_adapters(model) == "l"
+
+
+def attention_output(model, batch) -> torch.Tensor:
+    """The first layer's attention output (its input, the embeddings, is the same whatever the adapters do)."""
+    seen = []
+    handle = model.transformer.h[0].attn.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    try:
+        logits(model, batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_parallel_and_average_of_prefixes():
+    """A prefix in a Parallel / Average block adds weight·(Attn with it − Attn without it): at the first layer (same
+    input for every composition) the output is that linear combination of each prefix alone's, c_proj included."""
+    model, _ = generating("gpt2")
+    torch.manual_seed(4)
+    unipelt.attach(model, {"name": "y", "modules": [{"form": "prefix", "at": "attn.heads", "insertion": "parallel",
+                                                     "compose": "add", "length": 2}]}, name="y")
+    perturb(model, "y", 20)
+    batch = padded_batch("gpt2")
+    try:
+        with unipelt.disabled(model):
+            plain = attention_output(model, batch)
+        single = {}
+        for name in ("x", "y"):
+            unipelt.set_active(model, name)
+            single[name] = attention_output(model, batch)
+        for block, w in ((unipelt.Parallel("x", "y"), (1.0, 1.0)),
+                         (unipelt.Average("x", "y", weights=[0.7, 0.3]), (0.7, 0.3)),
+                         (unipelt.Average("x", "y", weights=[1.0, 0.0]), (1.0, 0.0))):
+            unipelt.set_active(model, block)
+            expected = plain + w[0] * (single["x"] - plain) + w[1] * (single["y"] - plain)
+            assert_close_scaled(attention_output(model, batch), expected, ops=4, scale=float(plain.abs().max()),
+                                reason="the weighted differences summed before c_proj here, after it by hand, over "
+                                       "terms of the plain output's size", msg=str(block))
+        assert_differs(single["x"], plain, ops=4, reason="the prefix's own change")
+    finally:
+        unipelt.delete_adapter(model, "y")
+        unipelt.set_active(model, "l")
+
+
+def test_refused_compositions_are_one_line_and_change_nothing():
+    model, _ = generating("gpt2")
+    unipelt.set_active(model, "l")
+    with pytest.raises(unipelt.AttachError, match=r"^set_active: adapter 'p' cannot take part in this composition: "
+                                                  r"virtual tokens join the input sequence; they have no Δh that an "
+                                                  r"Average weight \(0.5\) could scale$"):
+        unipelt.set_active(model, unipelt.Average("p", "l"))
+    torch.manual_seed(5)
+    unipelt.attach(model, {"name": "h", "modules": [{"form": "bottleneck", "at": "attn.heads", "dim": 4,
+                                                     "insertion": "sequential", "compose": "add",
+                                                     "activation": "relu"}]}, name="h")
+    try:
+        with pytest.raises(unipelt.AttachError, match=r"^set_active: adapter 'x' cannot take part in this "
+                                                      r"composition: a prefix acts inside the attention, before the "
+                                                      r"bottleneck module at the same site \('attn.heads'\) reads h"):
+            unipelt.set_active(model, unipelt.Parallel("x", "h"))
+        assert unipelt.active_adapters(model) == "h"
+    finally:
+        unipelt.delete_adapter(model, "h")
+        unipelt.set_active(model, "l")

@@ -249,6 +249,8 @@ def row_groups(block: Stack) -> list[tuple[torch.Tensor, list[str]]] | None:
 
 def swap_values(model: nn.Module, aset: AdapterSet, owner: dict[str, str]) -> None:
     """Put each shared trained parameter's values for `owner` (or the original, for no owner) into the model."""
+    if all(owner.get(pname) == current for pname, current in aset.in_force.items()):
+        return  # nothing to swap (the common case of every batch of a mixed-batch loop): no walk of the model
     params = dict(model.named_parameters())
     with torch.no_grad():
         for pname, current in list(aset.in_force.items()):
@@ -305,13 +307,16 @@ def apply(model: nn.Module, aset: AdapterSet, spec: Any, trainable: Any = None, 
 
 def commit(model: nn.Module, aset: AdapterSet, block: Stack | None, names: list[str], routes: dict[int, Route | None],
            owner: dict[str, str], train: set[str], groups: list | None = None, batch: int = 0,
-           caller: str = "set_active") -> None:
+           caller: str = "set_active", reorder: bool = True) -> None:
     """Make a checked plan the model's state: hook order, slot flags and routes, values in force, trainability,
-    and the hooks that give rows of other adapters their own values of shared trained parameters."""
+    and the hooks that give rows of other adapters their own values of shared trained parameters. reorder=False
+    keeps the hooks as installed (a mixed batch: each row has one adapter, so the order of different adapters'
+    hooks at a site changes nothing, and re-installing them at every batch would cost more than the batch)."""
     for handle in aset.row_hooks:
         handle.remove()
     aset.row_hooks.clear()
-    order_hooks(model, aset, names)
+    if reorder:
+        order_hooks(model, aset, names)
     for name, state in aset.adapters.items():
         for slot in state.slots.values():
             slot.active = name in names

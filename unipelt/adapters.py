@@ -123,7 +123,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     owner = owners_in_force(aset, names, "mixed_batch", routed=len(keys) > 1)
     previous, trainable = aset.active, set(aset.trainable)
     commit(model, aset, block, names, routes, owner, trainable & set(names), groups if len(keys) > 1 else None,
-           len(adapter_names), "mixed_batch")
+           len(adapter_names), "mixed_batch", reorder=False)
     try:
         yield model
     finally:

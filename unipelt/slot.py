@@ -247,6 +247,8 @@ class Route:
                 close_extent()
         if self.shared is not None:
             out = h.index_select(0, rows) + self.weight * (out - sub_base)
+        elif slot._owns_output:  # a projection's fresh output, held by nobody else: its rows are written in place
+            return h.index_copy_(0, rows, out.to(h.dtype))
         return h.index_copy(0, rows, out.to(h.dtype))
 
 
@@ -274,6 +276,9 @@ class Slot(nn.Module):
         self._merge_record: MergeRecord | None = None  # what merge() changed, to undo it exactly
         self.host_ref: HostRef | None = None  # set by bind_host at install
         self.route: Route | None = None  # set by unipelt.adapter_set while a composition block needs it
+        # True when the h this slot's hook receives is a projection's output (a fresh tensor nobody else holds):
+        # a Route writes its rows into it in place instead of copying it whole (set at install)
+        self._owns_output = False
         self._norm_site = False
 
     def bind_host(self, host: HostRef) -> None:
@@ -332,6 +337,7 @@ class Slot(nn.Module):
             self._norm_site = True
             handles.append(h_module.register_forward_hook(_norm_hook(self)))
         else:
+            self._owns_output = placement.kind == "projection"
             handles.append(h_module.register_forward_hook(_output_hook(self, same), with_kwargs=True))
         return handles
 

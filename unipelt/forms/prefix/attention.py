@@ -28,6 +28,7 @@ from torch import nn
 from ... import compat
 from ...compose import Composer
 from ...errors import AttachError
+from ...row_extent import close_extent, narrow
 from ...slot import Route, Slot, capture_hook
 from .rows import row_groups, take_rows
 from .vectors import Prefix
@@ -104,8 +105,8 @@ class PrefixSlot(Slot):
         if route is not None and route.shared is not None:
             other = next((m for m in route.shared.members if not isinstance(m, PrefixSlot)), None)
             if other is not None:
-                return (f"a prefix acts inside the attention, before a {type(other).__name__} at the same site reads "
-                        "h, so the two cannot read one shared h in a Parallel / Average block")
+                return (f"a prefix acts inside the attention, before the {other.spec.form} module at the same site "
+                        f"('{other.site}') reads h, so the two cannot read one shared h in a Parallel / Average block")
         return None
 
     def fold(self) -> None:
@@ -216,8 +217,13 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         sub_kwargs = {name: cut(v) for name, v in kwargs.items()}
         if members:
             sub_inputs = {k: None if x is None else cut(x) for k, x in inputs.items()}
-            part, _ = _prefixed(module, inner, cut(query), cut(key), cut(value), cut(attention_mask), sub_kwargs,
-                                members, sub_inputs)
+            narrowed = narrow(rows, batch)  # a gate's mean over these rows' own positions (unipelt.row_extent)
+            try:
+                part, _ = _prefixed(module, inner, cut(query), cut(key), cut(value), cut(attention_mask),
+                                    sub_kwargs, members, sub_inputs)
+            finally:
+                if narrowed:
+                    close_extent()
         else:
             part, _ = inner(module, cut(query), cut(key), cut(value), cut(attention_mask), **sub_kwargs)
         if output is None:

@@ -39,6 +39,7 @@ from ... import compat
 from ...errors import AttachError
 from ...module_spec import Placement
 from .layout import Layout, align, first_real_order, widen, widen_positions
+from ...row_extent import close_extent, open_extent
 from .rows import Serving, register, serving
 
 
@@ -52,6 +53,8 @@ class PromptSlot(Protocol):
     _handoff: torch.Tensor | None
     _layouts: dict[str, Layout]
     _first_length: int | None  # input length of the last uncached call (a mixed batch's cached calls read it)
+    _extent_open: bool  # this slot opened a unipelt.row_extent for the forward in flight
+    _pending_extent: tuple | None  # seq2seq: the extent the encoder's forward opens
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -122,6 +125,29 @@ def _widen_inputs(serve: Serving, kw: dict) -> Layout | None:
     return layout
 
 
+def _extent(layout: Layout) -> tuple[int, torch.Tensor] | None:
+    """(padded width, each row's own width) of a layout that pads rows past their own length, else None."""
+    if not layout.padded:
+        return None
+    length = int(layout.real.shape[1])
+    return layout.width, torch.tensor([length + extra for extra in layout.extra], dtype=torch.long)
+
+
+def _open(slot: "PromptSlot", extent: tuple[int, torch.Tensor] | None) -> None:
+    """Open the rows' extent (unipelt.row_extent) for the forward that reads the widened sequence."""
+    if extent is not None:
+        open_extent(*extent)
+        slot._extent_open = True
+
+
+def _close_hook(slot: "PromptSlot"):
+    def hook(module, args, kwargs, output):
+        if slot._extent_open:
+            slot._extent_open = False
+            close_extent()
+    return hook
+
+
 def _widened_mask(serve: Serving, mask: torch.Tensor) -> torch.Tensor:
     """A 2-D mask of a call whose prompt is already in place (cache or encoder outputs), widened to match."""
     return widen(mask, serve.plan(mask, mask.shape[0], mask.shape[1], mask.device), 1)
@@ -187,6 +213,7 @@ def _base_hook(slot: "PromptSlot", bind: Callable, record: bool, takes_positions
         if layout is None:
             return None
         slot._first_length = int(layout.real.shape[1])
+        _open(slot, _extent(layout))
         if record:
             slot._layouts["base"] = layout
         return (), kw
@@ -222,9 +249,11 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
             shifted = compat.decoder_inputs_from(module, kw["input_ids"])
             if shifted is not None:
                 kw["decoder_input_ids"] = shifted
-        if _widen_inputs(serve, kw) is None:
+        layout = _widen_inputs(serve, kw)
+        if layout is None:
             return None
         slot._handoff = kw["inputs_embeds"]
+        slot._pending_extent = _extent(layout)  # opened by the encoder's hook, for the encoder's forward
         return (), kw
     return hook
 
@@ -236,10 +265,14 @@ def _encoder_hook(slot: "PromptSlot", bind: Callable):
         kw = bind(args, kwargs)
         if slot._handoff is not None and kw.get("inputs_embeds") is slot._handoff:
             slot._handoff = None  # the base model's hook already inserted the prompt
+            _open(slot, slot._pending_extent)
+            slot._pending_extent = None
             return None
         serve = _serving(slot, kw)
-        if serve is None or _widen_inputs(serve, kw) is None:
+        layout = None if serve is None else _widen_inputs(serve, kw)
+        if layout is None:
             return None
+        _open(slot, _extent(layout))
         return (), kw
     return hook
 
@@ -247,6 +280,7 @@ def _encoder_hook(slot: "PromptSlot", bind: Callable):
 def _clear_handoff(slot: "PromptSlot"):
     def hook(module, args, kwargs, output):
         slot._handoff = None
+        slot._pending_extent = None
     return hook
 
 
@@ -355,11 +389,13 @@ def install_prompt_hooks(model: nn.Module, slot: "PromptSlot", placement: "Place
         handles.append(base.register_forward_pre_hook(_seq2seq_base_hook(slot, _binder(base)), with_kwargs=True))
         handles.append(base.register_forward_hook(_clear_handoff(slot), with_kwargs=True, always_call=True))
         handles.append(encoder.register_forward_pre_hook(_encoder_hook(slot, _binder(encoder)), with_kwargs=True))
+        handles.append(encoder.register_forward_hook(_close_hook(slot), with_kwargs=True, always_call=True))
         return handles
     record = slot.policy in ("pool_last", "pool_first")
     takes_positions = compat.POSITION_KWARGS[0] in compat.forward_parameters(base)
     handles.append(base.register_forward_pre_hook(_base_hook(slot, _binder(base), record, takes_positions),
                                                   with_kwargs=True))
+    handles.append(base.register_forward_hook(_close_hook(slot), with_kwargs=True, always_call=True))
     if slot.policy == "pool_first":
         pooler = getattr(base, "pooler", None)
         if isinstance(pooler, nn.Module):

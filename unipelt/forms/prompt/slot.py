@@ -32,6 +32,8 @@ class PromptSlot(Slot):
         self._layouts: dict[str, Layout] = {}  # layout of the call in flight, for the output hooks
         self._first_length: int | None = None  # input length of the last uncached call (rows.py, hooks.py)
         self._peers: list = [self]  # the model's prompt slots (rows.register sets the shared list at install)
+        self._extent_open = False  # a unipelt.row_extent opened by this slot's hooks (hooks.py)
+        self._pending_extent: tuple | None = None
 
     def install(self, placement: "Placement", modules: dict[str, nn.Module], model: nn.Module) -> list[Any]:
         return install_prompt_hooks(model, self, placement, modules)
