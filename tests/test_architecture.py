@@ -22,7 +22,7 @@ MAX_LINES = 420
 # below.
 LAYERS = [
     {"errors", "compat", "full_tensor", "package_files", "model_snapshot", "row_extent"},
-    {"spec_values", "sites", "quantize", "composition", "row_values"},
+    {"spec_values", "sites", "quantize", "composition", "row_values", "route"},
     {"module_spec"},
     {"compose", "weight_fold", "adapter_merging", "slot", "forms"},
     {"spec"},

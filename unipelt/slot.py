@@ -24,7 +24,7 @@ from . import compat
 from .compose import Composer
 from .errors import AttachError
 from .quantize import dense_weight, is_4bit
-from .row_extent import close_extent, narrow
+from .route import Route, SharedInput
 from .sites.names import ACTIVATION_SITES, PROJECTION_SITES
 from .weight_fold import LinearMap, MergeRecord, chunk_rows, fold, unfold
 
@@ -176,87 +176,6 @@ def _norm_hook(slot: "Slot"):
     return hook
 
 
-class SharedInput:
-    """The h that every member of a Parallel / Average block reads at one site in one forward call: the first
-    member's hook stores it, the last one clears it. `members`: the slots of the block at this site (filled by
-    unipelt.adapter_set while it plans the routes)."""
-
-    def __init__(self) -> None:
-        self.h: torch.Tensor | None = None
-        self.members: list = []
-
-
-class Route:
-    """How a slot acts under a composition block or a mixed batch (None on a slot: on every row, reading h).
-
-    rows: the batch rows it acts on (a BatchSplit's share, a mixed batch's rows of this adapter), or None for all;
-    batch: the batch size those rows assume (checked at every call); shared / first / last / weight: membership
-    of a Parallel (weight 1) or Average block, whose members all read the h the first one saw and add
-    weight·(its composed output − that h)."""
-
-    def __init__(self, rows: torch.Tensor | None = None, batch: int | None = None,
-                 shared: SharedInput | None = None, first: bool = False, last: bool = False,
-                 weight: float = 1.0, what: str = "") -> None:
-        self.rows, self.batch, self.shared = rows, batch, shared
-        self.first, self.last, self.weight, self.what = first, last, weight, what
-        self._expanded: dict[int, torch.Tensor] = {}
-
-    def rows_at(self, size: int) -> torch.Tensor | None:
-        """The rows this route acts on in a call of `size` rows (None: all of them). generate() repeats each row
-        for beams / return sequences (repeat_interleave), so k·batch rows are row i's k copies in a row."""
-        if self.rows is None or self.batch is None or size == self.batch:
-            if self.batch is not None and size != self.batch and self.rows is None:
-                raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {size} rows")
-            return self.rows
-        if size % self.batch:
-            raise AttachError(f"{self.what}: set for a batch of {self.batch} rows, got {size} rows")
-        rows = self._expanded.get(size)
-        if rows is None:
-            k = size // self.batch
-            rows = self._expanded[size] = (self.rows[:, None] * k + torch.arange(k)).reshape(-1)
-        return rows
-
-    def apply(self, slot: "Slot", h: torch.Tensor, x: torch.Tensor | None, compose: Any = None) -> torch.Tensor:
-        """h with the slot composed in on this route's rows; `compose(h, x)` (default slot.composed) composes the
-        slot into the rows it is given."""
-        compose = slot.composed if compose is None else compose
-        rows = self.rows_at(h.shape[0])
-        base = h
-        if self.shared is not None:
-            if self.first:
-                self.shared.h = h
-            base = self.shared.h
-            if base is None or base.shape != h.shape:
-                raise AttachError(f"{self.what}: the members' shared input is missing at this site")
-            if self.last:
-                self.shared.h = None
-        if rows is None:
-            out = compose(base, x)
-            return out if self.shared is None else h + self.weight * (out - base)
-        if rows.numel() == 0:
-            return h
-        if rows.numel() == h.shape[0] and self.shared is None and _all_rows(rows):
-            return compose(h, x)
-        rows = rows.to(h.device)
-        sub_base = base.index_select(0, rows)
-        narrowed = narrow(rows, h.shape[0])  # a gate's mean over these rows' own positions (row_extent)
-        try:
-            out = compose(sub_base, None if x is None else x.index_select(0, rows))
-        finally:
-            if narrowed:
-                close_extent()
-        if self.shared is not None:
-            out = h.index_select(0, rows) + self.weight * (out - sub_base)
-        elif slot._owns_output:  # a projection's fresh output, held by nobody else: its rows are written in place
-            return h.index_copy_(0, rows, out.to(h.dtype))
-        return h.index_copy(0, rows, out.to(h.dtype))
-
-
-def _all_rows(rows: torch.Tensor) -> bool:
-    """True when `rows` is 0, 1, ..., n-1 in order (every row of the call)."""
-    return bool(torch.equal(rows, torch.arange(rows.numel(), device=rows.device)))
-
-
 class Slot(nn.Module):
     """One placed module: Δh = form(x or h), composed into h. `active` / `merged` switch it off in forward."""
 
@@ -306,6 +225,21 @@ class Slot(nn.Module):
         """Why this slot cannot take `route` (some rows only, or a shared h in a Parallel / Average block), or None
         when it can. Every form routed by its hooks can (a LayerNorm site included: _norm_hook)."""
         return None
+
+    def add_into_rows(self, h: torch.Tensor, x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """h with s·Δh added on `rows` in place, for a slot whose composition is a fixed factor s (add, a fixed
+        scale) on the whole of h: what composed() gives those rows, without gathering and copying back the rows of
+        h (a Route over a projection's fresh output). None where composed() does more (a gate, a learned scale, a
+        fused projection's chunk, a form that composes itself)."""
+        scale = self.composer.fixed_factor()
+        if scale is None or self.chunk is not None or type(self).composed is not Slot.composed:
+            return None
+        parallel = self.spec.insertion == "parallel"
+        if parallel and x is None:
+            return None
+        source = x.index_select(0, rows) if parallel else h.index_select(0, rows)
+        delta = self.delta_module(source)
+        return h.index_add_(0, rows, delta.to(h.dtype), alpha=scale)
 
     def composed(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
         """h with this slot's Δh composed in, on every row."""

@@ -38,9 +38,10 @@ from torch import nn
 from ... import compat
 from ...errors import AttachError
 from ...module_spec import Placement
-from .layout import Layout, align, first_real_order, widen, widen_positions
 from ...row_extent import close_extent, open_extent
-from .rows import Serving, register, serving
+from .inputs import continue_cached, extent_of, serving_of, widen_inputs, widened_mask
+from .layout import Layout, align, first_real_order, widen
+from .rows import register, serving
 
 
 class PromptSlot(Protocol):
@@ -83,56 +84,6 @@ def _binder(module: nn.Module) -> Callable[[tuple, dict], dict]:
     return bind
 
 
-def _check_mask(mask: torch.Tensor | None) -> None:
-    if mask is not None and mask.dim() != 2:
-        raise ValueError(f"prompt: attention_mask must be 2-D [batch, length] to insert virtual tokens, "
-                         f"got shape {tuple(mask.shape)}")
-
-
-def _batch_of(kw: dict) -> int | None:
-    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-    return None if source is None else int(source.shape[0])
-
-
-def _serving(slot: "PromptSlot", kw: dict, batch: int | None = None) -> Serving | None:
-    batch = _batch_of(kw) if batch is None else batch
-    return None if batch is None else serving(slot, batch)
-
-
-def _widen_inputs(serve: Serving, kw: dict) -> Layout | None:
-    """Insert the prompt(s) into kw in place; None when there is nothing to do (no input, or both kinds given)."""
-    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-    if (ids is None) == (embeds is None):
-        return None  # the model raises its own error for both / neither
-    if embeds is None:
-        embeds = serve.leader.embed(ids)
-    mask = kw.get("attention_mask")
-    _check_mask(mask)
-    if mask is None and not serve.single:  # rows padded to the longest prompt need a mask for their padding
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    layout = serve.plan(mask, embeds.shape[0], embeds.shape[1], embeds.device)
-    kw["inputs_embeds"] = widen(embeds, layout, serve.inserted(embeds))
-    kw["input_ids"] = None
-    if mask is not None:
-        kw["attention_mask"] = widen(mask, layout, 1)
-    if kw.get("token_type_ids") is not None:  # inserted positions get token type 0
-        kw["token_type_ids"] = widen(kw["token_type_ids"], layout, 0)
-    positions, cache_positions = compat.POSITION_KWARGS
-    if kw.get(positions) is not None:
-        kw[positions] = widen_positions(kw[positions], layout)
-    if kw.get(cache_positions) is not None:
-        kw[cache_positions] = torch.arange(layout.width, device=embeds.device)
-    return layout
-
-
-def _extent(layout: Layout) -> tuple[int, torch.Tensor] | None:
-    """(padded width, each row's own width) of a layout that pads rows past their own length, else None."""
-    if not layout.padded:
-        return None
-    length = int(layout.real.shape[1])
-    return layout.width, torch.tensor([length + extra for extra in layout.extra], dtype=torch.long)
-
-
 def _open(slot: "PromptSlot", extent: tuple[int, torch.Tensor] | None) -> None:
     """Open the rows' extent (unipelt.row_extent) for the forward that reads the widened sequence."""
     if extent is not None:
@@ -148,72 +99,23 @@ def _close_hook(slot: "PromptSlot"):
     return hook
 
 
-def _widened_mask(serve: Serving, mask: torch.Tensor) -> torch.Tensor:
-    """A 2-D mask of a call whose prompt is already in place (cache or encoder outputs), widened to match."""
-    return widen(mask, serve.plan(mask, mask.shape[0], mask.shape[1], mask.device), 1)
-
-
-def _continue(serve: Serving, kw: dict, past_len: int, takes_positions: bool) -> None:
-    """A call whose cache already holds the prompt: widen the mask, shift positions by the inserted count."""
-    if not serve.single:
-        _continue_rows(serve, kw, past_len, takes_positions)
-        return
-    slot = serve.leader
-    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-    mask = kw.get("attention_mask")
-    if source is not None and mask is not None and mask.dim() == 2 and \
-            mask.shape[-1] + slot.extra == past_len + source.shape[1]:
-        kw["attention_mask"] = _widened_mask(serve, mask)
-    for key in compat.POSITION_KWARGS:
-        if kw.get(key) is not None:
-            kw[key] = kw[key] + slot.extra
-
-
-def _continue_rows(serve: Serving, kw: dict, past_len: int, takes_positions: bool) -> None:
-    """A cached call of rows with prompts of different lengths: the cache holds the first call's widened rows
-    (each padded at its right end to the longest), then what was generated. The mask's first-call part is widened
-    as the first call widened it; each row's position ids count on from its own prompt's end; the cache positions
-    from the widest row's."""
-    source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-    mask, first = kw.get("attention_mask"), serve.leader._first_length
-    new = 0 if source is None else int(source.shape[1])
-    if mask is None or mask.dim() != 2 or first is None or mask.shape[-1] < first:
-        raise AttachError("prompt: a cached call whose rows carry prompts of different lengths needs the 2-D "
-                          "attention_mask of the whole sequence, after an uncached first call (as generate() makes)")
-    head = mask[:, :first]
-    mask = torch.cat([_widened_mask(serve, head), mask[:, first:]], dim=-1)
-    if mask.shape[-1] != past_len + new:
-        raise AttachError(f"prompt: the widened attention_mask has {mask.shape[-1]} positions, the cache and the "
-                          f"input {past_len + new}; a cached mixed-prompt call must continue the last uncached one")
-    kw["attention_mask"] = mask
-    positions, cache_positions = compat.POSITION_KWARGS
-    shifts = serve.shifts(mask.device)
-    if kw.get(positions) is not None:
-        kw[positions] = kw[positions] + shifts
-    elif takes_positions:  # what the model would derive from the cache length, per row
-        start = past_len - serve.most
-        kw[positions] = torch.arange(start, start + new, device=mask.device)[None] + shifts
-    if kw.get(cache_positions) is not None:
-        kw[cache_positions] = kw[cache_positions] + serve.most
-
-
 def _base_hook(slot: "PromptSlot", bind: Callable, record: bool, takes_positions: bool):
     def hook(module, args, kwargs):
         if not slot.active:
             return None
         kw = bind(args, kwargs)
-        serve = _serving(slot, kw)
+        serve = serving_of(slot, kw)
         if serve is None:
             return None
         past_len = compat.cache_length(compat.cache_of(kw))
         if past_len > 0:
-            _continue(serve, kw, past_len, takes_positions)
+            continue_cached(serve, kw, past_len, takes_positions)
             return (), kw
-        layout = _widen_inputs(serve, kw)
+        layout = widen_inputs(serve, kw)
         if layout is None:
             return None
         slot._first_length = int(layout.real.shape[1])
-        _open(slot, _extent(layout))
+        _open(slot, extent_of(layout))
         if record:
             slot._layouts["base"] = layout
         return (), kw
@@ -228,11 +130,11 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
         encoded = kw.get("encoder_outputs")
         if encoded is not None:  # generate(): the encoder already ran (with the prompt); widen the mask it gets
             mask = kw.get("attention_mask")
-            serve = _serving(slot, kw, int(encoded[0].shape[0]))
+            serve = serving_of(slot, kw, int(encoded[0].shape[0]))
             if serve is None:
                 return None
             if mask is not None and mask.dim() == 2:
-                widened = _widened_mask(serve, mask)
+                widened = widened_mask(serve, mask)
                 if widened.shape[-1] == encoded[0].shape[1]:
                     kw["attention_mask"] = widened
                     return (), kw
@@ -240,7 +142,7 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
                 raise AttachError("prompt: encoder outputs of rows with prompts of different lengths need the "
                                   "2-D attention_mask of the input (their padding is masked)")
             return None
-        serve = _serving(slot, kw)
+        serve = serving_of(slot, kw)
         if serve is None:
             return None
         if kw.get("decoder_input_ids") is None and kw.get("decoder_inputs_embeds") is None \
@@ -249,11 +151,11 @@ def _seq2seq_base_hook(slot: "PromptSlot", bind: Callable):
             shifted = compat.decoder_inputs_from(module, kw["input_ids"])
             if shifted is not None:
                 kw["decoder_input_ids"] = shifted
-        layout = _widen_inputs(serve, kw)
+        layout = widen_inputs(serve, kw)
         if layout is None:
             return None
         slot._handoff = kw["inputs_embeds"]
-        slot._pending_extent = _extent(layout)  # opened by the encoder's hook, for the encoder's forward
+        slot._pending_extent = extent_of(layout)  # opened by the encoder's hook, for the encoder's forward
         return (), kw
     return hook
 
@@ -268,11 +170,11 @@ def _encoder_hook(slot: "PromptSlot", bind: Callable):
             _open(slot, slot._pending_extent)
             slot._pending_extent = None
             return None
-        serve = _serving(slot, kw)
-        layout = None if serve is None else _widen_inputs(serve, kw)
+        serve = serving_of(slot, kw)
+        layout = None if serve is None else widen_inputs(serve, kw)
         if layout is None:
             return None
-        _open(slot, _extent(layout))
+        _open(slot, extent_of(layout))
         return (), kw
     return hook
 
