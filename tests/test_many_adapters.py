@@ -12,7 +12,7 @@ import torch
 
 import unipelt
 from numerics import assert_same
-from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model
+from tiny_models import FAMILIES, has_biases, tiny_batch, tiny_model, perturb_adapter
 from test_invariants import runs_other_adapters
 
 PRESETS = unipelt.list_presets()
@@ -31,17 +31,6 @@ def outputs(model, batch) -> torch.Tensor:
 def attach_seeded(model, method, name, seed):
     torch.manual_seed(seed)
     unipelt.attach(model, method, name=name)
-
-
-def perturb(model, name: str, seed: int) -> None:
-    """Move the adapter's own parameters and its copies of base / head parameters off their init (in the model:
-    the adapter is the active one)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for group in unipelt.param_groups(model, 1e-2, name=name):
-            for param in group["params"]:
-                if param.dtype.is_floating_point:
-                    param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
 def train_step(model, batch, name=None) -> None:
@@ -72,14 +61,14 @@ def test_second_adapter_beside_a_lora(family, preset, tmp_path):
     batch = tiny_batch(family)
     alone_first, alone_second, both = (copy.deepcopy(base) for _ in range(3))
     attach_seeded(alone_first, first, None, 1)
-    perturb(alone_first, "default", 11)
+    perturb_adapter(alone_first, "default", 11)
     attach_seeded(alone_second, preset, None, 2)
-    perturb(alone_second, "default", 12)
+    perturb_adapter(alone_second, "default", 12)
 
     attach_seeded(both, first, "first", 1)
-    perturb(both, "first", 11)
+    perturb_adapter(both, "first", 11)
     attach_seeded(both, preset, "second", 2)
-    perturb(both, "second", 12)
+    perturb_adapter(both, "second", 12)
     assert unipelt.list_adapters(both) == ["first", "second"]
     assert unipelt.active_adapters(both) == "second"
     assert_same(outputs(both, batch), outputs(alone_second, batch))

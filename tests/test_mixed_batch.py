@@ -16,7 +16,7 @@ import yaml
 
 import unipelt
 from numerics import assert_close_scaled, assert_differs
-from tiny_models import DECODERS, ENCODER_DECODERS, FAMILIES, has_biases, tiny_batch, tiny_model
+from tiny_models import DECODERS, ENCODER_DECODERS, FAMILIES, has_biases, tiny_batch, tiny_model, perturb_adapter
 from unipelt.spec import preset_dir
 
 PRESETS = [p for p in unipelt.list_presets() if p != "full"]  # full fine-tuning cannot share a base
@@ -49,17 +49,6 @@ def plan_of(preset: str) -> tuple[dict[str, object], list]:
     return {"a": preset, "b": variant(preset), "c": lora}, ROWS
 
 
-def perturb(model, name: str, seed: int) -> None:
-    """Move the adapter's parameters, and its copies of head / base parameters, off their init (the adapter is
-    the active one: its copies are in the model)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for group in unipelt.param_groups(model, 1e-2, name=name):
-            for param in group["params"]:
-                if param.dtype.is_floating_point:
-                    param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
-
-
 @functools.lru_cache(maxsize=None)
 def base_of(family: str):
     return tiny_model(family)  # never changed: adapters go on copies
@@ -74,7 +63,7 @@ def attach_as(model, names: list[str], adapters: dict[str, object]) -> None:
     for name in names:
         torch.manual_seed(order.index(name) + 1)
         unipelt.attach(model, adapters[name], name=name)
-        perturb(model, name, 11 + order.index(name))
+        perturb_adapter(model, name, 11 + order.index(name))
 
 
 def build(family: str, preset: str):
@@ -281,7 +270,7 @@ def test_parallel_and_average_of_prefixes():
     torch.manual_seed(4)
     unipelt.attach(model, {"name": "y", "modules": [{"form": "prefix", "at": "attn.heads", "insertion": "parallel",
                                                      "compose": "add", "length": 2}]}, name="y")
-    perturb(model, "y", 20)
+    perturb_adapter(model, "y", 20)
     batch = padded_batch("gpt2")
     try:
         with unipelt.disabled(model):

@@ -113,3 +113,16 @@ def perturb_adapters(model, seed: int = 3, scale: float = 0.1):
             if "unipelt_" in name:
                 param.add_(scale * torch.randn(param.shape, generator=generator))
     return model
+
+
+def perturb_adapter(model, name: str, seed: int) -> None:
+    """Move one named adapter's parameters, and its copies of head / base parameters, off their init (the adapter
+    is the active one: its copies are in the model)."""
+    import unipelt
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in unipelt.param_groups(model, 1e-2, name=name):
+            for param in group["params"]:
+                if param.dtype.is_floating_point:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))

@@ -392,11 +392,6 @@ def disabled(model: nn.Module, name: str | None = None) -> Iterator[nn.Module]:
             slot.active = flag
 
 
-@compat.accepts_compiled
-def adapter_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if ".unipelt_" in f".{name}"]
-
-
 __all__ = ["attach_method", "check_model", "check_train_base", "prepare_counting", "trained_parameters", "detach",
-           "unmerge_slots", "disabled", "state_of", "is_attached", "adapter_parameter_names", "fold_prefixes",
+           "unmerge_slots", "disabled", "state_of", "is_attached", "fold_prefixes",
            "refuse_wrapped", "adapter_set", "remove_adapter", "AttachedState", "CopyableHook"]
